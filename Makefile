@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both work on a fresh machine
+# with Python 3.11, pip, make and apt: they create .venv, install phonefit into it and,
+# when run as root, the Debian packages it uses (the Fashion-MNIST demo data, adb).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.phonefit-installed
+DEBS   := dataset-fashion-mnist adb
+export TF_CPP_MIN_LOG_LEVEL := 3
+
+.PHONY: demo test test-fast debs clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+debs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	else echo "not root: install the Debian packages $(DEBS) yourself if they are missing"; fi
+
+demo: $(STAMP) debs
+	$(PY) -m phonefit_demo
+
+test: $(STAMP) debs
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) debs
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

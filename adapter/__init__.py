@@ -1,0 +1,3 @@
+"""Prune Keras CNNs to a device's latency budget, NetAdapt-style."""
+
+__all__: list[str] = []

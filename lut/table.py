@@ -1,0 +1,226 @@
+"""`LatencyTable`: one SQLite file per device and backend, committed row by row.
+
+Layout (schema version 1)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)       -- format, schema_version, device,
+                                                  -- backend, threads, delegate, flags,
+                                                  -- fingerprint (JSON), created_at
+    entries(key TEXT PRIMARY KEY, op, dtype, h, w, cin, cout, kernel, stride, padding,
+            activation, status 'ok'|'failed', median_us, mean_us, min_us, max_us,
+            std_us, count, error, measured_at)
+
+Each measurement is committed as soon as it arrives, so an interrupted `build_lut` loses
+nothing and a rerun measures only what is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping
+
+from lut.spec import LayerSpec, LutError
+
+__all__ = ["LatencyTable", "Measurement", "MeasurementFailure", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_FORMAT = "phonefit-lut"
+_STAT_FIELDS = ("median_us", "mean_us", "min_us", "max_us", "std_us", "count")
+_SPEC_COLUMNS = ("op", "dtype", "h", "w", "cin", "cout", "kernel", "stride", "padding", "activation")
+# Keys of `meta` that describe the conditions of a measurement: a LUT opened for more
+# measurements must have been made under the same ones.
+CONDITION_KEYS = ("device", "backend", "threads", "delegate", "flags")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    op TEXT NOT NULL, dtype TEXT NOT NULL, h INTEGER NOT NULL, w INTEGER NOT NULL,
+    cin INTEGER NOT NULL, cout INTEGER NOT NULL, kernel TEXT NOT NULL, stride TEXT NOT NULL,
+    padding TEXT NOT NULL, activation TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, count INTEGER,
+    error TEXT, measured_at TEXT NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """Latency statistics of one model over `count` steady-state runs, in microseconds."""
+
+    median_us: float
+    mean_us: float
+    min_us: float
+    max_us: float
+    std_us: float
+    count: int
+
+    def __post_init__(self):
+        if not (self.count >= 1 and 0 < self.min_us <= self.median_us <= self.max_us):
+            raise LutError(
+                "A measurement needs count >= 1 and 0 < min <= median <= max. "
+                f"Received: {self!r}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasurementFailure:
+    """A model that could not be measured, with the reason (kept in the LUT, never a latency)."""
+
+    error: str
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class LatencyTable:
+    """A per-device latency LUT stored in SQLite.  Use `create` or `open`, not the constructor."""
+
+    def __init__(self, path: str, connection: sqlite3.Connection):
+        self.path = path
+        self._db = connection
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: Mapping[str, object]) -> "LatencyTable":
+        """Open `path` for measuring under the conditions in `meta`, creating it if missing.
+
+        An existing LUT is resumed only if it was made under the same conditions
+        (`CONDITION_KEYS`); the fingerprint is refreshed to the latest run.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            db = sqlite3.connect(path)
+            with db:
+                db.executescript(_SCHEMA)
+                rows = {"format": _FORMAT, "schema_version": str(SCHEMA_VERSION), "created_at": _now()}
+                rows.update({k: _meta_text(v) for k, v in meta.items()})
+                db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
+            return cls(path, db)
+        table = cls.open(path)
+        stored = table.meta
+        for key in CONDITION_KEYS:
+            if key in meta and stored.get(key) != _meta_text(meta[key]):
+                table.close()
+                raise LutError(
+                    f"{path} was measured with {key}={stored.get(key)!r}, not {_meta_text(meta[key])!r}. "
+                    "Measure into another --out file, or delete this one to start over."
+                )
+        with table._db:
+            table._db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(k, _meta_text(v)) for k, v in meta.items() if k not in CONDITION_KEYS],
+            )
+        return table
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "LatencyTable":
+        """Open an existing LUT; a file that is not a phonefit LUT (of this schema) raises `LutError`."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise LutError(f"No LUT file at {path}. Build one with `python -m profiler.build_lut --out {path}`.")
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            db.execute("SELECT key, status, median_us FROM entries LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise LutError(f"{path} is not a phonefit LUT (SQLite says: {e}).") from e
+        if meta.get("format") != _FORMAT:
+            db.close()
+            raise LutError(f"{path} is not a phonefit LUT (its meta table has no format={_FORMAT!r}).")
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            db.close()
+            raise LutError(
+                f"{path} is a phonefit LUT of schema version {meta.get('schema_version')}, "
+                f"this phonefit reads version {SCHEMA_VERSION}. Rebuild it with `python -m profiler.build_lut`."
+            )
+        return cls(path, db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "LatencyTable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- reading
+    @property
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta"))
+
+    @property
+    def fingerprint(self) -> dict:
+        return json.loads(self.meta.get("fingerprint", "{}"))
+
+    def lookup(self, spec: LayerSpec) -> Measurement | MeasurementFailure | None:
+        """The stored result for `spec`, or None if it was never measured."""
+        row = self._db.execute(
+            f"SELECT status, error, {', '.join(_STAT_FIELDS)} FROM entries WHERE key = ?", (spec.key,)
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] == "failed":
+            return MeasurementFailure(row[1])
+        return Measurement(*row[2:])
+
+    def latencies_us(self, **where) -> dict[LayerSpec, float]:
+        """Median latency of every 'ok' entry whose spec columns equal `where` (e.g. op='conv2d')."""
+        clauses = " AND ".join(f"{column} = ?" for column in where)
+        for column in where:
+            if column not in _SPEC_COLUMNS:
+                raise LutError(f"Cannot select entries by {column!r}; columns: {', '.join(_SPEC_COLUMNS)}.")
+        sql = "SELECT key, median_us FROM entries WHERE status = 'ok'" + (f" AND {clauses}" if clauses else "")
+        return {LayerSpec.from_key(k): v for k, v in self._db.execute(sql, [_column_value(v) for v in where.values()])}
+
+    def keys(self, include_failed: bool = True) -> set[str]:
+        sql = "SELECT key FROM entries" + ("" if include_failed else " WHERE status = 'ok'")
+        return {k for (k,) in self._db.execute(sql)}
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def to_dataframe(self):
+        """All entries as a pandas DataFrame, one row per spec."""
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM entries ORDER BY key", self._db)
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        self.to_dataframe().to_csv(path, index=False)
+
+    # ---------------------------------------------------------------- writing
+    def record(self, spec: LayerSpec, result: Measurement | MeasurementFailure) -> None:
+        """Store one result and commit it at once (a later result for the same spec replaces it)."""
+        self.record_many([(spec, result)])
+
+    def record_many(self, results: Iterable[tuple[LayerSpec, Measurement | MeasurementFailure]]) -> None:
+        rows = []
+        for spec, result in results:
+            if isinstance(result, Measurement):
+                stats, status, error = [getattr(result, f) for f in _STAT_FIELDS], "ok", None
+            elif isinstance(result, MeasurementFailure):
+                stats, status, error = [None] * len(_STAT_FIELDS), "failed", result.error
+            else:
+                raise TypeError(f"Expected a Measurement or MeasurementFailure. Received: {result!r}.")
+            spec_values = [_column_value(getattr(spec, c)) for c in _SPEC_COLUMNS]
+            rows.append([spec.key, *spec_values, status, *stats, error, _now()])
+        with self._db:
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO entries VALUES ({', '.join('?' * (len(_SPEC_COLUMNS) + len(_STAT_FIELDS) + 4))})",
+                rows,
+            )
+
+
+def _meta_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _column_value(value: object) -> object:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else value

@@ -1,0 +1,31 @@
+"""Keras → `.tflite` the way phonefit deploys models: float32, batch fixed to 1."""
+from __future__ import annotations
+
+__all__ = ["keras_to_tflite"]
+
+
+def keras_to_tflite(model, *, representative_data=None) -> bytes:
+    """Convert `model` with its batch dimension fixed to 1.
+
+    A fixed batch lets the converter fold the shape arithmetic a dynamic batch needs
+    (SHAPE/STRIDED_SLICE/PACK before every Reshape), so the `.tflite` runs only the ops
+    a phone runs for the layers.  With `representative_data` (an iterable of input
+    batches) the model is quantized to int8 with float input and output.
+    """
+    import tensorflow as tf
+
+    shape = (1, *model.inputs[0].shape[1:])
+    function = tf.function(lambda x: model(x, training=False))
+    concrete = function.get_concrete_function(tf.TensorSpec(shape, model.inputs[0].dtype))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    if representative_data is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+        def _representative():
+            for batch in representative_data:
+                for i in range(len(batch)):
+                    yield [tf.cast(batch[i : i + 1], tf.float32)]
+
+        converter.representative_dataset = _representative
+    return converter.convert()

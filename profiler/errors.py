@@ -1,0 +1,7 @@
+"""The root of `profiler`'s errors: bad input or an unusable device, reported in one line."""
+
+__all__ = ["ProfilerError"]
+
+
+class ProfilerError(RuntimeError):
+    """Bad input for the profiler, or a device that cannot be used (CLIs exit 2 with it)."""

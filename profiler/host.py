@@ -1,0 +1,159 @@
+"""The built-in device: this machine's CPU, measured with the LiteRT interpreter."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from lut.table import Measurement, MeasurementFailure
+from profiler.devices import register_device_kind
+from profiler.errors import ProfilerError
+
+__all__ = ["HostDevice", "TimingPolicy", "load_interpreter", "time_interpreter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingPolicy:
+    """How long to time one model: warm up, then timed runs until the median is stable.
+
+    Runs go on until at least `min_runs` runs and `min_seconds` have passed; then until the
+    median of the first and of the second half agree within `stable_pct` percent, or
+    `max_seconds` is spent.
+    """
+
+    warmup_runs: int = 3
+    min_runs: int = 15
+    min_seconds: float = 0.02
+    max_seconds: float = 0.5
+    stable_pct: float = 1.0
+
+
+def load_interpreter(model: bytes, threads: int):
+    """A LiteRT interpreter for `model` (XNNPACK on, as in the LiteRT default), tensors allocated."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError as e:
+            raise ProfilerError(
+                "Measuring on the host needs LiteRT: pip install ai-edge-litert (or tflite-runtime)."
+            ) from e
+    interpreter = Interpreter(model_content=model, num_threads=threads)
+    interpreter.allocate_tensors()
+    rng = np.random.default_rng(0)
+    for detail in interpreter.get_input_details():
+        shape, dtype = detail["shape"], detail["dtype"]
+        if np.issubdtype(dtype, np.floating):
+            data = rng.standard_normal(shape).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            data = rng.integers(info.min, info.max, size=shape, dtype=dtype)
+        interpreter.set_tensor(detail["index"], data)
+    return interpreter
+
+
+def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy()) -> Measurement:
+    """Time `interpreter.invoke()` under `policy`."""
+    invoke, clock = interpreter.invoke, time.perf_counter_ns
+    for _ in range(policy.warmup_runs):
+        invoke()
+    samples: list[float] = []
+    start = clock()
+    deadline_min = start + policy.min_seconds * 1e9
+    deadline_max = start + policy.max_seconds * 1e9
+    while True:
+        t0 = clock()
+        invoke()
+        t1 = clock()
+        samples.append((t1 - t0) / 1e3)
+        if len(samples) >= policy.min_runs and t1 >= deadline_min:
+            if t1 >= deadline_max or _stable(samples, policy.stable_pct):
+                break
+    return Measurement(
+        median_us=float(statistics.median(samples)),
+        mean_us=float(statistics.fmean(samples)),
+        min_us=float(min(samples)),
+        max_us=float(max(samples)),
+        std_us=float(statistics.pstdev(samples)),
+        count=len(samples),
+    )
+
+
+def _stable(samples: list[float], pct: float) -> bool:
+    half = len(samples) // 2
+    a, b = statistics.median(samples[:half]), statistics.median(samples[half:])
+    return abs(a - b) <= pct / 100 * min(a, b)
+
+
+def _litert_version() -> str:
+    from importlib import metadata
+
+    for dist in ("ai-edge-litert", "tflite-runtime"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class HostDevice:
+    """This machine's CPU through LiteRT's Python interpreter (XNNPACK delegate, as shipped)."""
+
+    def __init__(self, name: str = "host", threads: int = 1, policy: TimingPolicy = TimingPolicy()):
+        self.name, self.backend, self.threads, self.policy = name, "cpu", threads, policy
+
+    def conditions(self) -> dict[str, object]:
+        return {"device": self.name, "backend": "cpu", "threads": self.threads, "delegate": "xnnpack", "flags": ""}
+
+    def fingerprint(self) -> dict[str, object]:
+        from importlib import metadata
+
+        try:
+            tf_version = metadata.version("tensorflow")
+        except metadata.PackageNotFoundError:
+            tf_version = "none"
+        return {
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "os": platform.platform(),
+            "python": platform.python_version(),
+            "runtime": _litert_version(),
+            "tensorflow": tf_version,
+        }
+
+    def measure(self, models: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure]]:
+        for model_id, model in models:
+            try:
+                interpreter = load_interpreter(model, self.threads)
+            except (ValueError, RuntimeError) as e:
+                yield model_id, MeasurementFailure(f"LiteRT could not load the model: {e}")
+                continue
+            yield model_id, time_interpreter(interpreter, self.policy)
+
+    def close(self) -> None:
+        pass
+
+
+@register_device_kind("host")
+def _open_host(name: str, config: dict, backend: str, threads: int) -> HostDevice:
+    if backend != "cpu":
+        raise ProfilerError(f"The host device measures the CPU only. Received: backend={backend!r}; use --backend cpu.")
+    return HostDevice(name, threads)
