@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-__all__ = ["LayerSpec", "OPS", "ACTIVATIONS", "DTYPES", "LutError", "UnsupportedLayerError"]
+__all__ = ["LayerSpec", "OPS", "CHANNEL_PRESERVING_OPS", "ACTIVATIONS", "DTYPES", "LutError", "UnsupportedLayerError"]
 
 
 class LutError(ValueError):
@@ -35,6 +35,10 @@ OPS = (
     "pad",
     "reshape",
     "softmax",
+)
+# ops whose output channels are their input channels (cin == cout in their specs)
+CHANNEL_PRESERVING_OPS = frozenset(
+    {"depthwise_conv2d", "add", "mean", "average_pool_2d", "max_pool_2d", "pad", "softmax"}
 )
 ACTIVATIONS = ("none", "relu", "relu6")
 DTYPES = {"float32": "f32", "int8": "i8"}
@@ -90,10 +94,8 @@ class LayerSpec:
             )
         if self.dtype not in DTYPES:
             raise LutError(f"`dtype` must be one of {', '.join(DTYPES)}. Received: dtype={self.dtype!r}.")
-        if self.op == "depthwise_conv2d" and self.cin != self.cout:
-            raise LutError(
-                f"A depthwise_conv2d spec has cin == cout (depth multiplier 1). Received: cin={self.cin}, cout={self.cout}."
-            )
+        if self.op in CHANNEL_PRESERVING_OPS and self.cin != self.cout:
+            raise LutError(f"A {self.op} spec has cin == cout. Received: cin={self.cin}, cout={self.cout}.")
 
     @property
     def key(self) -> str:

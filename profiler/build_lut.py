@@ -1,0 +1,161 @@
+"""Build a per-layer latency lookup table (LUT) for a model on a device.
+
+    python -m profiler.build_lut --device host --model mobilenet_v1 --alpha 0.5 \\
+        --resolution 128 --step 8 --out luts/host-cpu-1t.sqlite
+
+Every spec the model can have after filter pruning (on the --step channel grid) gets a
+single-op .tflite, measured on the device; each result is committed to the SQLite LUT
+as it arrives, so an interrupted run is resumed by running the same command again.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from lut.spec import LayerSpec, LutError
+from lut.table import LatencyTable, MeasurementFailure
+from profiler.errors import ProfilerError
+
+__all__ = ["BuildSummary", "build_lut", "default_lut_path", "main"]
+
+
+@dataclasses.dataclass
+class BuildSummary:
+    """What one `build_lut` run did, and where its time went."""
+
+    planned: int = 0
+    reused: int = 0
+    measured: int = 0
+    failed: int = 0
+    generate_s: float = 0.0
+    measure_s: float = 0.0
+    total_s: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.measured / self.total_s * 60 if self.total_s else 0.0
+        return (
+            f"{self.planned} entries planned: {self.measured} measured, {self.reused} reused, "
+            f"{self.failed} failed in {self.total_s:.1f} s ({rate:.0f} entries/min; "
+            f"generating {self.generate_s:.1f} s, measuring {self.measure_s:.1f} s)"
+        )
+
+
+def default_lut_path(device: str, backend: str, threads: int) -> str:
+    return f"luts/{device}-gpu.sqlite" if backend == "gpu" else f"luts/{device}-cpu-{threads}t.sqlite"
+
+
+def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator[tuple[str, bytes]]:
+    """Single-op models generated lazily, the time spent generating them added to `summary`."""
+    from profiler.layers import SingleOpFactory
+
+    factory = SingleOpFactory()
+    for spec in specs:
+        start = time.perf_counter()
+        model = factory.build(spec)
+        summary.generate_s += time.perf_counter() - start
+        yield spec.key, model
+
+
+def build_lut(
+    device,
+    specs: Iterable[LayerSpec],
+    table: LatencyTable,
+    *,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> BuildSummary:
+    """Measure on `device` every spec of `specs` that `table` lacks, committing each result."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    specs = list(dict.fromkeys(specs))
+    done = table.keys(include_failed=not retry_failed)
+    todo = [spec for spec in specs if spec.key not in done]
+    summary = BuildSummary(planned=len(specs), reused=len(specs) - len(todo))
+    by_key = {spec.key: spec for spec in todo}
+    bar = tqdm(total=len(todo), unit="entry", desc=f"measuring on {device.name}", disable=not progress, smoothing=0.05)
+    try:
+        results = device.measure(_timed_models(todo, summary))
+        while True:
+            measure_start, generate_before = time.perf_counter(), summary.generate_s
+            try:
+                key, result = next(results)
+            except StopIteration:
+                break
+            summary.measure_s += time.perf_counter() - measure_start - (summary.generate_s - generate_before)
+            table.record(by_key[key], result)
+            summary.failed += isinstance(result, MeasurementFailure)
+            summary.measured += not isinstance(result, MeasurementFailure)
+            bar.update()
+    finally:
+        bar.close()
+        summary.total_s = time.perf_counter() - start
+    return summary
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m profiler.build_lut",
+        description=__doc__.split("\n\n")[0] + ". Resumable: rerun the same command to finish an interrupted run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
+    parser.add_argument("--devices", metavar="FILE", help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
+    parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu", help="which processor of the device to measure; 'both' writes one LUT each")
+    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras", help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT (default: mobilenet_v1)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="width multiplier of named models")
+    parser.add_argument("--resolution", type=int, default=224, help="input size of named models (pixels)")
+    parser.add_argument("--classes", type=int, default=1000, help="classes of named models")
+    parser.add_argument("--step", type=int, help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
+    parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
+    parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.out and args.backend == "both":
+        parser.error("--out names one file; with --backend both the LUTs get their default names")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    from lut.models import load_model
+    from profiler.devices import open_device
+    from profiler.plan import plan_specs
+
+    backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
+    try:
+        models = [
+            load_model(name, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
+            for name in args.model or ["mobilenet_v1"]
+        ]
+        for backend in backends:
+            step = args.step or (4 if backend == "gpu" else 8)
+            specs = plan_specs(models, step)
+            out = args.out or default_lut_path(args.device, backend, args.threads)
+            device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
+            try:
+                meta = {**device.conditions(), "fingerprint": device.fingerprint(), "step": step}
+                with LatencyTable.create(out, meta) as table:
+                    print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
+                    summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress)
+                    print(f"{out}: {summary}")
+                    if args.csv:
+                        table.to_csv(args.csv)
+            finally:
+                device.close()
+    except (LutError, ProfilerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every entry measured so far is saved; run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
