@@ -1,0 +1,159 @@
+"""Check a LUT against whole-model measurements on its device.
+
+    python -m lut.validate --lut luts/host-cpu-1t.sqlite --device host \\
+        --model mobilenet_v1 --alpha 0.5 --resolution 128 --samples 30 --seed 0 --json out.json
+
+Draws random channel-pruned variants of the model (every prunable group's channel count
+drawn from the LUT's step grid), converts each to .tflite, measures it whole on the
+device, and compares with the LUT estimate.  Prints a table and a summary, writes the
+figures as JSON and a predicted-vs-measured scatter plot (PNG next to the JSON).
+
+This is the one `lut` module that reaches into `profiler` (to measure) and `adapter` (to
+prune): it checks the whole chain the adapter relies on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from lut.estimate import LatencyEstimator, specs_of  # noqa: E402
+from lut.spec import LutError  # noqa: E402
+from lut.table import LatencyTable, MeasurementFailure  # noqa: E402
+
+__all__ = ["summarize", "validate", "main"]
+
+
+def summarize(predicted_us: Sequence[float], measured_us: Sequence[float]) -> dict[str, float]:
+    """Error figures of predictions against measurements (percent errors relative to measured)."""
+    errors = [(p - m) / m for p, m in zip(predicted_us, measured_us, strict=True)]
+    n = len(errors)
+    if n == 0:
+        raise LutError("Nothing to summarize: no variant was measured.")
+    return {
+        "n": n,
+        "within_5pct": sum(abs(e) <= 0.05 for e in errors) / n,
+        "within_10pct": sum(abs(e) <= 0.10 for e in errors) / n,
+        "rmspe": 100 * math.sqrt(sum(e * e for e in errors) / n),
+        "mean_abs_pct_err": 100 * sum(abs(e) for e in errors) / n,
+        "mean_pct_err": 100 * sum(errors) / n,
+    }
+
+
+def _random_counts(groups, step: int, rng) -> dict[str, int]:
+    from profiler.plan import channel_grid
+
+    return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
+
+
+def validate(model, table: LatencyTable, device, *, samples: int, seed: int, progress: bool = True) -> list[dict]:
+    """Measure `samples` random pruned variants of `model` on `device`; one row per variant."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from adapter.graph import find_groups
+    from adapter.surgery import prune_to_counts
+    from profiler.convert import keras_to_tflite
+
+    step = int(table.meta.get("step", 8))
+    estimator = LatencyEstimator(table)
+    groups = find_groups(model)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in tqdm(range(samples), desc="validating", unit="variant", disable=not progress):
+        counts = {} if i == 0 else _random_counts(groups, step, rng)  # variant 0: the model itself
+        variant = prune_to_counts(model, counts) if counts else model
+        predicted = estimator.total_us(specs_of(variant))
+        [(_, result)] = list(device.measure([(f"variant{i}", keras_to_tflite(variant))]))
+        if isinstance(result, MeasurementFailure):
+            raise LutError(f"variant {i} could not be measured on {device.name}: {result.error}")
+        rows.append({"variant": i, "predicted_us": predicted, "measured_us": result.median_us, "channels": counts})
+    return rows
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r["measured_us"] / 1000 for r in rows]
+    predicted = [r["predicted_us"] / 1000 for r in rows]
+    low, high = 0.9 * min(measured + predicted), 1.1 * max(measured + predicted)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.fill_between([low, high], [low * 0.95, high * 0.95], [low * 1.05, high * 1.05], color="tab:green", alpha=0.15, label="±5%")
+    ax.plot([low, high], [low, high], color="tab:green", lw=1)
+    ax.scatter(measured, predicted, s=18, color="tab:blue", label="pruned variants")
+    ax.set(xlim=(low, high), ylim=(low, high), xlabel="measured latency (ms)", ylabel="LUT estimate (ms)", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lut.validate",
+        description="Compare a LUT's estimates with whole-model measurements of random pruned variants.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--lut", required=True, help="LUT file made by profiler.build_lut")
+    parser.add_argument("--device", default="host", help="device to measure on (the LUT's device)")
+    parser.add_argument("--devices", metavar="FILE", help="devices.toml registry")
+    parser.add_argument("--model", default="mobilenet_v1", help="mobilenet_v1, mobilenet_v2 or a .keras file")
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=30, help="variants to draw (the first is the unpruned model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from lut.models import load_model
+    from profiler.devices import open_device
+    from profiler.errors import ProfilerError
+
+    try:
+        if args.samples < 1:
+            raise LutError(f"`--samples` must be a positive integer. Received: {args.samples}.")
+        with LatencyTable.open(args.lut) as table:
+            meta = table.meta
+            model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
+            device = open_device(args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices)
+            if meta.get("device") != args.device:
+                print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
+            try:
+                rows = validate(model, table, device, samples=args.samples, seed=args.seed, progress=not args.no_progress)
+            finally:
+                device.close()
+    except (LutError, ProfilerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"{'variant':>7} {'measured ms':>12} {'estimate ms':>12} {'error':>8}")
+    for r in rows:
+        err = 100 * (r["predicted_us"] - r["measured_us"]) / r["measured_us"]
+        print(f"{r['variant']:>7} {r['measured_us'] / 1000:>12.3f} {r['predicted_us'] / 1000:>12.3f} {err:>+7.1f}%")
+    summary = summarize([r["predicted_us"] for r in rows], [r["measured_us"] for r in rows])
+    print(
+        f"{summary['n']} variants: {100 * summary['within_5pct']:.0f}% within ±5%, {100 * summary['within_10pct']:.0f}% within ±10%, "
+        f"RMSPE {summary['rmspe']:.1f}%, mean |error| {summary['mean_abs_pct_err']:.1f}%, mean error {summary['mean_pct_err']:+.1f}%"
+    )
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**summary, "lut": args.lut, "device": args.device, "model": args.model, "variants": rows}, f, indent=1)
+        plot = os.path.splitext(args.json)[0] + ".png"
+        _plot(rows, plot, f"{args.model} on {args.device}: {100 * summary['within_5pct']:.0f}% within ±5%")
+        print(f"wrote {args.json} and {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
