@@ -1,0 +1,453 @@
+"""Image classification data: Fashion-MNIST (Debian's IDX files), an image folder or an .npz.
+
+`load_dataset` returns a `Dataset` of three `Split`s: `train`, `holdout` (carved out of the
+training data, never the test set, so NetAdapt can rank proposals on images the base model
+was not trained on) and `test`. A split keeps its images compact (uint8, at the source's
+size) and turns them into model input per batch: float32, (resolution, resolution, 3),
+scaled to [-1, 1] as MobileNet's `preprocess_input` does, grey copied to 3 channels, and
+padded or resized to the resolution (see `Split`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from adapter.errors import AdapterError
+
+__all__ = [
+    "DEFAULT_HOLDOUT",
+    "DATASET_LOADERS",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR_ENV",
+    "Dataset",
+    "RawDataset",
+    "Split",
+    "load_dataset",
+    "parse_idx",
+    "read_idx",
+    "register_dataset",
+]
+
+DEFAULT_HOLDOUT = 5000
+FASHION_MNIST_DIR_ENV = "PHONEFIT_FASHION_MNIST_DIR"
+_FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_FASHION_MNIST_FILES = {  # role -> (file stem, dimensions of its IDX array)
+    "x_train": ("train-images-idx3-ubyte", 3),
+    "y_train": ("train-labels-idx1-ubyte", 1),
+    "x_test": ("t10k-images-idx3-ubyte", 3),
+    "y_test": ("t10k-labels-idx1-ubyte", 1),
+}
+# IDX type byte -> element type; multi-byte values are big-endian (yann.lecun.com/exdb/mnist).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_GZIP_MAGIC = b"\x1f\x8b"
+_PREPARE_CHUNK = 2048  # images converted at once by `Split.arrays`, to bound peak memory
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def parse_idx(raw: bytes, *, source: str = "<bytes>") -> np.ndarray:
+    """The array stored in IDX bytes: magic 0x0000TTDD (type TT, DD dimensions), big-endian.
+
+    Raises `AdapterError` for anything that is not a complete IDX array.
+    """
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise AdapterError(
+            f"{source} is not an IDX file: expected a magic number 0x0000TTDD with type TT in "
+            f"{{{', '.join(f'0x{t:02X}' for t in _IDX_DTYPES)}}} and DD ≥ 1 dimensions; "
+            f"received 0x{raw[:4].hex().upper() or 'nothing'}."
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise AdapterError(
+            f"{source} is truncated: expected {ndim} dimension sizes in its header; "
+            f"received {len(raw)} bytes in all."
+        )
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise AdapterError(
+            f"{source} has the wrong size: expected {expected} data bytes for dimensions "
+            f"{'×'.join(map(str, dims))}; received {len(raw) - header}."
+        )
+    array = np.frombuffer(raw, dtype=dtype, count=math.prod(dims), offset=header)
+    return array.reshape(dims).astype(dtype.newbyteorder("="), copy=False)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """The array in an IDX file, gzip-compressed or not (told apart by content, not name)."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise AdapterError(f"{path} is a damaged gzip file ({e}); reinstall or re-download it.") from e
+    return parse_idx(raw, source=str(path))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _prepare_batch(images, resolution: int):
+    """Model input for a batch of stored images (a TF op, so tf.data can run it per batch).
+
+    Scales to [-1, 1], copies grey to 3 channels, then pads (the source is a little smaller
+    than the resolution: its pixels stay exact) or resizes (anything else) to the resolution.
+    """
+    import tensorflow as tf
+
+    pixel_max = 255.0 if images.dtype in (np.uint8, tf.uint8) else 1.0
+    x = tf.cast(images, tf.float32) * (2.0 / pixel_max) - 1.0
+    if x.shape[-1] == 1:
+        x = tf.repeat(x, 3, axis=-1)
+    height, width = int(x.shape[1]), int(x.shape[2])
+    if (height, width) == (resolution, resolution):
+        return x
+    if _pads(height, width, resolution):
+        top, left = (resolution - height) // 2, (resolution - width) // 2
+        paddings = [[0, 0], [top, resolution - height - top], [left, resolution - width - left], [0, 0]]
+        return tf.pad(x, paddings, constant_values=-1.0)
+    return tf.image.resize(x, (resolution, resolution), method="bilinear", antialias=True)
+
+
+def _pads(height: int, width: int, resolution: int) -> bool:
+    """Pad rather than resize: the source fits and fills at least 3/4 of each side (28 → 32)."""
+    return all(resolution * 3 <= 4 * side <= 4 * resolution for side in (height, width))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """Images and labels of one split, stored compactly, made model-ready per batch.
+
+    `images` are (N, H, W, C) with C 1 or 3: uint8 in 0..255, or float32 in [0, 1].
+    `labels` are int32 class indices. `indices` say where each image sits in the source:
+    in its training file for `train` and `holdout`, in its test file for `test` (in the one
+    array or listing, for a source split into train and test here).
+    Model input is (resolution, resolution, 3) float32 in [-1, 1]: a source up to a quarter
+    smaller than the resolution is padded with black (Fashion-MNIST's 28 px → 32 px); any
+    other size is resized bilinearly (aspect ratio not kept).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    resolution: int
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
+            raise AdapterError(
+                f"Split images must be (N, H, W, 1 or 3); received shape {self.images.shape}."
+            )
+        if not len(self.images) == len(self.labels) == len(self.indices):
+            raise AdapterError(
+                f"Split needs one label and one index per image; received {len(self.images)} "
+                f"images, {len(self.labels)} labels, {len(self.indices)} indices."
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.resolution, self.resolution, 3)
+
+    def take(self, n: int) -> Split:
+        """The first `n` images (a random sample: splits are stored shuffled, test excepted)."""
+        if not 0 <= n <= len(self):
+            raise AdapterError(f"Can take 0..{len(self)} images from this split; received n={n}.")
+        return dataclasses.replace(
+            self, images=self.images[:n], labels=self.labels[:n], indices=self.indices[:n]
+        )
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All of the split as model-ready numpy arrays: x (N, res, res, 3) float32, y (N,)."""
+        chunks = [
+            np.asarray(_prepare_batch(self.images[start : start + _PREPARE_CHUNK], self.resolution))
+            for start in range(0, len(self), _PREPARE_CHUNK)
+        ]
+        x = np.concatenate(chunks) if chunks else np.zeros((0, *self.input_shape), np.float32)
+        return x, self.labels.copy()
+
+    def tf_dataset(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        repeat: bool = False,
+        drop_remainder: bool = False,
+    ):
+        """A `tf.data.Dataset` of model-ready (x, y) batches, converted as they are drawn.
+
+        With `shuffle`, the order changes every pass (reproducibly, from `seed`).
+        """
+        import tensorflow as tf
+
+        if batch_size < 1:
+            raise AdapterError(f"batch_size must be a positive integer; received batch_size={batch_size}.")
+        ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+        if shuffle:
+            ds = ds.shuffle(len(self), seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        resolution = self.resolution
+        ds = ds.map(lambda x, y: (_prepare_batch(x, resolution), y), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A data set ready for training: `train`, `holdout` (from the training data) and `test`."""
+
+    name: str
+    train: Split
+    holdout: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    @property
+    def resolution(self) -> int:
+        return self.train.resolution
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RawDataset:
+    """What a source yields before splitting: NHWC images (uint8, or float32 in [0, 1]).
+
+    `train_indices` / `test_indices`: each image's position in the source's own listing,
+    where the source had to be split here (an .npz with x, y; an image folder); else None.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    train_indices: np.ndarray | None = None
+    test_indices: np.ndarray | None = None
+
+
+DatasetLoader = Callable[[int, int, float], RawDataset]  # (resolution, seed, test_fraction)
+DATASET_LOADERS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Make `name` a data set `load_dataset` knows by name."""
+
+    def register(loader: DatasetLoader) -> DatasetLoader:
+        if name in DATASET_LOADERS:
+            raise ValueError(f"A data set named {name!r} is already registered.")
+        DATASET_LOADERS[name] = loader
+        return loader
+
+    return register
+
+
+@register_dataset("fashion_mnist")
+def _load_fashion_mnist(resolution: int, seed: int, test_fraction: float) -> RawDataset:
+    """Fashion-MNIST from its four IDX files (Debian: `apt-get install dataset-fashion-mnist`)."""
+    folder = Path(os.environ.get(FASHION_MNIST_DIR_ENV) or _FASHION_MNIST_DEFAULT_DIR)
+    arrays = {}
+    for role, (stem, ndim) in _FASHION_MNIST_FILES.items():
+        path = next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
+        if path is None:
+            raise AdapterError(
+                f"Fashion-MNIST was not found: expected {stem}[.gz] in {folder}. Install it with "
+                f"`apt-get install dataset-fashion-mnist`, or set {FASHION_MNIST_DIR_ENV} to the "
+                "folder holding its four IDX files."
+            )
+        arrays[role] = read_idx(path)
+        if arrays[role].ndim != ndim:
+            raise AdapterError(
+                f"{path} should hold {'images' if ndim == 3 else 'labels'} (an IDX array with "
+                f"{ndim} dimensions, magic 0x0000080{ndim}); received {arrays[role].ndim} dimensions."
+            )
+    return RawDataset(
+        x_train=arrays["x_train"][..., None],
+        y_train=arrays["y_train"],
+        x_test=arrays["x_test"][..., None],
+        y_test=arrays["y_test"],
+        class_names=FASHION_MNIST_CLASSES,
+    )
+
+
+def _load_npz(path: Path, seed: int, test_fraction: float) -> RawDataset:
+    """x_train/y_train/x_test/y_test, or x/y split into train and test here."""
+    positions = {}
+    with np.load(path, allow_pickle=False) as npz:
+        keys = set(npz.files)
+        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        elif {"x", "y"} <= keys:
+            x, y = _images(npz["x"], f"{path}:x"), _labels(npz["y"], f"{path}:y", len(npz["x"]))
+            train, test = _train_test_indices(len(y), test_fraction, seed)
+            arrays = {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+            positions = {"train_indices": train, "test_indices": test}
+        else:
+            raise AdapterError(
+                f"{path} should hold arrays x_train, y_train, x_test, y_test (or x, y); "
+                f"received {sorted(keys)}."
+            )
+    x_train, x_test = (_images(arrays[k], f"{path}:{k}") for k in ("x_train", "x_test"))
+    y_train = _labels(arrays["y_train"], f"{path}:y_train", len(x_train))
+    y_test = _labels(arrays["y_test"], f"{path}:y_test", len(x_test))
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise AdapterError(
+            f"{path}: train and test images must have one shape; received {x_train.shape[1:]} "
+            f"and {x_test.shape[1:]}."
+        )
+    classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    return RawDataset(x_train, y_train, x_test, y_test, tuple(str(c) for c in range(classes)), **positions)
+
+
+def _load_image_folder(path: Path, resolution: int, seed: int, test_fraction: float) -> RawDataset:
+    """One subfolder per class; or `train/` and `test/` folders that each have them."""
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        x_train, y_train, names = _read_image_folder(path / "train", resolution)
+        x_test, y_test, test_names = _read_image_folder(path / "test", resolution)
+        if test_names != names:
+            raise AdapterError(
+                f"{path}/train and {path}/test must have the same class folders; received "
+                f"{list(names)} and {list(test_names)}."
+            )
+        return RawDataset(x_train, y_train, x_test, y_test, names)
+    x, y, names = _read_image_folder(path, resolution)
+    train, test = _train_test_indices(len(y), test_fraction, seed)
+    return RawDataset(x[train], y[train], x[test], y[test], names, train_indices=train, test_indices=test)
+
+
+def _read_image_folder(path: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    import keras
+
+    try:
+        ds = keras.utils.image_dataset_from_directory(
+            path, labels="inferred", label_mode="int", color_mode="rgb", batch_size=None,
+            image_size=(resolution, resolution), shuffle=False, verbose=False,
+        )
+    except ValueError as e:
+        raise AdapterError(
+            f"{path} is not a usable image folder ({e}). Expected one subfolder of images per class."
+        ) from e
+    images, labels = [], []
+    for x, y in ds.batch(512):
+        images.append(np.clip(np.rint(x.numpy()), 0, 255).astype(np.uint8))
+        labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32), tuple(ds.class_names)
+
+
+def _images(x: np.ndarray, what: str) -> np.ndarray:
+    """NHWC images, uint8 or float32 in [0, 1], from what an .npz holds."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise AdapterError(f"{what} must be images (N, H, W) or (N, H, W, 1 or 3); received shape {x.shape}.")
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if np.issubdtype(x.dtype, np.integer) and 0 <= low and high <= 255:
+        return x.astype(np.uint8, copy=False)
+    if np.issubdtype(x.dtype, np.floating) and 0 <= low and high <= 1:
+        return x.astype(np.float32, copy=False)
+    raise AdapterError(
+        f"{what} must be integers in 0..255 or floats in [0, 1]; received {x.dtype} in "
+        f"[{low:g}, {high:g}]. Store raw pixels, not preprocessed ones."
+    )
+
+
+def _labels(y: np.ndarray, what: str, count: int) -> np.ndarray:
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1 or len(y) != count or not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
+        raise AdapterError(
+            f"{what} must be {count} integer class indices ≥ 0 (not one-hot); received "
+            f"{y.dtype} of shape {y.shape}."
+        )
+    return y.astype(np.int32)
+
+
+def _train_test_indices(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test positions: a reproducible random `test_fraction` (≥ 1) is test."""
+    if count < 2:
+        raise AdapterError(f"Splitting into train and test needs at least 2 images; received {count}.")
+    size = min(count - 1, max(1, round(count * test_fraction)))
+    test = np.sort(np.random.default_rng(seed).permutation(count)[:size])
+    return np.setdiff1d(np.arange(count), test), test
+
+
+# --------------------------------------------------------------------------- load_dataset
+
+
+def load_dataset(
+    source: str | os.PathLike,
+    *,
+    resolution: int,
+    holdout: int = DEFAULT_HOLDOUT,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """Load `source` as train / holdout / test splits of model input at `resolution` px.
+
+    `source`: a registered name (`"fashion_mnist"`), an `.npz` file (x_train, y_train,
+    x_test, y_test; or x, y) or an image folder (one subfolder per class; or `train/` and
+    `test/` folders holding those). The `holdout` images are drawn at random, with `seed`,
+    from the training data; the same source, holdout size and seed always give the same
+    splits, and a smaller holdout is a subset of a larger one. `test_fraction` of the images
+    becomes the test split where the source has no test set of its own.
+    """
+    if not isinstance(resolution, int) or resolution < 1:
+        raise AdapterError(f"resolution must be a positive integer; received resolution={resolution!r}.")
+    if not isinstance(holdout, int) or holdout < 0:
+        raise AdapterError(f"holdout must be an integer ≥ 0; received holdout={holdout!r}.")
+    if not 0 < test_fraction < 1:
+        raise AdapterError(f"test_fraction must be in (0, 1); received test_fraction={test_fraction!r}.")
+    name, raw = _read_source(source, resolution, seed, test_fraction)
+    if holdout >= len(raw.y_train):
+        raise AdapterError(
+            f"holdout must leave training images: expected at most {len(raw.y_train) - 1} for "
+            f"{name} ({len(raw.y_train)} training images); received holdout={holdout}."
+        )
+    num_classes = max(len(raw.class_names), int(raw.y_train.max()) + 1, int(raw.y_test.max(initial=0)) + 1)
+    order = np.random.default_rng(seed).permutation(len(raw.y_train))
+
+    def split(images, labels, rows, positions) -> Split:
+        return Split(images=images[rows], labels=labels[rows].astype(np.int32),
+                     indices=rows if positions is None else positions[rows], resolution=resolution)
+
+    return Dataset(
+        name=name,
+        train=split(raw.x_train, raw.y_train, order[holdout:], raw.train_indices),
+        holdout=split(raw.x_train, raw.y_train, order[:holdout], raw.train_indices),
+        test=split(raw.x_test, raw.y_test, np.arange(len(raw.y_test)), raw.test_indices),
+        num_classes=num_classes,
+        class_names=raw.class_names,
+    )
+
+
+def _read_source(source, resolution: int, seed: int, test_fraction: float) -> tuple[str, RawDataset]:
+    text = os.fspath(source)
+    if text in DATASET_LOADERS:
+        return text, DATASET_LOADERS[text](resolution, seed, test_fraction)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path.name, _load_image_folder(path, resolution, seed, test_fraction)
+    if path.is_file() and path.suffix == ".npz":
+        return path.stem, _load_npz(path, seed, test_fraction)
+    raise AdapterError(
+        f"Unknown data set {text!r}: expected one of {sorted(DATASET_LOADERS)}, an image folder "
+        f"or an .npz file{'' if path.exists() else ' (no such file or folder)'}."
+    )
