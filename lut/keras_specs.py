@@ -188,12 +188,16 @@ def _add(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
             f"Layer {layer.name!r} (Add) must add two tensors of one shape. Received shapes {[t.shape for t in inputs]}."
         )
     h, w, c = _spatial(inputs[0], layer)
+    if (h, w) == (1, 1):  # on one pixel the converter flattens one operand and broadcasts
+        walk.emit(LayerSpec("reshape", 1, 1, c, c), (c,))
     return walk.emit(LayerSpec("add", h, w, c, c), (h, w, c), fusable=True)
 
 
 def _global_average(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     h, w, c = _spatial(inputs[0], layer)
     keepdims = layer.get_config().get("keepdims", False)
+    if (h, w) == (1, 1) and keepdims:  # averaging one pixel into the same shape: the converter drops it
+        return _Tensor((1, 1, c))
     return walk.emit(LayerSpec("mean", h, w, c, c), (1, 1, c) if keepdims else (c,))
 
 

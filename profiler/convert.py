@@ -12,12 +12,11 @@ def keras_to_tflite(model, *, representative_data=None) -> bytes:
     a phone runs for the layers.  With `representative_data` (an iterable of input
     batches) the model is quantized to int8 with float input and output.
     """
+    import keras
     import tensorflow as tf
 
-    shape = (1, *model.inputs[0].shape[1:])
-    function = tf.function(lambda x: model(x, training=False))
-    concrete = function.get_concrete_function(tf.TensorSpec(shape, model.inputs[0].dtype))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    inputs = keras.Input(batch_shape=(1, *model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype)
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, model(inputs)))
     if representative_data is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

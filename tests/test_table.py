@@ -1,0 +1,82 @@
+import sqlite3
+
+import pytest
+
+from lut.spec import LayerSpec, LutError
+from lut.table import LatencyTable, Measurement, MeasurementFailure
+
+META = {"device": "host", "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "fingerprint": {"cpu_model": "test"}}
+SPEC = LayerSpec("conv2d", 8, 8, 16, 32, activation="relu6")
+
+
+def _measurement(us: float) -> Measurement:
+    return Measurement(median_us=us, mean_us=us, min_us=us * 0.9, max_us=us * 1.2, std_us=1.0, count=20)
+
+
+def test_records_are_committed_and_read_back_after_reopening(tmp_path):
+    path = tmp_path / "lut.sqlite"
+    with LatencyTable.create(path, META) as table:
+        table.record(SPEC, _measurement(120.0))
+        table.record(SPEC.replace(cout=24), MeasurementFailure("delegate took 1 of 2 nodes"))
+    # another connection sees the rows: they were committed as recorded
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 2
+    with LatencyTable.open(path) as table:
+        assert table.lookup(SPEC) == _measurement(120.0)
+        assert table.lookup(SPEC.replace(cout=24)) == MeasurementFailure("delegate took 1 of 2 nodes")
+        assert table.lookup(SPEC.replace(cout=8)) is None
+        assert table.latencies_us(op="conv2d") == {SPEC: 120.0}
+        assert table.fingerprint == {"cpu_model": "test"}
+        assert table.meta["threads"] == "1"
+        assert len(table) == 2
+
+
+def test_dataframe_and_csv_have_one_row_per_spec(tmp_path):
+    with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
+        for cout in (8, 16, 24):
+            table.record(SPEC.replace(cout=cout), _measurement(10.0 * cout))
+        frame = table.to_dataframe()
+        table.to_csv(tmp_path / "lut.csv")
+    assert list(frame["cout"]) == [16, 24, 8]  # ordered by key text
+    assert frame.loc[frame.cout == 24, "median_us"].item() == 240.0
+    assert (tmp_path / "lut.csv").read_text().count("\n") == 4
+
+
+def test_rerecording_a_spec_replaces_it_without_duplicates(tmp_path):
+    with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
+        table.record(SPEC, MeasurementFailure("timeout"))
+        table.record(SPEC, _measurement(50.0))
+        assert len(table) == 1 and table.lookup(SPEC).median_us == 50.0
+
+
+def test_resuming_under_other_conditions_is_refused(tmp_path):
+    path = tmp_path / "lut.sqlite"
+    LatencyTable.create(path, META).close()
+    with pytest.raises(LutError, match="measured with threads='1', not '4'"):
+        LatencyTable.create(path, {**META, "threads": 4})
+
+
+def test_a_file_that_is_not_a_lut_fails_clearly(tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(LutError, match="is not a phonefit LUT"):
+        LatencyTable.open(garbage)
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE things (x)")
+    with pytest.raises(LutError, match="is not a phonefit LUT"):
+        LatencyTable.open(other)
+    with pytest.raises(LutError, match="No LUT file at"):
+        LatencyTable.open(tmp_path / "missing.sqlite")
+
+
+def test_a_lut_of_another_schema_version_fails_clearly(tmp_path):
+    path = tmp_path / "lut.sqlite"
+    LatencyTable.create(path, META).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LutError, match="schema version 99"):
+        LatencyTable.open(path)
+
+
+def test_impossible_measurements_are_rejected():
+    with pytest.raises(LutError, match="0 < min <= median <= max"):
+        Measurement(median_us=0.0, mean_us=0.0, min_us=0.0, max_us=0.0, std_us=0.0, count=3)
