@@ -1,0 +1,322 @@
+"""The `devices.toml` registry of phones, read into frozen `AdbSettings`.
+
+Looked up, first found wins: the `--devices FILE` given, `./devices.toml`, then
+`$XDG_CONFIG_HOME/phonefit/devices.toml` (default `~/.config/phonefit/devices.toml`).
+One table per phone; `[NAME.cpu]` and `[NAME.gpu]` hold what differs per backend::
+
+    [pixel]
+    transport = "tcp"                      # or "usb" with serial = "…"
+    address = "192.168.1.23:5555"
+    benchmark_model = "~/tflite/android_aarch64_benchmark_model"
+    [pixel.cpu]
+    taskset = "f0"                         # the big cores
+    [pixel.gpu]
+    flags = ["--use_gpu=true", "--gpu_precision_loss_allowed=false"]
+
+Relative paths are relative to the file that names them.  `android_bench/README.md`
+documents every field; `devices.example.toml` is a complete example.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from profiler.errors import ProfilerError
+
+__all__ = [
+    "AdbSettings",
+    "BackendSettings",
+    "DEFAULT_REMOTE_DIR",
+    "devices_file_candidates",
+    "ensure_adb_key",
+    "load_device_configs",
+    "parse_adb_settings",
+]
+
+DEFAULT_REMOTE_DIR = "/data/local/tmp/phonefit"
+# Android's shell user may run binaries only below /data/local/tmp (storage is noexec).
+_REMOTE_ROOT = "/data/local/tmp/"
+_SAFE_REMOTE_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
+_HEX_MASK_RE = re.compile(r"^(?:0[xX])?[0-9a-fA-F]+$")
+_RESERVED_NAMES = ("host",)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSettings:
+    """How `benchmark_model` runs for one backend (cpu or gpu) of a phone."""
+
+    threads: int | None = None  # the default when the caller does not choose
+    taskset: str | None = None  # CPU mask in hex ("f0"), None: no pinning
+    flags: tuple[str, ...] = ()  # benchmark_model flags of this backend
+    warmup_runs: int = 20
+    num_runs: int = 100
+    min_secs: float = 0.5
+    cooldown_s: float = 1.0
+    model_timeout_s: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdbSettings:
+    """One phone of `devices.toml`, validated."""
+
+    name: str
+    source: str  # the devices.toml it came from
+    transport: str  # "tcp" or "usb"
+    benchmark_model: Path
+    host: str | None = None
+    port: int | None = None
+    serial: str | None = None
+    adb_key: Path = Path("~/.android/adbkey").expanduser()
+    remote_dir: str = DEFAULT_REMOTE_DIR
+    auth_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    batch_size: int = 32
+    max_consecutive_failures: int = 5
+    reconnect_tries: int = 5
+    reconnect_backoff_s: float = 1.0
+    drift_every: int = 50  # re-measure the reference model every this many entries; 0: never
+    drift_pct: float = 10.0
+    drift_pause_s: float = 30.0
+    drift_max_pauses: int = 3
+    cpu: BackendSettings = BackendSettings(flags=("--use_xnnpack=true",))
+    gpu: BackendSettings = BackendSettings(flags=("--use_gpu=true",))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}" if self.transport == "tcp" else f"usb:{self.serial or 'any'}"
+
+    def backend(self, name: str) -> BackendSettings:
+        return self.cpu if name == "cpu" else self.gpu
+
+
+# ---------------------------------------------------------------- field checks
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _non_negative_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _non_negative_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _positive_number(value):
+    return _non_negative_number(value) and value > 0
+
+
+def _text(value):
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _flag_list(value):
+    return isinstance(value, list) and all(isinstance(f, str) and f.startswith("--") and "\n" not in f for f in value)
+
+
+# field -> (check, what it must be, convert); one table per level, so checks are data.
+_Field = tuple[Callable[[object], bool], str, Callable[[object], object]]
+_BACKEND_FIELDS: dict[str, _Field] = {
+    "threads": (_positive_int, "a positive integer", int),
+    "taskset": (lambda v: isinstance(v, str) and bool(_HEX_MASK_RE.match(v)) and int(v, 16) > 0,
+                "a non-zero hexadecimal CPU mask such as \"f0\"", lambda v: format(int(v, 16), "x")),
+    "flags": (_flag_list, "a list of benchmark_model flags such as [\"--use_gpu=true\"]", tuple),
+    "warmup_runs": (_non_negative_int, "a non-negative integer", int),
+    "num_runs": (_positive_int, "a positive integer", int),
+    "min_secs": (_non_negative_number, "a non-negative number of seconds", float),
+    "cooldown_s": (_non_negative_number, "a non-negative number of seconds", float),
+    "model_timeout_s": (_positive_number, "a positive number of seconds", float),
+}
+_DEVICE_FIELDS: dict[str, _Field] = {
+    "kind": (lambda v: v == "adb", "\"adb\"", str),
+    "transport": (lambda v: v in ("tcp", "usb"), "\"tcp\" or \"usb\"", str),
+    "address": (_text, "\"HOST:PORT\" such as \"192.168.1.23:5555\"", str),
+    "serial": (_text, "the phone's USB serial number (see `adb devices`)", str),
+    "adb_key": (_text, "the path of an ADB private key", str),
+    "benchmark_model": (_text, "the local path of benchmark_model built for the phone", str),
+    "remote_dir": (lambda v: isinstance(v, str) and _remote_dir_ok(v),
+                   f"a directory below {_REMOTE_ROOT} of letters, digits, '.', '_', '-' such as \"{DEFAULT_REMOTE_DIR}\"", str),
+    "auth_timeout_s": (_positive_number, "a positive number of seconds", float),
+    "connect_timeout_s": (_positive_number, "a positive number of seconds", float),
+    "batch_size": (_positive_int, "a positive integer", int),
+    "max_consecutive_failures": (_positive_int, "a positive integer", int),
+    "reconnect_tries": (_non_negative_int, "a non-negative integer", int),
+    "reconnect_backoff_s": (_non_negative_number, "a non-negative number of seconds", float),
+    "drift_every": (_non_negative_int, "a non-negative integer (0 turns drift checks off)", int),
+    "drift_pct": (_positive_number, "a positive percentage", float),
+    "drift_pause_s": (_non_negative_number, "a non-negative number of seconds", float),
+    "drift_max_pauses": (_non_negative_int, "a non-negative integer", int),
+}
+_BACKENDS = ("cpu", "gpu")
+# benchmark_model flags phonefit derives from other settings (or from the model).
+_FLAGS_SET_BY_PHONEFIT = {
+    "--graph": "the model being measured",
+    "--num_threads": "the requested threads (--threads)",
+    "--warmup_runs": "`warmup_runs`",
+    "--num_runs": "`num_runs`",
+    "--min_secs": "`min_secs`",
+}
+
+
+def _remote_dir_ok(path: str) -> bool:
+    parts = path.rstrip("/").split("/")
+    return (
+        bool(_SAFE_REMOTE_RE.match(path))
+        and path.startswith(_REMOTE_ROOT)
+        and len(path.rstrip("/")) > len(_REMOTE_ROOT)
+        and not any(part in (".", "..") for part in parts)
+    )
+
+
+# ---------------------------------------------------------------- loading
+def devices_file_candidates(devices_file: str | os.PathLike | None = None) -> list[Path]:
+    """Where `devices.toml` is looked for, in order."""
+    if devices_file is not None:
+        return [Path(devices_file).expanduser()]
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return [Path("devices.toml"), Path(config_home) / "phonefit" / "devices.toml"]
+
+
+def load_device_configs(path: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Every phone of the registry, by name: `{"kind": "adb", "settings": AdbSettings}`.
+
+    With `path` that file must exist; without, the first of `./devices.toml` and the user's
+    config file is read, and no file means no phones.  A malformed file raises
+    `ProfilerError` naming the file, the entry and the field.
+    """
+    candidates = devices_file_candidates(path)
+    if path is not None and not candidates[0].is_file():
+        raise ProfilerError(
+            f"No devices file at {candidates[0]}. Create it (see devices.example.toml) or drop --devices "
+            "to use ./devices.toml or ~/.config/phonefit/devices.toml."
+        )
+    source = next((c for c in candidates if c.is_file()), None)
+    if source is None:
+        return {}
+    try:
+        with open(source, "rb") as f:
+            document = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfilerError(f"{source} is not valid TOML: {e}.") from e
+    except OSError as e:
+        raise ProfilerError(f"Cannot read the devices file {source}: {e.strerror}.") from e
+    configs = {}
+    for name, entry in document.items():
+        settings = parse_adb_settings(name, entry, source=str(source))
+        configs[name] = {"kind": "adb", "settings": settings}
+    return configs
+
+
+def parse_adb_settings(name: str, entry: object, *, source: str = "devices.toml") -> AdbSettings:
+    """Validate one `[name]` table into `AdbSettings` (relative paths resolved against `source`)."""
+    where = f"{source}: [{name}]"
+    if name in _RESERVED_NAMES:
+        raise ProfilerError(f"{where}: {name!r} is the built-in device; give the phone another name.")
+    if not re.match(r"^[A-Za-z0-9_-]+$", name):
+        raise ProfilerError(f"{where}: a device name uses letters, digits, '_' and '-' only. Received: {name!r}.")
+    if not isinstance(entry, Mapping):
+        raise ProfilerError(f"{where} must be a table of settings. Received: {name} = {entry!r}.")
+    # Run settings (all but flags) may sit at the top, for both backends; [name.cpu] and
+    # [name.gpu] override them.
+    shared_keys = [k for k in _BACKEND_FIELDS if k != "flags"]
+    shared = _checked(where, {k: v for k, v in entry.items() if k in shared_keys}, _BACKEND_FIELDS)
+    values = _checked(where, {k: v for k, v in entry.items() if k not in (*_BACKENDS, *shared_keys)}, _DEVICE_FIELDS)
+    backends = {}
+    for backend in _BACKENDS:
+        table = entry.get(backend, {})
+        if not isinstance(table, Mapping):
+            raise ProfilerError(f"{where}: `{backend}` must be a table [{name}.{backend}]. Received: {table!r}.")
+        backends[backend] = _backend_settings(f"{source}: [{name}.{backend}]", backend, shared, table)
+    base = Path(source).expanduser().resolve().parent
+    transport = values.pop("transport", "tcp")
+    host = port = None
+    if transport == "tcp":
+        if "address" not in values:
+            raise ProfilerError(f"{where}: a tcp phone needs `address = \"HOST:PORT\"` (the port of `adb tcpip 5555` or of wireless debugging).")
+        host, port = _host_port(where, values.pop("address"))
+    elif "serial" not in values and "address" in values:
+        raise ProfilerError(f"{where}: a usb phone is chosen by `serial`, not `address`. Received: address={values['address']!r}.")
+    if "benchmark_model" not in values:
+        raise ProfilerError(
+            f"{where}: `benchmark_model` (the local path of TFLite's benchmark_model built for the phone) is required; "
+            "android_bench/README.md says how to get it."
+        )
+    values.pop("kind", None)
+    values.pop("address", None)
+    return AdbSettings(
+        name=name,
+        source=source,
+        transport=transport,
+        host=host,
+        port=port,
+        benchmark_model=_resolve(base, values.pop("benchmark_model")),
+        adb_key=_resolve(base, values.pop("adb_key", "~/.android/adbkey")),
+        remote_dir=values.pop("remote_dir", DEFAULT_REMOTE_DIR).rstrip("/"),
+        **values,
+        **backends,
+    )
+
+
+def _backend_settings(where: str, backend: str, shared: dict, table: Mapping) -> BackendSettings:
+    values = {**shared, **_checked(where, table, _BACKEND_FIELDS)}
+    for flag in values.get("flags", ()):
+        name = flag.split("=", 1)[0]
+        if name in _FLAGS_SET_BY_PHONEFIT:
+            raise ProfilerError(
+                f"{where}: `flags` may not set {name}; phonefit sets it from {_FLAGS_SET_BY_PHONEFIT[name]}. "
+                f"Received: {flag!r}."
+            )
+    default = AdbSettings.__dataclass_fields__[backend].default
+    return dataclasses.replace(default, **values)
+
+
+def _checked(where: str, table: Mapping, fields: dict[str, _Field]) -> dict:
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            known = [*fields, *(k for k in _BACKEND_FIELDS if k != "flags" and fields is _DEVICE_FIELDS), *(_BACKENDS if fields is _DEVICE_FIELDS else ())]
+            raise ProfilerError(f"{where}: unknown setting {key!r}. Known settings: {', '.join(known)}.")
+        check, expected, convert = fields[key]
+        if not check(value):
+            raise ProfilerError(f"{where}: `{key}` must be {expected}. Received: {key}={value!r}.")
+        values[key] = convert(value)
+    return values
+
+
+def _host_port(where: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProfilerError(f"{where}: `address` must be \"HOST:PORT\" such as \"192.168.1.23:5555\". Received: address={address!r}.")
+    return host.strip("[]"), int(port)
+
+
+def _resolve(base: Path, path: str) -> Path:
+    expanded = Path(path).expanduser()
+    return expanded if expanded.is_absolute() else (base / expanded)
+
+
+# ---------------------------------------------------------------- keys
+def ensure_adb_key(path: Path) -> Path:
+    """`path` (an ADB private key) and `path.pub`, generated if missing; the private key is mode 0600."""
+    path = Path(path).expanduser()
+    public = Path(f"{path}.pub")
+    try:
+        if not path.exists():
+            from adb_shell.auth.keygen import keygen
+
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file 0600 first: keygen rewrites it in place, keeping the mode.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            keygen(str(path))
+        elif not public.exists():
+            from adb_shell.auth.keygen import write_public_keyfile
+
+            write_public_keyfile(str(path), str(public))
+    except (OSError, ValueError) as e:
+        raise ProfilerError(f"Cannot create the ADB key {path}: {e}. Set `adb_key` in devices.toml to a writable path.") from e
+    return path
