@@ -366,7 +366,8 @@ class ModelGraph:
     ) -> np.ndarray | None:
         """Positions along a last axis laid out as `channels` that survive `keep`
         (group id -> kept channel indices); None when nothing there is pruned."""
-        groups = [self._group_of_root.get(self._sources.find(s.source)) for s in _segments(channels)]
+        find = self._sources.find
+        groups = [self._group_of_root.get(find(s.source)) for s in _segments(channels)]
         if not any(group in keep for group in groups):
             return None
         parts, base, groups_left = [], 0, iter(groups)

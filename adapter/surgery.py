@@ -65,7 +65,8 @@ def prune_to_counts(model: keras.Model, counts: Mapping[str, int]) -> keras.Mode
     keep = {}
     for group_id, count in counts.items():
         size = groups[group_id].size
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= size:
+        is_integer = isinstance(count, (int, np.integer)) and not isinstance(count, bool)
+        if not is_integer or not 1 <= count <= size:
             raise PruningError(
                 f"The channel count of group {group_id!r} must be an integer from 1 to "
                 f"{size}. Received: {count!r}. Pass how many channels to keep."
@@ -121,7 +122,9 @@ def _rebuild(model: keras.Model, graph: ModelGraph, keep: Mapping[str, np.ndarra
         configs[name], weights[name] = _pruned_layer(graph, entry, keep)
     # clone_model names a Functional model's new inputs after their tensors; keep the
     # layer names (a Sequential model keeps them by itself).
-    inputs = None if isinstance(model, keras.Sequential) else keras.tree.map_structure(_same_input, model.input)
+    inputs = None
+    if not isinstance(model, keras.Sequential):
+        inputs = keras.tree.map_structure(_same_input, model.input)
     pruned = keras.models.clone_model(
         model,
         input_tensors=inputs,
