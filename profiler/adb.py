@@ -250,6 +250,12 @@ class AdbDevice:
         threads = threads if threads is not None else (backend_settings.threads or 1)
         if not isinstance(threads, int) or threads < 1:
             raise ProfilerError(f"`threads` must be a positive integer. Received: threads={threads!r}.")
+        if backend_settings.taskset and threads > bin(int(backend_settings.taskset, 16)).count("1"):
+            cpus = bin(int(backend_settings.taskset, 16)).count("1")
+            raise ProfilerError(
+                f"{threads} threads need {threads} CPUs, but [{settings.name}.{backend}] taskset = "
+                f"{backend_settings.taskset!r} in {settings.source} allows {cpus}. Use --threads {cpus} or a wider mask."
+            )
         self.name, self.backend, self.threads = settings.name, backend, threads
         self._settings, self._run = settings, backend_settings
         self._sleep = sleep
