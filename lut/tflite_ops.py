@@ -93,10 +93,16 @@ def _tensor(model, subgraph, index: int) -> _Tensor | None:
 def _options_dict(options) -> dict:
     if options is None:
         return {}
-    return {
-        name: (np.asarray(value).tolist() if isinstance(value, (list, np.ndarray)) else value)
-        for name, value in vars(options).items()
-    }
+    return {name: _plain(value) for name, value in vars(options).items()}
+
+
+def _plain(value):
+    """An option value as plain data: vectors as lists, nested option tables as dicts."""
+    if isinstance(value, (list, np.ndarray)):
+        return np.asarray(value).tolist()
+    if hasattr(value, "__dict__"):
+        return _options_dict(value)
+    return value
 
 
 def _ops(model: bytes) -> list[_Op]:
