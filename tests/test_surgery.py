@@ -278,6 +278,28 @@ def test_explicit_keep_lists_slice_concatenation_and_flatten_consumers(small_cnn
     _assert_sliced(pruned, small_cnn, "fc", "kernel", fc_rows)
     assert pruned.get_layer("squeeze").get_config()["target_shape"] == (2,)
     assert _outputs(pruned, _images(small_cnn)).shape == (4, 10)
+    assert channel_counts(small_cnn)["tail"] == 6  # the original is left as it was
+
+
+def test_a_sequential_model_is_pruned_like_a_functional_one():
+    model = _randomized(
+        keras.Sequential(
+            [
+                keras.Input((8, 8, 3)),
+                L.Conv2D(6, 3, name="conv"),
+                L.BatchNormalization(name="bn"),
+                L.ReLU(name="relu"),
+                L.Flatten(name="flatten"),
+                L.Dense(4, name="out"),
+            ]
+        )
+    )
+    pruned = prune(model, {"conv": [0, 2, 5]})
+    assert isinstance(pruned, keras.Sequential)
+    _assert_sliced(pruned, model, "conv", "kernel", np.s_[..., [0, 2, 5]])
+    rows = [p * 6 + c for p in range(36) for c in (0, 2, 5)]
+    _assert_sliced(pruned, model, "out", "kernel", rows)
+    assert _outputs(pruned, _images(model)).shape == (4, 4)
 
 
 # --- errors -------------------------------------------------------------------------
