@@ -411,7 +411,7 @@ def _topological_nodes(model) -> list:
     return order
 
 
-def _trace(model) -> tuple[_Sources, list[LayerChannels], dict[int, Channels]]:
+def _trace(model) -> tuple[_Sources, list[LayerChannels]]:
     sources, layers, channels_of, seen = _Sources(), [], {}, set()
     for node in _topological_nodes(model):
         layer = node.operation
@@ -436,7 +436,7 @@ def _trace(model) -> tuple[_Sources, list[LayerChannels], dict[int, Channels]]:
         layers.append(LayerChannels(layer, rule, inputs, result))
     for tensor in model.outputs:
         sources.fix(channels_of[id(tensor)])
-    return sources, layers, channels_of
+    return sources, layers
 
 
 def _groups(sources: _Sources, layers: list[LayerChannels]) -> tuple[list[ChannelGroup], dict]:
@@ -483,7 +483,7 @@ def analyze(model: keras.Model) -> ModelGraph:
     Raises `UnsupportedLayerError` naming the first layer that has no rule (or an
     unsupported setting), before anything is changed.
     """
-    sources, layers, _ = _trace(model)
+    sources, layers = _trace(model)
     groups, group_of_root = _groups(sources, layers)
     return ModelGraph(tuple(layers), tuple(groups), sources, group_of_root)
 
