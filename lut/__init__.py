@@ -1,5 +1,5 @@
 """Per-layer latency lookup tables: keys (`LayerSpec`), storage (`LatencyTable`), estimates."""
-from lut.estimate import LatencyEstimator, estimate_latency_ms, specs_of
+from lut.latency import LatencyEstimator, estimate_latency_ms, specs_of
 from lut.spec import LayerSpec, LutError, UnsupportedLayerError
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from lut.estimate import LatencyEstimator, specs_of  # noqa: E402
+from lut.latency import LatencyEstimator, specs_of  # noqa: E402
 from lut.spec import LutError  # noqa: E402
 from lut.table import LatencyTable, MeasurementFailure  # noqa: E402
 

@@ -1,0 +1,137 @@
+"""Estimate a model's latency from a LUT: the sum of its ops' entries.
+
+A spec missing from the LUT is interpolated from measured entries of the same op family
+(every field equal but the channel counts): bilinearly in (cin, cout) between the four
+nearest measured grid points around it, linearly in c for ops whose output channels are
+their input channels.  Outside the measured range the estimate raises, naming the spec:
+extrapolating latency across hardware tile boundaries is how LUTs go wrong.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from lut.spec import CHANNEL_PRESERVING_OPS, LayerSpec, LutError
+from lut.table import LatencyTable
+
+__all__ = ["LatencyEstimator", "estimate_latency_ms", "specs_of"]
+
+
+def _family(spec: LayerSpec) -> LayerSpec:
+    """The spec with its channel counts erased: entries of one family differ only in channels."""
+    return spec.replace(cin=1, cout=1)
+
+
+class LatencyEstimator:
+    """Latency of specs from one LUT, with interpolation; build once, query many times."""
+
+    def __init__(self, table: LatencyTable):
+        self.table = table
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Reload the entries (after more were measured into the table)."""
+        self._us: dict[LayerSpec, float] = self.table.latencies_us()
+        grids: dict[LayerSpec, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+        for spec, us in self._us.items():
+            grids[_family(spec)][spec.cin][spec.cout] = us
+        self._grids = grids
+
+    def spec_us(self, spec: LayerSpec) -> float:
+        """Latency of `spec` in microseconds: measured, or interpolated from its neighbours."""
+        measured = self._us.get(spec)
+        if measured is not None:
+            return measured
+        grid = self._grids.get(_family(spec))
+        if not grid:
+            raise LutError(
+                f"The LUT {self.table.path} has no entry of the kind of {spec.key}. Measure it with "
+                "`python -m profiler.build_lut` for this model (same resolution) on the LUT's device."
+            )
+        return _interpolate(spec, grid, self.table.path)
+
+    def total_us(self, specs: Iterable[LayerSpec]) -> float:
+        return sum(self.spec_us(spec) for spec in specs)
+
+    def missing(self, specs: Iterable[LayerSpec]) -> list[LayerSpec]:
+        """Specs this LUT can neither look up nor interpolate."""
+        out = []
+        for spec in dict.fromkeys(specs):
+            try:
+                self.spec_us(spec)
+            except LutError:
+                out.append(spec)
+        return out
+
+
+def _bracket(values: Sequence[int], x: int) -> tuple[int, int] | None:
+    """The nearest values below and above x (equal when x is one of them)."""
+    i = bisect.bisect_left(values, x)
+    if i < len(values) and values[i] == x:
+        return x, x
+    if i == 0 or i == len(values):
+        return None
+    return values[i - 1], values[i]
+
+
+def _lerp(x: int, x0: int, x1: int, y0: float, y1: float) -> float:
+    return y0 if x0 == x1 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) -> float:
+    outside = LutError(
+        f"{spec.key} is outside the channels measured in {path} (cin {min(grid)}..{max(grid)}); "
+        "extend the LUT with `python -m profiler.build_lut` for the model it belongs to."
+    )
+    if spec.op in CHANNEL_PRESERVING_OPS:
+        cs = sorted(grid)
+        around = _bracket(cs, spec.cin)
+        if around is None:
+            raise outside
+        c0, c1 = around
+        return _lerp(spec.cin, c0, c1, grid[c0][c0], grid[c1][c1])
+    cins = sorted(grid)
+    around_in = _bracket(cins, spec.cin)
+    if around_in is None:
+        raise outside
+    rows = []
+    for cin in dict.fromkeys(around_in):
+        couts = sorted(grid[cin])
+        around_out = _bracket(couts, spec.cout)
+        if around_out is None:
+            raise outside
+        o0, o1 = around_out
+        rows.append((cin, _lerp(spec.cout, o0, o1, grid[cin][o0], grid[cin][o1])))
+    if len(rows) == 1:
+        return rows[0][1]
+    (i0, y0), (i1, y1) = rows
+    return _lerp(spec.cin, i0, i1, y0, y1)
+
+
+def specs_of(model) -> list[LayerSpec]:
+    """The specs of a Keras model, or of a `.tflite` given as bytes or as a file path."""
+    if isinstance(model, (bytes, bytearray)):
+        from lut.tflite_ops import specs_of_tflite
+
+        return specs_of_tflite(bytes(model))
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if path.endswith(".tflite"):
+            try:
+                with open(path, "rb") as f:
+                    return specs_of(f.read())
+            except OSError as e:
+                raise LutError(f"Cannot read {path}: {e.strerror}.") from e
+        from lut.models import load_model
+
+        return specs_of(load_model(path))
+    from lut.keras_specs import specs_of_keras
+
+    return specs_of_keras(model)
+
+
+def estimate_latency_ms(model, table: LatencyTable) -> float:
+    """Σ LUT(op) over the ops of `model` (Keras model, .keras/.tflite path, or .tflite bytes), in ms."""
+    return LatencyEstimator(table).total_us(specs_of(model)) / 1000

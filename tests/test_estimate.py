@@ -1,0 +1,99 @@
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from lut.latency import LatencyEstimator, estimate_latency_ms
+from lut.keras_specs import specs_of_keras
+from lut.spec import LayerSpec, LutError
+from lut.table import LatencyTable, Measurement
+
+META = {"device": "host", "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "step": 8}
+CONV = LayerSpec("conv2d", 16, 16, 8, 8, activation="relu6")
+
+
+def _m(us: float) -> Measurement:
+    return Measurement(median_us=us, mean_us=us, min_us=us, max_us=us, std_us=0.0, count=1)
+
+
+def _bilinear_table(path):
+    """Latency = 3 + 0.5 cin + 0.25 cout + 0.01 cin cout on a step-16 grid: bilinear is exact on it."""
+    table = LatencyTable.create(path, META)
+    for cin in range(16, 129, 16):
+        for cout in range(16, 129, 16):
+            table.record(CONV.replace(cin=cin, cout=cout), _m(3 + 0.5 * cin + 0.25 * cout + 0.01 * cin * cout))
+    for c in range(16, 129, 16):
+        table.record(LayerSpec("depthwise_conv2d", 16, 16, c, c, (3, 3)), _m(2.0 * c))
+    return table
+
+
+def test_interpolation_is_bilinear_between_measured_neighbours(tmp_path):
+    with _bilinear_table(tmp_path / "lut.sqlite") as table:
+        estimator = LatencyEstimator(table)
+        for cin, cout in [(24, 40), (100, 17), (16, 120), (128, 72)]:
+            expected = 3 + 0.5 * cin + 0.25 * cout + 0.01 * cin * cout
+            assert estimator.spec_us(CONV.replace(cin=cin, cout=cout)) == pytest.approx(expected)
+        assert estimator.spec_us(LayerSpec("depthwise_conv2d", 16, 16, 40, 40, (3, 3))) == pytest.approx(80.0)
+
+
+def test_outside_the_measured_range_raises_naming_the_spec(tmp_path):
+    with _bilinear_table(tmp_path / "lut.sqlite") as table:
+        estimator = LatencyEstimator(table)
+        beyond = CONV.replace(cin=136, cout=16)
+        with pytest.raises(LutError, match=beyond.key):
+            estimator.spec_us(beyond)
+        with pytest.raises(LutError, match="no entry of the kind"):
+            estimator.spec_us(CONV.replace(kernel=(5, 5)))
+        assert estimator.missing([beyond, CONV.replace(cin=24, cout=24)]) == [beyond]
+
+
+def test_interpolation_error_on_held_out_measured_entries(tmp_path):
+    """Measure a real conv family on this CPU at step 8, keep the step-16 grid, predict the rest."""
+    from profiler.host import HostDevice, TimingPolicy
+    from profiler.layers import SingleOpFactory
+
+    family = LayerSpec("conv2d", 16, 16, 8, 8, activation="relu6")
+    specs = [family.replace(cin=a, cout=b) for a in range(16, 97, 8) for b in range(16, 97, 8)]
+    factory = SingleOpFactory()
+    device = HostDevice(policy=TimingPolicy(min_seconds=0.03))
+    measured = dict(zip(specs, (r.median_us for _, r in device.measure((s.key, factory.build(s)) for s in specs))))
+    table = LatencyTable.create(tmp_path / "lut.sqlite", META)
+    held_out = [s for s in specs if s.cin % 16 or s.cout % 16]
+    table.record_many((s, _m(us)) for s, us in measured.items() if s not in held_out)
+    estimator = LatencyEstimator(table)
+    errors = [abs(estimator.spec_us(s) - measured[s]) / measured[s] for s in held_out]
+    # bilinear interpolation of real latencies: the typical held-out entry within 5%
+    assert len(errors) == 81 - 25
+    assert statistics.median(errors) < 0.05, f"median error {statistics.median(errors):.1%}"
+
+
+def test_estimate_of_a_model_is_the_sum_of_its_entries(tmp_path, tiny_v1):
+    specs = specs_of_keras(tiny_v1)
+    with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
+        table.record_many((s, _m(10.0 + i)) for i, s in enumerate(dict.fromkeys(specs)))
+        index = {s: 10.0 + i for i, s in enumerate(dict.fromkeys(specs))}
+        assert estimate_latency_ms(tiny_v1, table) == pytest.approx(sum(index[s] for s in specs) / 1000)
+
+
+def test_estimate_cli_reads_keras_and_tflite_files(tmp_path, tiny_v1):
+    from profiler.convert import keras_to_tflite
+
+    keras_path, tflite_path = tmp_path / "m.keras", tmp_path / "m.tflite"
+    tiny_v1.save(keras_path)
+    tflite_path.write_bytes(keras_to_tflite(tiny_v1))
+    specs = specs_of_keras(tiny_v1)
+    with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
+        table.record_many((s, _m(100.0)) for s in specs)
+    for model in (keras_path, tflite_path):
+        run = subprocess.run(
+            [sys.executable, "-m", "lut.estimate", "--lut", str(tmp_path / "lut.sqlite"), str(model)],
+            capture_output=True, text=True,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"{len(specs) * 0.1:.3f} ms")
+    bad = subprocess.run(
+        [sys.executable, "-m", "lut.estimate", "--lut", str(tmp_path / "nope.sqlite"), str(keras_path)],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: No LUT file at") and "Traceback" not in bad.stderr
