@@ -282,7 +282,7 @@ class _PathMap:
     def sync_path(self, device_path: str) -> Path | None:
         """The host path of a sync request's device path, or None when it is outside the root."""
         normal = posixpath.normpath(device_path)
-        if normal != REMOTE_ROOT and not normal.startswith(REMOTE_ROOT + "/"):
+        if "\0" in normal or normal != REMOTE_ROOT and not normal.startswith(REMOTE_ROOT + "/"):
             return None
         host = Path(os.path.realpath(str(self.root) + normal[len(REMOTE_ROOT):]))
         return host if host == self.root or self.root in host.parents else None
@@ -621,6 +621,15 @@ class _Connection:
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     """Signal the command's process group (its shell may be gone while its children are not)."""
+    if process.returncode is not None:
+        # The shell was reaped: while any member of its group lives, Linux keeps its pid
+        # unused; a live process with that pid means the group is gone and the pid reused.
+        try:
+            os.kill(process.pid, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signum)
 
@@ -752,23 +761,28 @@ class _SyncSession:
             reason = f"couldn't create file: Is a directory ({path})"
         else:
             reason = None
+        if reason is None:
+            try:
+                host.parent.mkdir(parents=True, exist_ok=True)
+                file = open(host, "wb")
+            except OSError as e:
+                reason = f"couldn't create file: {e.strerror} ({path})"
         if reason is not None:
-            self._receive_file(None)  # consume the data so the client reads our answer
+            self._receive_file(None)  # consume the data so that the client reads our answer
             self._fail(reason)
             return True
         try:
-            host.parent.mkdir(parents=True, exist_ok=True)
-            with open(host, "wb") as file:
+            with file:
                 mtime = self._receive_file(file)
             os.chmod(host, stat.S_IMODE(mode))
             os.utime(host, (mtime, mtime))
-        except (_Closed, _SyncAbort):
+        except OSError as e:  # e.g. a full disk: the rest of the push cannot be trusted
+            host.unlink(missing_ok=True)
+            self._fail(f"couldn't write file: {e.strerror} ({path})")
+            raise _SyncAbort from e
+        except BaseException:
             host.unlink(missing_ok=True)  # as adbd: no partial file after a failed push
             raise
-        except OSError as e:
-            host.unlink(missing_ok=True)
-            self._fail(f"couldn't create file: {e.strerror}")
-            return True
         self._replies.add(_SYNC_HEADER.pack(b"OKAY", 0))
         return True
 
