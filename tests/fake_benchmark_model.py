@@ -22,7 +22,8 @@ delegate.`  `--enable_op_profiling=true` is accepted and echoed; no per-op table
 
 Faults come from the JSON environment variable PHONEFIT_FAKE_BENCHMARK, which the loopback
 ADB daemon (tests/adb_daemon.py) sets: `state_dir` (where the models-run counter lives),
-`drop_after_models`, and lists of file-name substrings `hang_models` (print the header, then
+`drop_after_models` (the first run started once that many models have run asks the daemon,
+once, to reset its connections, and waits there to be hung up), and lists of file-name substrings `hang_models` (print the header, then
 sleep until killed), `garbage_models` (print garbage instead of timings, exit 0),
 `crash_models` (print a kernel error, exit 134 as after SIGABRT) and `partial_gpu_models`
 (with `--use_gpu=true`, the delegate takes all nodes but one extra unsupported node it
