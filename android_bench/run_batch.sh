@@ -80,7 +80,8 @@ while IFS= read -r name || [ -n "$name" ]; do
     if [ "$measured" -gt 0 ] && [ "$cooldown_s" != 0 ]; then
         sleep "$cooldown_s"
     fi
-    printf 'PHONEFIT_BEGIN %s %s\n' "$tag" "$name" >> "$batch/records.txt"
+    # The newline first ends a record that a killed runner left unfinished.
+    printf '\nPHONEFIT_BEGIN %s %s\n' "$tag" "$name" >> "$batch/records.txt"
     if [ "$mask" = "-" ]; then
         timeout -k 2 "$timeout_s" "$bench" "--graph=$batch/models/$name" "$@" \
             >> "$batch/records.txt" 2>&1 < /dev/null

@@ -1,0 +1,510 @@
+"""Phones over ADB, end to end against the loopback ADB daemon (no phone needed).
+
+The daemon (tests/adb_daemon.py) speaks the real ADB protocol; the `benchmark_model` pushed
+to it is tests/fake_benchmark_model.py, which times the model with LiteRT and prints the real
+tool's output.  Also here: the devices.toml registry and the batch runner under /bin/sh.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lut.table import Measurement, MeasurementFailure
+from profiler.adb import AdbDevice, parse_runner_records, runner_script
+from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
+from profiler.devices import known_devices, open_device
+from profiler.errors import ProfilerError
+from tests.adb_daemon import Faults, LoopbackAdbDaemon
+
+FAKE_BENCHMARK = Path(__file__).with_name("fake_benchmark_model.py")
+RUNNER = Path(__file__).parents[1] / "android_bench" / "run_batch.sh"
+# Short runs: the stand-in starts Python and LiteRT for every model (about 0.5 s).
+FAST = {"warmup_runs": 1, "num_runs": 5, "min_secs": 0, "cooldown_s": 0, "model_timeout_s": 30}
+
+
+# ---------------------------------------------------------------- helpers
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def write_devices_toml(path: Path, devices: dict[str, dict]) -> Path:
+    lines = []
+    for name, entry in devices.items():
+        tables = {k: v for k, v in entry.items() if isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items() if k not in tables]
+        for table, values in tables.items():
+            lines.append(f"[{name}.{table}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def loop_entry(tmp_path: Path, daemon: LoopbackAdbDaemon, **overrides) -> dict:
+    """A devices.toml entry for the loopback phone: fast runs, short waits."""
+    entry = {
+        "address": f"{daemon.host}:{daemon.port}",
+        "benchmark_model": str(FAKE_BENCHMARK),
+        "adb_key": str(tmp_path / "keys" / "adbkey"),
+        "auth_timeout_s": 2.0,
+        "connect_timeout_s": 2.0,
+        "reconnect_backoff_s": 0.05,
+        "drift_every": 0,
+        **FAST,
+        "cpu": {"flags": ["--use_xnnpack=true", "--warmup_min_secs=0"]},
+        "gpu": {"flags": ["--use_gpu=true", "--warmup_min_secs=0"]},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key] = {**entry[key], **value}
+        else:
+            entry[key] = value
+    return entry
+
+
+def open_loop(tmp_path: Path, daemon: LoopbackAdbDaemon, backend: str = "cpu", **overrides):
+    devices = write_devices_toml(tmp_path / "devices.toml", {"loop": loop_entry(tmp_path, daemon, **overrides)})
+    return open_device("loop", backend=backend, threads=1, devices_file=str(devices))
+
+
+def phone_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def tflite_models() -> dict[str, bytes]:
+    """Three real single-op models: a 3x3 conv, a depthwise conv and a dense layer."""
+    import keras
+
+    from profiler.convert import keras_to_tflite
+
+    layers = {
+        "conv": ((8, 8, 8), keras.layers.Conv2D(16, 3, padding="same", activation="relu6")),
+        "dw": ((8, 8, 16), keras.layers.DepthwiseConv2D(3, padding="same")),
+        "dense": ((32,), keras.layers.Dense(10)),
+    }
+    models = {}
+    for name, (shape, layer) in layers.items():
+        inputs = keras.Input(shape)
+        models[name] = keras_to_tflite(keras.Model(inputs, layer(inputs)))
+    return models
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    with LoopbackAdbDaemon(tmp_path / "phone") as running:
+        yield running
+
+
+# ---------------------------------------------------------------- devices.toml
+def test_devices_file_lookup_order(tmp_path, monkeypatch):
+    entry = {"address": "10.0.0.2:5555", "benchmark_model": "bm"}
+    xdg = tmp_path / "xdg"
+    (xdg / "phonefit").mkdir(parents=True)
+    write_devices_toml(xdg / "phonefit" / "devices.toml", {"from_home": entry})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    assert known_devices() == ["host", "from_home"]
+    write_devices_toml(work / "devices.toml", {"from_cwd": entry})
+    assert known_devices() == ["host", "from_cwd"]
+    explicit = write_devices_toml(tmp_path / "mine.toml", {"explicit": entry})
+    assert known_devices(str(explicit)) == ["host", "explicit"]
+    settings = load_device_configs(explicit)["explicit"]["settings"]
+    assert (settings.host, settings.port, settings.remote_dir) == ("10.0.0.2", 5555, DEFAULT_REMOTE_DIR)
+    assert settings.benchmark_model == tmp_path / "bm"  # relative to the file naming it
+    assert settings.cpu.flags == ("--use_xnnpack=true",) and settings.gpu.flags == ("--use_gpu=true",)
+
+
+def test_backend_tables_override_phone_wide_run_settings(tmp_path):
+    path = write_devices_toml(tmp_path / "d.toml", {"pixel": {
+        "address": "10.0.0.2:5555", "benchmark_model": "/bm", "num_runs": 30, "cooldown_s": 2,
+        "cpu": {"taskset": "0xF0", "threads": 4}, "gpu": {"num_runs": 80, "flags": ["--use_gpu=true", "--gpu_backend=cl"]},
+    }})
+    settings = load_device_configs(path)["pixel"]["settings"]
+    assert (settings.cpu.num_runs, settings.cpu.cooldown_s, settings.cpu.taskset, settings.cpu.threads) == (30, 2.0, "f0", 4)
+    assert (settings.gpu.num_runs, settings.gpu.cooldown_s, settings.gpu.flags) == (80, 2.0, ("--use_gpu=true", "--gpu_backend=cl"))
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"address": "10.0.0.2", "benchmark_model": "bm"}, r"\[pixel\]: `address` must be \"HOST:PORT\".*Received: address='10.0.0.2'"),
+        ({"address": "10.0.0.2:5555"}, r"\[pixel\]: `benchmark_model` .* is required"),
+        ({"address": "a:1", "benchmark_model": "bm", "num_runs": 0}, r"\[pixel\]: `num_runs` must be a positive integer. Received: num_runs=0"),
+        ({"address": "a:1", "benchmark_model": "bm", "batchsize": 8}, r"\[pixel\]: unknown setting 'batchsize'. Known settings: .*batch_size"),
+        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/data/local/tmp/../../system"}, r"\[pixel\]: `remote_dir` must be a directory below /data/local/tmp/"),
+        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/sdcard/phonefit"}, r"\[pixel\]: `remote_dir` must be a directory below"),
+        ({"address": "a:1", "benchmark_model": "bm", "transport": "bluetooth"}, r"\[pixel\]: `transport` must be \"tcp\" or \"usb\""),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"taskset": "big"}}, r"\[pixel.cpu\]: `taskset` must be a non-zero hexadecimal"),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"flags": ["--num_threads=4"]}}, r"\[pixel.cpu\]: `flags` may not set --num_threads"),
+        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": "--use_gpu=true"}}, r"\[pixel.gpu\]: `flags` must be a list of benchmark_model flags"),
+    ],
+)
+def test_bad_entries_name_file_entry_and_field(tmp_path, entry, message):
+    path = write_devices_toml(tmp_path / "devices.toml", {"pixel": entry})
+    with pytest.raises(ProfilerError, match=rf"devices.toml: {message}"):
+        load_device_configs(path)
+
+
+def test_host_is_reserved_and_missing_file_is_explained(tmp_path):
+    path = write_devices_toml(tmp_path / "devices.toml", {"host": {"address": "a:1", "benchmark_model": "bm"}})
+    with pytest.raises(ProfilerError, match=r"\[host\]: 'host' is the built-in device"):
+        load_device_configs(path)
+    with pytest.raises(ProfilerError, match="No devices file at .*nowhere.toml"):
+        load_device_configs(tmp_path / "nowhere.toml")
+    (tmp_path / "broken.toml").write_text("[pixel\naddress=")
+    with pytest.raises(ProfilerError, match="broken.toml is not valid TOML"):
+        load_device_configs(tmp_path / "broken.toml")
+
+
+def test_unknown_device_lists_known_ones(tmp_path):
+    path = write_devices_toml(tmp_path / "devices.toml", {"pixel": {"address": "a:1", "benchmark_model": "bm"}})
+    with pytest.raises(ProfilerError, match="Unknown device 'pxl'. Known devices: host, pixel"):
+        open_device("pxl", devices_file=str(path))
+
+
+def test_missing_adb_key_is_generated_private(tmp_path):
+    key = ensure_adb_key(tmp_path / "new" / "adbkey")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    assert Path(f"{key}.pub").read_text().split()[0].endswith("=")
+    before = key.read_bytes()
+    assert ensure_adb_key(key).read_bytes() == before  # an existing key is kept
+
+
+# ---------------------------------------------------------------- the runner, under /bin/sh
+def _make_batch(tmp_path: Path, names: list[str]) -> Path:
+    batch = tmp_path / "batch"
+    (batch / "models").mkdir(parents=True)
+    for name in names:
+        (batch / "models" / name).write_bytes(b"model")
+    (batch / "list.txt").write_text("".join(f"{n}\n" for n in names))
+    return batch
+
+
+def _canned_benchmark(tmp_path: Path) -> Path:
+    """A benchmark_model stand-in: `crash` models exit 134, `hang` ones sleep, others print timings."""
+    script = tmp_path / "bench.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'echo "$1" >> "$(dirname "$0")/calls.log"\n'
+        'case "$1" in *crash*) echo "ERROR: kernel failed"; exit 134;; *hang*) sleep 30;; esac\n'
+        'echo "count=4 first=12 curr=10 min=9 max=12 avg=10.5 std=1"\n'
+        'echo "Inference timings in us: Init: 5, First inference: 12, Warmup (avg): 11, Inference (avg): 10.5"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _run_runner(batch: Path, bench: Path, *flags: str, timeout_s: str = "5", cooldown_s: str = "0") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["/bin/sh", str(RUNNER), str(batch), str(bench), timeout_s, cooldown_s, "-", "T1", *flags],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_runner_records_status_and_output_of_every_model(tmp_path):
+    batch = _make_batch(tmp_path, ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"])
+    run = _run_runner(batch, _canned_benchmark(tmp_path), "--num_runs=4", "--note=two words", timeout_s="1")
+    assert run.stdout.splitlines() == [
+        "PHONEFIT_DONE m000_ok.tflite 0", "PHONEFIT_DONE m001_crash.tflite 134",
+        "PHONEFIT_DONE m002_hang.tflite 124", "PHONEFIT_BATCH_DONE",
+    ]
+    records = parse_runner_records((batch / "records.txt").read_text(), "T1")
+    assert {name: r.status for name, r in records.items()} == {"m000_ok.tflite": 0, "m001_crash.tflite": 134, "m002_hang.tflite": 124}
+    assert records["m000_ok.tflite"].output.endswith("Inference (avg): 10.5")
+    assert records["m001_crash.tflite"].output == "ERROR: kernel failed"
+    assert (tmp_path / "calls.log").read_text().splitlines()[0] == f"--graph={batch}/models/m000_ok.tflite"
+    assert not (batch / "lock").exists()
+
+
+def test_runner_rerun_measures_only_unfinished_models(tmp_path):
+    bench = _canned_benchmark(tmp_path)
+    batch = _make_batch(tmp_path, ["a.tflite", "b.tflite", "c.tflite"])
+    (batch / "done").mkdir()
+    (batch / "done" / "a.tflite").touch()  # measured before the connection dropped
+    # ... and b was cut off in the middle of its output:
+    (batch / "records.txt").write_text("PHONEFIT_BEGIN T1 a.tflite\nold\nPHONEFIT_END T1 a.tflite 0\nPHONEFIT_BEGIN T1 b.tflite\ncount=")
+    run = _run_runner(batch, bench)
+    assert run.stdout.splitlines() == ["PHONEFIT_DONE b.tflite 0", "PHONEFIT_DONE c.tflite 0", "PHONEFIT_BATCH_DONE"]
+    assert [line.split("/")[-1] for line in (tmp_path / "calls.log").read_text().splitlines()] == ["b.tflite", "c.tflite"]
+    records = parse_runner_records((batch / "records.txt").read_text(), "T1")
+    assert sorted(records) == ["a.tflite", "b.tflite", "c.tflite"]
+    assert records["a.tflite"].output == "old" and records["b.tflite"].output.startswith("count=4")
+
+
+def test_runner_waits_for_a_live_runner_of_the_same_batch(tmp_path):
+    batch = _make_batch(tmp_path, ["a.tflite"])
+    holder = subprocess.Popen(["sleep", "2"])
+    threading.Thread(target=holder.wait).start()  # reaped at once: a zombie still answers kill -0
+    (batch / "lock").mkdir()
+    (batch / "lock" / "pid").write_text(f"{holder.pid}\n")
+    start = time.monotonic()
+    run = _run_runner(batch, _canned_benchmark(tmp_path))
+    assert time.monotonic() - start >= 1.5
+    assert run.stdout.splitlines()[0] == f"PHONEFIT_WAIT {holder.pid}"
+    assert run.stdout.splitlines()[-1] == "PHONEFIT_BATCH_DONE"
+
+
+def test_runner_cools_down_between_models_only(tmp_path):
+    batch = _make_batch(tmp_path, ["a.tflite", "b.tflite", "c.tflite"])
+    start = time.monotonic()
+    _run_runner(batch, _canned_benchmark(tmp_path), cooldown_s="0.4")
+    assert 0.8 <= time.monotonic() - start < 2.0  # two pauses for three models
+
+
+def test_runner_reports_setup_problems(tmp_path):
+    batch = _make_batch(tmp_path, ["a.tflite"])
+    run = _run_runner(batch, tmp_path / "no_benchmark_model")
+    assert run.returncode == 3
+    assert run.stdout.startswith("PHONEFIT_ERROR benchmark_model at ") and "missing or not executable" in run.stdout
+
+
+def test_records_of_other_batches_and_cut_records_are_ignored():
+    text = (
+        "PHONEFIT_BEGIN OTHER x.tflite\nfrom another batch\nPHONEFIT_END OTHER x.tflite 0\n"
+        "PHONEFIT_BEGIN T a.tflite\nfirst try, cut off\n"
+        "PHONEFIT_BEGIN T a.tflite\nline 1\n\nline 3\n\nPHONEFIT_END T a.tflite 0\n"
+        "PHONEFIT_BEGIN T b.tflite\nno end\n"
+    )
+    records = parse_runner_records(text, "T")
+    assert list(records) == ["a.tflite"]
+    assert records["a.tflite"].output == "line 1\n\nline 3"
+
+
+# ---------------------------------------------------------------- end to end over ADB
+def test_measures_real_single_op_models_over_adb(tmp_path, daemon, tflite_models):
+    device = open_loop(tmp_path, daemon)
+    try:
+        assert device.conditions() == {
+            "device": "loop", "backend": "cpu", "threads": 1, "delegate": "xnnpack",
+            "flags": "--num_threads=1 --warmup_runs=1 --num_runs=5 --min_secs=0 --use_xnnpack=true --warmup_min_secs=0",
+        }
+        results = list(device.measure(list(tflite_models.items())))
+        session = device._session
+        assert sorted(phone_files(daemon.root / "phonefit" / "runs"))[0] == session.rsplit("/", 2)[-1]
+    finally:
+        device.close()
+    assert [model_id for model_id, _ in results] == ["conv", "dw", "dense"]
+    for _, result in results:
+        assert isinstance(result, Measurement), result
+        assert result.count >= 5 and 0 < result.min_us <= result.median_us <= result.max_us
+    assert daemon.models_run == 3 and daemon.connections == 1
+    # What stays on the phone: the tool and the runner, not this session's batches.
+    assert phone_files(daemon.root / "phonefit") == ["benchmark_model", "run_batch.sh", "runs"]
+    assert (daemon.root / "phonefit" / "benchmark_model").read_bytes() == FAKE_BENCHMARK.read_bytes()
+    assert os.access(daemon.root / "phonefit" / "benchmark_model", os.X_OK)
+
+
+def test_fingerprint_records_the_phone(tmp_path, tflite_models):
+    props = {"ro.product.model": "Pixel 8 Pro", "ro.soc.model": "Tensor G3", "ro.build.version.release": "15"}
+    with LoopbackAdbDaemon(tmp_path / "phone", props=props) as daemon:
+        device = open_loop(tmp_path, daemon, cpu={"taskset": "c0"})
+        try:
+            fingerprint = device.fingerprint()
+            conditions = device.conditions()
+        finally:
+            device.close()
+    assert (fingerprint["model"], fingerprint["soc"], fingerprint["android"], fingerprint["abi"]) == (
+        "Pixel 8 Pro", "Tensor G3", "15", "arm64-v8a")
+    assert fingerprint["cpu_clusters"] == [
+        {"policy": "policy0", "cpus": "0 1 2 3", "governor": "schedutil", "max_khz": 1803000, "scaling_max_khz": 1803000},
+        {"policy": "policy4", "cpus": "4 5", "governor": "schedutil", "max_khz": 2348000, "scaling_max_khz": 2348000},
+        {"policy": "policy6", "cpus": "6 7", "governor": "schedutil", "max_khz": 2850000, "scaling_max_khz": 2850000},
+    ]
+    assert fingerprint["benchmark_model_sha256"] == hashlib.sha256(FAKE_BENCHMARK.read_bytes()).hexdigest()
+    assert fingerprint["runner_sha256"] == hashlib.sha256(runner_script()).hexdigest()
+    assert fingerprint["battery_temp_c_before"] == fingerprint["battery_temp_c_after"] == 31.2
+    assert fingerprint["benchmark_model_flags"] == conditions["flags"]
+    assert conditions["flags"].endswith("(taskset c0)")
+
+
+def test_auth_accepted_for_an_authorized_key(tmp_path):
+    key = ensure_adb_key(tmp_path / "keys" / "adbkey")
+    with LoopbackAdbDaemon(tmp_path / "phone", auth="reject", authorized_keys=[Path(f"{key}.pub").read_text()]) as daemon:
+        device = open_loop(tmp_path, daemon)
+        device.close()
+        assert daemon.connections == 1
+
+
+def test_auth_rejected_fails_with_what_to_do(tmp_path):
+    with LoopbackAdbDaemon(tmp_path / "phone", auth="reject") as daemon:
+        start = time.monotonic()
+        with pytest.raises(ProfilerError, match=r"loop at 127.0.0.1:\d+ did not accept this computer's ADB key .*adbkey.pub: unlock the phone, accept"):
+            open_loop(tmp_path, daemon)
+        assert time.monotonic() - start < 10
+
+
+def test_unreachable_phone_fails_in_one_line(tmp_path):
+    with LoopbackAdbDaemon(tmp_path / "phone") as daemon:
+        port = daemon.port  # closed again when the daemon stops
+    closed = type("Closed", (), {"host": "127.0.0.1", "port": port})()
+    with pytest.raises(ProfilerError) as info:
+        open_loop(tmp_path, closed)
+    message = str(info.value)
+    assert message.startswith(f"Cannot reach loop at 127.0.0.1:{port} (")
+    assert "wireless debugging" in message and "adb tcpip 5555" in message and "\n" not in message
+
+
+def test_disconnect_mid_batch_resumes_without_duplicates(tmp_path, tflite_models):
+    models = [(f"{name}-{i}", data) for i in range(2) for name, data in tflite_models.items()]  # 6 entries
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(drop_after_models=2)) as daemon:
+        device = open_loop(tmp_path, daemon, batch_size=4)
+        try:
+            results = list(device.measure(models))
+        finally:
+            device.close()
+        assert daemon.connections == 2
+        # The two models finished before the drop are not run again; the one running when
+        # it dropped is (its record was cut off), whether or not it got to finish.
+        assert 6 <= daemon.models_run <= 7
+    assert [model_id for model_id, _ in results] == [model_id for model_id, _ in models]
+    assert all(isinstance(result, Measurement) for _, result in results), results
+
+
+def test_garbage_crash_and_hang_are_failed_entries_and_the_batch_goes_on(tmp_path, tflite_models):
+    conv = tflite_models["conv"]
+    faults = Faults(garbage_models=("garbage",), crash_models=("crash",), hang_models=("hang",))
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=faults) as daemon:
+        device = open_loop(tmp_path, daemon, model_timeout_s=3)
+        try:
+            results = dict(device.measure([("garbage", conv), ("crash", conv), ("hang", conv), ("fine", conv)]))
+        finally:
+            device.close()
+    assert isinstance(results["garbage"], MeasurementFailure)
+    assert results["garbage"].error.startswith("benchmark_model output could not be read:")
+    assert isinstance(results["crash"], MeasurementFailure)
+    assert results["crash"].error.startswith("benchmark_model exited with status 134, killed by signal 6: ")
+    assert "ERROR" in results["crash"].error
+    assert isinstance(results["hang"], MeasurementFailure)
+    assert results["hang"].error.startswith("benchmark_model ran past the per-model timeout of 3 s and was killed (exit status 124)")
+    assert isinstance(results["fine"], Measurement)
+
+
+def test_partial_gpu_delegation_is_a_failure_never_a_gpu_latency(tmp_path, tflite_models):
+    faults = Faults(partial_gpu_models=("partial",))
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=faults) as daemon:
+        device = open_loop(tmp_path, daemon, backend="gpu")
+        try:
+            assert device.conditions()["delegate"] == "gpu"
+            results = dict(device.measure([("partial", tflite_models["conv"]), ("whole", tflite_models["conv"])]))
+        finally:
+            device.close()
+    assert isinstance(results["partial"], MeasurementFailure)
+    assert results["partial"].error.startswith("the GPU delegate did not run the whole graph (delegation partial: ")
+    assert "partially executed by the delegate" in results["partial"].error
+    assert isinstance(results["whole"], Measurement)
+
+
+def test_consecutive_failures_stop_the_run_after_recording_them(tmp_path, tflite_models):
+    conv = tflite_models["conv"]
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(crash_models=("crash",))) as daemon:
+        device = open_loop(tmp_path, daemon, max_consecutive_failures=2, batch_size=2)
+        seen = []
+        try:
+            with pytest.raises(ProfilerError, match=r"2 models in a row failed on loop; stopping. Last error: benchmark_model exited with status 134"):
+                for model_id, result in device.measure([("fine", conv), ("crash-1", conv), ("crash-2", conv), ("never", conv)]):
+                    seen.append((model_id, type(result).__name__))
+        finally:
+            device.close()
+    assert seen == [("fine", "Measurement"), ("crash-1", "MeasurementFailure"), ("crash-2", "MeasurementFailure")]
+
+
+def test_hostile_model_ids_stay_inside_the_remote_directory(tmp_path, daemon, tflite_models):
+    hostile = "x'; touch ../../pwned; echo \"$(touch ../pwned2)\" `touch pwned3` /../../etc/passwd\n;"
+    device = open_loop(tmp_path, daemon)
+    try:
+        results = dict(device.measure([(hostile, tflite_models["dense"]), ("../../escape", tflite_models["dense"])]))
+    finally:
+        device.close()
+    assert isinstance(results[hostile], Measurement) and isinstance(results["../../escape"], Measurement)
+    for name in ("pwned", "pwned2", "pwned3"):
+        assert not list(tmp_path.rglob(name)) and not Path("/", name).exists()
+    assert all(path.startswith("phonefit") for path in phone_files(daemon.root))
+
+
+def test_benchmark_model_is_pushed_once_and_repushed_when_changed(tmp_path, daemon):
+    open_loop(tmp_path, daemon).close()
+    remote = daemon.root / "phonefit" / "benchmark_model"
+    first_push = remote.stat().st_mtime_ns
+    time.sleep(0.05)
+    open_loop(tmp_path, daemon).close()
+    assert remote.stat().st_mtime_ns == first_push  # same sha256: not pushed again
+    remote.write_bytes(b"#!/bin/sh\necho tampered\n")
+    open_loop(tmp_path, daemon).close()
+    assert remote.read_bytes() == FAKE_BENCHMARK.read_bytes()
+
+
+def test_a_binary_for_another_abi_is_refused(tmp_path, daemon):
+    x86_64_elf = b"\x7fELF\x02\x01\x01" + bytes(9) + (2).to_bytes(2, "little") + (0x3E).to_bytes(2, "little") + bytes(64)
+    (tmp_path / "bm_x86").write_bytes(x86_64_elf)
+    with pytest.raises(ProfilerError, match=r"bm_x86 is built for x86_64, but loop runs arm64-v8a, armeabi-v7a, armeabi"):
+        open_loop(tmp_path, daemon, benchmark_model=str(tmp_path / "bm_x86"))
+
+
+def test_drift_of_the_reference_pauses_and_measures_the_batch_again(tmp_path, daemon, tflite_models):
+    # A stand-in whose runs 4 and 5 (the end of the second batch and the reference check
+    # after it) are twice as slow, as on a phone that starts throttling.
+    slow = tmp_path / "throttled_benchmark_model"
+    slow.write_text(
+        "#!/bin/sh\n"
+        'n=$(cat "$0.count" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$0.count"\n'
+        'case "$n" in 4|5) t=200;; *) t=100;; esac\n'
+        'echo "count=10 first=$t curr=$t min=$t max=$t avg=$t std=0"\n'
+        'echo "Inference timings in us: Init: 1, First inference: $t, Warmup (avg): $t, Inference (avg): $t"\n'
+    )
+    slow.chmod(0o755)
+    device = open_loop(tmp_path, daemon, benchmark_model=str(slow), batch_size=2, drift_every=2,
+                       drift_pct=10.0, drift_pause_s=0.01)
+    try:
+        results = list(device.measure([(f"m{i}", tflite_models["dense"]) for i in range(4)]))
+        events = device.drift_events
+    finally:
+        device.close()
+    # batch 1: m0 m1 (runs 1-2); batch 2: m2 m3 + reference (runs 3-5, m3 and the
+    # reference slow: drifted) -> paused, measured again (runs 6-8, reference fine)
+    assert [r.median_us for _, r in results] == [100, 100, 100, 100]
+    assert events == [{"reference_us": 200.0, "baseline_us": 100.0, "drift_pct": 100.0, "battery_temp_c": 31.2, "paused_s": 0.01}]
+    assert (daemon.root / "phonefit" / "benchmark_model.count").read_text().strip() == "8"  # next to the pushed copy
+
+
+def test_build_lut_on_loopback_phone(tmp_path, daemon):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(4)(x)).save(tmp_path / "tiny.keras")
+    devices = write_devices_toml(tmp_path / "devices.toml", {"loop": loop_entry(tmp_path, daemon)})
+    out = tmp_path / "loop-cpu.sqlite"
+    command = [sys.executable, "-m", "profiler.build_lut", "--device", "loop", "--devices", str(devices),
+               "--model", str(tmp_path / "tiny.keras"), "--out", str(out), "--no-progress"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    from lut.table import LatencyTable
+
+    with LatencyTable.open(out) as table:
+        meta, frame = table.meta, table.to_dataframe()
+        fingerprint = table.fingerprint
+    assert (meta["device"], meta["backend"], meta["delegate"]) == ("loop", "cpu", "xnnpack")
+    assert fingerprint["model"] == "Pixel 7" and fingerprint["soc"] == "GS201"
+    assert len(frame) >= 3 and (frame["status"] == "ok").all(), frame[["key", "status", "error"]]
+    assert (frame["median_us"] > 0).all() and frame["key"].is_unique
+    assert daemon.models_run == len(frame)
