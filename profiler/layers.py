@@ -18,6 +18,7 @@ drawn from a generator seeded by `(seed, spec.key)` so a model depends only on t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import zlib
@@ -308,12 +309,12 @@ def keras_layers_for(spec: LayerSpec) -> list:
 
 
 def _keras_model(spec: LayerSpec, recipe: _Recipe, consts: dict[int, np.ndarray]):
+    """A one-input Keras model of `spec`'s layers; a two-input op gets its one input twice."""
     import keras
 
-    shapes = recipe.input_shapes(spec)[: recipe.graph_inputs]
-    inputs = [keras.Input(shape=shape[1:], batch_size=1) for shape in shapes]
+    inputs = keras.Input(shape=recipe.input_shapes(spec)[0][1:], batch_size=1)
     layers = recipe.keras_layers(spec, keras)
-    x = inputs[0] if len(inputs) == 1 else inputs
+    x = [inputs] * recipe.graph_inputs if recipe.graph_inputs > 1 else inputs
     for layer in layers:
         x = layer(x)
     model = keras.Model(inputs, x)
@@ -322,14 +323,36 @@ def _keras_model(spec: LayerSpec, recipe: _Recipe, consts: dict[int, np.ndarray]
     return model
 
 
+def _separate_graph_inputs(converted: bytes, graph_inputs: int) -> bytes:
+    """Give each of the op's first `graph_inputs` operands its own model input.
+
+    `keras_to_tflite` converts one-input models, so an ADD is converted as `x + x`: one
+    tensor feeding both operands.  In a whole model the operands are two tensors, so the
+    second gets a copy of the first's tensor, listed as a model (and signature) input.
+    """
+    model = read_model(converted)
+    subgraph = model.subgraphs[0]
+    op = subgraph.operators[0]
+    for slot in range(1, min(graph_inputs, len(op.inputs))):
+        if op.inputs[slot] not in list(op.inputs[:slot]):
+            continue
+        subgraph.tensors.append(copy.deepcopy(subgraph.tensors[op.inputs[slot]]))
+        index = len(subgraph.tensors) - 1
+        op.inputs[slot] = index
+        subgraph.inputs = [*subgraph.inputs, index]
+        for signature in model.signatureDefs or ():
+            signature.inputs.append(tflite_schema().TensorMapT(name=f"input_{slot}", tensorIndex=index))
+    return _serialize(model, len(converted))
+
+
 def naive_single_op_model(spec: LayerSpec, seed: int = 0) -> bytes:
     """`spec`'s single-op model made the slow way: Keras layers → `profiler.convert.keras_to_tflite`.
 
-    Same weights as `SingleOpFactory(seed).build(spec)`.
+    Same op and weights as `SingleOpFactory(seed).build(spec)`.
     """
     recipe = _check_spec(spec)
-    model = _keras_model(spec, recipe, recipe.consts(spec, _rng(seed, spec)))
-    return _convert.keras_to_tflite(model)
+    converted = _convert.keras_to_tflite(_keras_model(spec, recipe, recipe.consts(spec, _rng(seed, spec))))
+    return converted if recipe.graph_inputs == 1 else _separate_graph_inputs(converted, recipe.graph_inputs)
 
 
 # ---- the fast way: rewrite a converted template -----------------------------------------
@@ -394,8 +417,11 @@ def _template_problem(spec: LayerSpec, recipe: _Recipe, model: bytes) -> str | N
     expected = [slot >= recipe.graph_inputs for slot in range(len(recipe.input_shapes(spec)))]
     if consts != expected:
         return f"made a {recipe.opcode} whose inputs are constant as {consts}, expected {expected}"
-    flat = read_model(model)
-    buffers = [flat.subgraphs[0].tensors[i].buffer for i in flat.subgraphs[0].operators[0].inputs[recipe.graph_inputs :]]
+    subgraph = read_model(model).subgraphs[0]
+    operands = [int(i) for i in subgraph.operators[0].inputs]
+    if sorted(operands[: recipe.graph_inputs]) != sorted(int(i) for i in subgraph.inputs):
+        return f"made a {recipe.opcode} whose operands {operands} are not the model inputs {list(subgraph.inputs)}"
+    buffers = [subgraph.tensors[i].buffer for i in operands[recipe.graph_inputs :]]
     if len(set(buffers)) != len(buffers):
         return "shares one buffer between constant inputs"
     return None
@@ -416,7 +442,8 @@ def _name_by_role(model, graph_inputs: int) -> None:
                 entry.name = f"{prefix}_{i}"
 
 
-def _convert_template(spec: LayerSpec, recipe: _Recipe, seed: int) -> bytes:
+def _convert_template(spec: LayerSpec, recipe: _Recipe, seed: int):
+    """The converted model of the template `spec`, checked and unpacked into a `ModelT`."""
     converted = naive_single_op_model(spec, seed)
     problem = _template_problem(spec, recipe, converted)
     if problem:
@@ -428,21 +455,24 @@ def _convert_template(spec: LayerSpec, recipe: _Recipe, seed: int) -> bytes:
         )
     model = read_model(converted)
     _name_by_role(model, recipe.graph_inputs)
-    return _serialize(model, len(converted))
+    return model
 
 
 class SingleOpFactory:
     """Makes single-op `.tflite` models fast, from one converted template per op configuration.
 
     `build(spec)` gives the same op as `naive_single_op_model(spec, seed)` and the same
-    weights; templates are converted on first use and kept by this instance.
+    weights; templates are converted on first use and kept by this instance, unpacked.
+    Each build overwrites every spec-dependent field of its template (all the op's tensor
+    shapes and constant buffers) before packing, so templates are reused in place rather
+    than unpacked again (which would double the time per model).  Not thread-safe.
     """
 
     def __init__(self, seed: int = 0):
         if not isinstance(seed, int) or seed < 0:
             raise ProfilerError(f"`seed` must be a non-negative integer. Received: seed={seed!r}.")
         self.seed = seed
-        self._templates: dict[LayerSpec, bytes] = {}
+        self._templates: dict[LayerSpec, object] = {}  # template spec -> schema ModelT
 
     @property
     def template_count(self) -> int:
@@ -457,6 +487,5 @@ class SingleOpFactory:
         if template is None:
             template = _convert_template(template_spec, recipe, self.seed)
             self._templates[template_spec] = template
-        model = read_model(template)
-        written = _rewrite(model, spec, recipe, recipe.consts(spec, _rng(self.seed, spec)))
-        return _serialize(model, written)
+        written = _rewrite(template, spec, recipe, recipe.consts(spec, _rng(self.seed, spec)))
+        return _serialize(template, written)

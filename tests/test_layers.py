@@ -9,6 +9,7 @@ from lut.tflite_ops import op_details, read_model, specs_of_tflite
 from profiler.errors import ProfilerError
 from profiler.host import load_interpreter
 from profiler.layers import SingleOpFactory, keras_layers_for, naive_single_op_model
+from tests.test_tflite_ops import converted_mobilenets
 
 # One spec per op kind, with the windows, activations and shapes MobileNets use.
 SPECS = {
@@ -33,30 +34,9 @@ def factory():
     return SingleOpFactory(seed=0)
 
 
-def _randomize(model, seed: int = 0):
-    """Weights as after training: non-zero biases and BN statistics (an untrained Dense bias is
-    all zeros, which the converter drops, so the op would have one input fewer)."""
-    import keras
-
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = [0.1 * rng.standard_normal(w.shape) for w in layer.get_weights()]
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, variance = weights
-            weights = [1 + gamma, beta, mean, rng.uniform(0.5, 1.5, variance.shape)]
-        layer.set_weights([w.astype(np.float32) for w in weights])
-    return model
-
-
-@pytest.fixture(scope="module")
-def trained_like_mobilenets():
-    from lut.models import build_model
-    from profiler.convert import keras_to_tflite
-
-    return {
-        name: keras_to_tflite(_randomize(build_model(name, alpha=0.25, resolution=64, classes=10)))
-        for name in ("mobilenet_v1", "mobilenet_v2")
-    }
+@pytest.fixture
+def mobilenets():
+    return converted_mobilenets()
 
 
 def _without_keep_dims(details: dict) -> dict:
@@ -70,8 +50,8 @@ def _without_keep_dims(details: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2"])
-def test_single_op_models_run_exactly_the_ops_of_a_converted_mobilenet(trained_like_mobilenets, factory, name):
-    whole = trained_like_mobilenets[name]
+def test_single_op_models_run_exactly_the_ops_of_a_converted_mobilenet(mobilenets, factory, name):
+    whole = mobilenets[name][1]
     specs = specs_of_tflite(whole)
 
     for spec, details in zip(specs, op_details(whole), strict=True):
@@ -82,10 +62,10 @@ def test_single_op_models_run_exactly_the_ops_of_a_converted_mobilenet(trained_l
     assert factory.template_count <= 16
 
 
-def test_only_keep_dims_differs_for_mobilenet_v1_mean(trained_like_mobilenets, factory):
-    whole = op_details(trained_like_mobilenets["mobilenet_v1"])
+def test_only_keep_dims_differs_for_mobilenet_v1_mean(mobilenets, factory):
+    whole = op_details(mobilenets["mobilenet_v1"][1])
     (index,) = [i for i, d in enumerate(whole) if d["opcode"] == "MEAN"]
-    single = op_details(factory.build(specs_of_tflite(trained_like_mobilenets["mobilenet_v1"])[index]))[0]
+    single = op_details(factory.build(specs_of_tflite(mobilenets["mobilenet_v1"][1])[index]))[0]
 
     assert whole[index]["options"] == {"keepDims": True}
     assert single["options"] == {"keepDims": False}

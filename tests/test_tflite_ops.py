@@ -1,4 +1,5 @@
 """Reading `.tflite` ops back: `op_details` and `specs_of_tflite` on real converted models."""
+import functools
 import pathlib
 import subprocess
 import sys
@@ -20,14 +21,43 @@ def _convert(layers, input_shape):
     return keras_to_tflite(keras.Model(inputs, x))
 
 
-@pytest.fixture(scope="module")
-def mobilenets():
-    """MobileNetV1 and V2 (α=0.25, 64×64, 10 classes) converted as phonefit deploys them."""
+def _randomize(model, seed: int = 0):
+    """Weights as after training: non-zero biases and BN statistics (an untrained Dense bias is
+    all zeros, which the converter drops, so FULLY_CONNECTED would have no bias input)."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = [0.1 * rng.standard_normal(w.shape) for w in layer.get_weights()]
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = weights
+            weights = [1 + gamma, beta, mean, rng.uniform(0.5, 1.5, variance.shape)]
+        layer.set_weights([w.astype(np.float32) for w in weights])
+    return model
+
+
+@functools.cache
+def converted_mobilenets() -> dict:
+    """MobileNetV1 and V2 (α=0.25, 64×64, 10 classes, trained-like weights) and their `.tflite`.
+
+    64 px, not 32: on 1×1 maps the converter drops V1's MEAN and turns V2's ADDs into
+    RESHAPE + broadcast ADD.  Cached for the process: test_layers.py uses them too, and
+    each conversion takes seconds.
+    """
     from lut.models import build_model
     from profiler.convert import keras_to_tflite
 
-    models = {name: build_model(name, alpha=0.25, resolution=64, classes=10) for name in ("mobilenet_v1", "mobilenet_v2")}
+    models = {
+        name: _randomize(build_model(name, alpha=0.25, resolution=64, classes=10))
+        for name in ("mobilenet_v1", "mobilenet_v2")
+    }
     return {name: (model, keras_to_tflite(model)) for name, model in models.items()}
+
+
+@pytest.fixture
+def mobilenets():
+    return converted_mobilenets()
 
 
 def test_specs_of_mobilenet_v1_tflite_lists_every_op_in_execution_order(mobilenets):
