@@ -1,3 +1,14 @@
 """Prune Keras CNNs to a device's latency budget, NetAdapt-style."""
+from adapter.graph import ChannelGroup, PruningError, UnsupportedLayerError, find_groups
+from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts
 
-__all__: list[str] = []
+__all__ = [
+    "ChannelGroup",
+    "PruningError",
+    "UnsupportedLayerError",
+    "channel_counts",
+    "filter_norms",
+    "find_groups",
+    "prune",
+    "prune_to_counts",
+]

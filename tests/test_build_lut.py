@@ -1,0 +1,94 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from lut.table import LatencyTable
+from profiler.plan import plan_specs
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+TINY = ["--model", "mobilenet_v1", "--alpha", "0.25", "--resolution", "32", "--classes", "10"]
+
+
+def _build_lut(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "profiler.build_lut", "--no-progress", *args],
+        capture_output=True, text=True, env=ENV, **kwargs,
+    )
+
+
+def _rows(path) -> dict[str, tuple]:
+    with sqlite3.connect(path) as db:
+        return {row[0]: row[1:] for row in db.execute("SELECT key, status, median_us, measured_at FROM entries")}
+
+
+def test_build_lut_measures_every_planned_entry_with_its_conditions(tmp_path, tiny_v1):
+    out = tmp_path / "host.sqlite"
+    run = _build_lut("--device", "host", *TINY, "--step", "64", "--out", str(out), "--csv", str(tmp_path / "lut.csv"))
+    assert run.returncode == 0, run.stderr
+    planned = {s.key for s in plan_specs([tiny_v1], 64)}
+    with LatencyTable.open(out) as table:
+        assert table.keys() == planned
+        frame = table.to_dataframe()
+        assert (frame.status == "ok").all() and (frame.median_us > 0).all() and (frame["count"] >= 15).all()
+        assert (frame.min_us <= frame.median_us).all() and (frame.median_us <= frame.max_us).all()
+        meta = table.meta
+        assert (meta["device"], meta["backend"], meta["threads"], meta["delegate"], meta["step"]) == ("host", "cpu", "1", "xnnpack", "64")
+        assert {"cpu_model", "os", "runtime", "tensorflow"} <= table.fingerprint.keys()
+    assert f"{len(planned)} entries planned: {len(planned)} measured, 0 reused" in run.stdout
+    assert (tmp_path / "lut.csv").read_text().count("\n") == len(planned) + 1
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_finishes_without_duplicate_or_lost_rows(tmp_path, tiny_v1):
+    out = tmp_path / "host.sqlite"
+    planned = {s.key for s in plan_specs([tiny_v1], 32)}
+    args = [sys.executable, "-m", "profiler.build_lut", "--no-progress", "--device", "host", *TINY, "--step", "32", "--out", str(out)]
+    victim = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and (not out.exists() or len(_rows(out)) < 40):
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    before = _rows(out)
+    assert 40 <= len(before) < len(planned), "the kill must land in the middle of the run"
+
+    rerun = _build_lut("--device", "host", *TINY, "--step", "32", "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr
+    after = _rows(out)
+    assert set(after) == planned  # nothing lost, nothing extra
+    assert {k: after[k] for k in before} == before  # rows measured before the kill kept as they were
+    with sqlite3.connect(out) as db:
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM entries").fetchone() == (len(planned), len(planned))
+    assert f"{len(planned) - len(before)} measured, {len(before)} reused" in rerun.stdout
+
+
+def test_unknown_device_fails_with_the_list_of_known_devices(tmp_path):
+    run = _build_lut("--device", "pixel9", *TINY, "--out", str(tmp_path / "x.sqlite"), cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: Unknown device 'pixel9'. Known devices: host")
+    assert "Traceback" not in run.stderr and not (tmp_path / "x.sqlite").exists()
+
+
+def test_corrupt_lut_file_fails_clearly_and_is_left_alone(tmp_path):
+    out = tmp_path / "corrupt.sqlite"
+    out.write_bytes(b"\x00garbage" * 1000)
+    run = _build_lut("--device", "host", *TINY, "--step", "64", "--out", str(out))
+    assert run.returncode == 2 and "is not a phonefit LUT" in run.stderr and "Traceback" not in run.stderr
+    assert out.read_bytes() == b"\x00garbage" * 1000
+
+
+def test_unsupported_layer_fails_naming_the_layer(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3)(inputs)
+    x = keras.layers.LayerNormalization(name="odd_norm")(x)
+    path = tmp_path / "odd.keras"
+    keras.Model(inputs, x).save(path)
+    run = _build_lut("--device", "host", "--model", str(path), "--out", str(tmp_path / "x.sqlite"))
+    assert run.returncode == 2
+    assert "Layer 'odd_norm' of class LayerNormalization is not supported" in run.stderr
