@@ -23,7 +23,7 @@ debs:
 	else echo "not root: install the Debian packages $(DEBS) yourself if they are missing"; fi
 
 demo: $(STAMP) debs
-	$(PY) -m phonefit_demo
+	$(PY) -m adapter.demo
 
 test: $(STAMP) debs
 	$(PY) -m pytest -q
