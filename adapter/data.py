@@ -128,6 +128,15 @@ def _pads(height: int, width: int, resolution: int) -> bool:
     return all(resolution * 3 <= 4 * side <= 4 * resolution for side in (height, width))
 
 
+def _augmenter(seed: int):
+    """Random mirror and shift for model-ready batches (Keras layers, tf.data-compatible)."""
+    import keras
+
+    flip = keras.layers.RandomFlip("horizontal", seed=seed)
+    shift = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", fill_value=-1.0, seed=seed + 1)
+    return lambda x: shift(flip(x, training=True), training=True)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
     """Images and labels of one split, stored compactly, made model-ready per batch.
@@ -189,10 +198,13 @@ class Split:
         seed: int = 0,
         repeat: bool = False,
         drop_remainder: bool = False,
+        augment: bool = False,
     ):
         """A `tf.data.Dataset` of model-ready (x, y) batches, converted as they are drawn.
 
-        With `shuffle`, the order changes every pass (reproducibly, from `seed`).
+        With `shuffle`, the order changes every pass (reproducibly, from `seed`). With
+        `augment`, each image is mirrored left-right at random and shifted by up to a tenth
+        of its side (for training; fills with black).
         """
         import tensorflow as tf
 
@@ -205,7 +217,8 @@ class Split:
             ds = ds.repeat()
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         resolution = self.resolution
-        ds = ds.map(lambda x, y: (_prepare_batch(x, resolution), y), num_parallel_calls=tf.data.AUTOTUNE)
+        prepare = _augmenter(seed) if augment else (lambda x: x)
+        ds = ds.map(lambda x, y: (prepare(_prepare_batch(x, resolution)), y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
 
