@@ -482,11 +482,20 @@ class _Connection:
                 raise _Closed from e
 
     def abort(self) -> None:
-        """Reset the connection (TCP RST), as a phone that drops off the network."""
+        """Reset the connection (TCP RST), as a phone that drops off the network.
+
+        Its commands are hung up here, before this returns, not later by the reader thread."""
         self._dead.set()
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self._sock.shutdown(socket.SHUT_RD)  # wakes the reader thread; close() then sends RST
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        with self._lock:
+            processes = list(self._processes)
+        for process in processes:
+            _signal_group(process, signal.SIGHUP)
 
     def _read_exact(self, size: int) -> bytes:
         data = bytearray()
@@ -512,11 +521,9 @@ class _Connection:
         self._dead.set()
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
-            processes = list(self._processes)
         for stream in streams:
             stream.abort()
-        for process in processes:
-            _signal_group(process, signal.SIGHUP)
+        self._hang_up()
         with contextlib.suppress(OSError):
             self._sock.close()
         self.daemon._forget(self)
