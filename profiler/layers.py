@@ -3,14 +3,15 @@ converted model runs for that layer.
 
 Converting a Keras model costs about 0.2 s, and a LUT needs thousands of these models.
 `SingleOpFactory` therefore converts one small *template* per op configuration (the spec
-with its channels shrunk to at most 2, and its spatial size to at most 4: the converter
-treats 1×1 inputs specially, e.g. it drops a MEAN over them, so small sizes are kept
-exactly), checks that the converter made exactly the expected op of it, and then, for
-each spec, unpacks the template with the TFLite schema's object API, rewrites the tensor
-shapes and the constant buffers (weights, bias, paddings, shape), and packs it again.
-`naive_single_op_model` is the one-conversion-per-spec reference; both give the same op
-(opcode, version, builtin options, tensor shapes and dtypes) and, for one seed, the same
-weights.
+with its channels shrunk to at most 2 and its spatial size to at most 4 — sizes up to 4
+are kept exactly, because the converter treats 1×1 maps specially: it drops a MEAN over
+one and turns an ADD of two into RESHAPE + broadcast ADD), checks that the converter made
+exactly the expected op of it, keeps it unpacked in the TFLite schema's object API, and
+for each spec rewrites the op's tensor shapes and constant buffers (weights, bias,
+paddings, target shape) and packs it.  `naive_single_op_model` is the
+one-conversion-per-spec reference; both give the same op (opcode, version, builtin
+options, tensor shapes and dtypes) and, for one seed, the same weights; a factory's
+models are byte-for-byte reproducible.
 
 Weights are random normal × 0.1 with magnitudes of at least 1e-4 (no zeros, which the
 converter would fold away in a bias, and no denormals, which some CPUs run slowly),
