@@ -226,7 +226,10 @@ def _fully_connected(op: _Op) -> LayerSpec:
 
 
 def _add(op: _Op) -> LayerSpec:
-    if op.inputs[0].shape != op.inputs[1].shape or any(t.data is not None for t in op.inputs):
+    shapes = [tuple(t.shape) for t in op.inputs]
+    # On a 1x1 map the converter flattens one operand of a residual add: (1,1,1,c) + (c,).
+    one_pixel = shapes[0][:3] == (1, 1, 1) and shapes[1] == shapes[0][3:]
+    if (shapes[0] != shapes[1] and not one_pixel) or any(t.data is not None for t in op.inputs):
         raise _Unsupported("an ADD of a constant or with broadcasting (only two equal-shaped activations are keyed)")
     h, w, c = _nhwc(op.inputs[0])
     return LayerSpec("add", h, w, c, c, activation=_activation(op), dtype=_dtype(op))

@@ -1,6 +1,9 @@
 """Keras → `.tflite` the way phonefit deploys models: float32, batch fixed to 1."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 __all__ = ["keras_to_tflite"]
 
 
@@ -27,4 +30,5 @@ def keras_to_tflite(model, *, representative_data=None) -> bytes:
                     yield [tf.cast(batch[i : i + 1], tf.float32)]
 
         converter.representative_dataset = _representative
-    return converter.convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every SavedModel it exports
+        return converter.convert()

@@ -22,8 +22,9 @@ class TimingPolicy:
     """How long to time one model: warm up, then timed runs until the median is stable.
 
     Runs go on until at least `min_runs` runs and `min_seconds` have passed; then until the
-    median of the first and of the second half agree within `stable_pct` percent, or
-    `max_seconds` is spent.
+    median of the first and of the second half agree within `stable_pct` percent (or
+    `resolution_us`, below which sub-microsecond ops cannot agree better), or `max_seconds`
+    is spent.
     """
 
     warmup_runs: int = 3
@@ -31,6 +32,7 @@ class TimingPolicy:
     min_seconds: float = 0.02
     max_seconds: float = 0.5
     stable_pct: float = 1.0
+    resolution_us: float = 0.1
 
 
 def load_interpreter(model: bytes, threads: int):
@@ -73,7 +75,7 @@ def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy()) -> Meas
         t1 = clock()
         samples.append((t1 - t0) / 1e3)
         if len(samples) >= policy.min_runs and t1 >= deadline_min:
-            if t1 >= deadline_max or _stable(samples, policy.stable_pct):
+            if t1 >= deadline_max or _stable(samples, policy):
                 break
     return Measurement(
         median_us=float(statistics.median(samples)),
@@ -85,10 +87,10 @@ def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy()) -> Meas
     )
 
 
-def _stable(samples: list[float], pct: float) -> bool:
+def _stable(samples: list[float], policy: TimingPolicy) -> bool:
     half = len(samples) // 2
     a, b = statistics.median(samples[:half]), statistics.median(samples[half:])
-    return abs(a - b) <= pct / 100 * min(a, b)
+    return abs(a - b) <= max(policy.stable_pct / 100 * min(a, b), policy.resolution_us)
 
 
 def _litert_version() -> str:

@@ -287,6 +287,8 @@ def _template_spec(spec: LayerSpec, recipe: _Recipe) -> LayerSpec:
         cout = h * w * cin
     if spec.op == "fully_connected":
         h = w = 1
+    if spec.op == "add":  # on one pixel the converter would flatten an operand: convert at 2x2
+        h, w = max(h, 2), max(w, 2)
     return spec.replace(h=h, w=w, cin=cin, cout=cout)
 
 
