@@ -1,0 +1,209 @@
+"""Per-entry overhead of phonefit's batched ADB protocol next to the naive one, on the loopback daemon.
+
+    python benchmarks/bench_adb_overhead.py [--models 200] [--batch-size 32]
+
+Both protocols measure the same single-op `.tflite` models (made by `SingleOpFactory`) on
+the same loopback ADB daemon (tests/adb_daemon.py, the real wire protocol over 127.0.0.1),
+over the same adb-shell connection:
+
+* naive: per model, one `push` and one `shell` running `benchmark_model`, its output parsed
+  on the host;
+* batched (`AdbDevice.measure`): per batch, one sync session pushing the models and the
+  list, one shell call running `android_bench/run_batch.sh`, one pull of the records.
+
+What is timed.  The daemon's `benchmark_model` here is a POSIX sh stand-in that prints a
+real-format output at once, because the LiteRT stand-in of the tests starts Python for
+every model (about 0.5 s), which would bury the protocol cost being compared.  Both
+protocols run it under the same `timeout` wrapper, so the device-side work per model (exec
+of `timeout` and of the stand-in) is the same; it is timed separately in this run (the
+same command, in a local sh loop) and subtracted:
+
+    overhead per entry = (wall time of the protocol) / models - device work per model
+
+so the figure is what the protocol itself costs per entry: round trips, the daemon's
+service start-up, runner bookkeeping, parsing.  On a phone over Wi-Fi each round trip
+costs milliseconds, which widens the gap further (the naive protocol makes about six
+round trips per entry, the batched one about one).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from profiler.adb import AdbDevice  # noqa: E402
+from profiler.benchmark_output import parse_benchmark_output  # noqa: E402
+from profiler.device_config import parse_adb_settings  # noqa: E402
+
+_STAND_IN = """#!/bin/sh
+# benchmark_model stand-in: the real tool's output for a 40 us op, printed at once.
+echo "INFO: Graph: [${1#--graph=}]"
+echo "INFO: count=1 curr=52 p5=52 median=52 p95=52"
+echo "INFO: count=5 first=41 curr=40 min=39 max=41 avg=40.2 std=0 p5=39 median=40 p95=41"
+echo "INFO: Inference timings in us: Init: 900, First inference: 52, Warmup (avg): 52, Inference (avg): 40.2"
+"""
+_FLAGS = ("--num_threads=1", "--warmup_runs=1", "--num_runs=5", "--min_secs=0")
+_TIMEOUT_S = 60
+
+
+def _models(count: int) -> list[tuple[str, bytes]]:
+    """`count` distinct single-op models: 1x1 convolutions and 3x3 depthwise convolutions."""
+    from lut.spec import LayerSpec
+    from profiler.layers import SingleOpFactory
+
+    factory, specs = SingleOpFactory(), []
+    for i in range(count):
+        channels = 8 + i // 2
+        if i % 2:
+            specs.append(LayerSpec("depthwise_conv2d", 8, 8, channels, channels, kernel=(3, 3), padding="same"))
+        else:
+            specs.append(LayerSpec("conv2d", 8, 8, 8, channels))
+    return [(spec.key, factory.build(spec)) for spec in specs]
+
+
+_DAEMON = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+from tests.adb_daemon import LoopbackAdbDaemon
+with LoopbackAdbDaemon(sys.argv[2]) as daemon:
+    print(daemon.port, flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+"""
+
+
+class _DaemonProcess:
+    """The loopback daemon in a process of its own, as a phone is: in this process its
+    threads would compete with the client for the GIL on every round trip."""
+
+    def __init__(self, root: Path):
+        repo = str(Path(__file__).resolve().parents[1])
+        self._process = subprocess.Popen([sys.executable, "-c", _DAEMON, repo, str(root)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.host, self.port = "127.0.0.1", int(self._process.stdout.readline())
+
+    def __enter__(self) -> "_DaemonProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.stdin.close()
+        self._process.wait(timeout=30)
+
+
+def _device(work: Path, daemon: _DaemonProcess, batch_size: int | None) -> AdbDevice:
+    entry = {
+        "address": f"{daemon.host}:{daemon.port}",
+        "benchmark_model": str(work / "benchmark_model"),
+        "adb_key": str(work / "adbkey"),
+        **({"batch_size": batch_size} if batch_size else {}),
+        "drift_every": 0,
+        "cooldown_s": 0,
+        "model_timeout_s": _TIMEOUT_S,
+        "warmup_runs": 1,
+        "num_runs": 5,
+        "min_secs": 0,
+        "cpu": {"flags": []},
+    }
+    return AdbDevice(parse_adb_settings("loopback", entry, source=str(work / "devices.toml")), "cpu", 1)
+
+
+def _naive(device: AdbDevice, models: list[tuple[str, bytes]], remote: str) -> float:
+    """One push and one shell per model, output parsed on the host; returns the wall time."""
+    adb, start = device._adb, time.perf_counter()
+    for i, (_, data) in enumerate(models):
+        path = f"{remote}/naive/m{i:03d}.tflite"
+        adb.push(io.BytesIO(data), path)
+        command = ["timeout", "-k", "2", str(_TIMEOUT_S), f"{device._settings.remote_dir}/benchmark_model", f"--graph={path}", *_FLAGS]
+        parse_benchmark_output(adb.shell(" ".join(map(shlex.quote, command))))
+    return time.perf_counter() - start
+
+
+def _batched(device: AdbDevice, models: list[tuple[str, bytes]]) -> float:
+    start = time.perf_counter()
+    results = list(device.measure(models))
+    elapsed = time.perf_counter() - start
+    failed = [model_id for model_id, result in results if not hasattr(result, "median_us")]
+    if failed:
+        raise SystemExit(f"batched run failed for {failed[:3]}")
+    return elapsed
+
+
+def _device_work(work: Path, count: int) -> float:
+    """The device-side work of `count` models with no protocol: the same command in a local sh loop."""
+    (work / "m.tflite").write_bytes(b"model")
+    loop = (
+        f"i=0; while [ $i -lt {count} ]; do timeout -k 2 {_TIMEOUT_S} {shlex.quote(str(work / 'benchmark_model'))} "
+        f"--graph={shlex.quote(str(work / 'm.tflite'))} {' '.join(_FLAGS)} > /dev/null; i=$((i + 1)); done"
+    )
+    start = time.perf_counter()
+    subprocess.run(["/bin/sh", "-c", loop], check=True)
+    return time.perf_counter() - start
+
+
+def _interleaved_round(device: AdbDevice, work: Path, models: list[tuple[str, bytes]], batch_size: int, remote: str,
+                       round_: int) -> dict[str, float]:
+    """One round over all models, chunk by chunk (a chunk is one batch), the three timings
+    interleaved in rotating order: a change of load on this machine hits all three alike."""
+    totals = {"work": 0.0, "naive": 0.0, "batched": 0.0}
+    for index, start in enumerate(range(0, len(models), batch_size)):
+        chunk = models[start : start + batch_size]
+        runs = {
+            "work": lambda: _device_work(work, len(chunk)),
+            "naive": lambda: _naive(device, chunk, remote),
+            "batched": lambda: _batched(device, chunk),
+        }
+        names = list(runs)
+        shift = (index + round_) % len(names)
+        for name in names[shift:] + names[:shift]:
+            totals[name] += runs[name]()
+    return totals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=int, default=200, help="single-op models per protocol")
+    parser.add_argument("--batch-size", type=int, help="models per batch of the batched protocol (default: AdbDevice's)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all models; the fastest of each timing counts")
+    args = parser.parse_args(argv)
+    print(f"making {args.models} single-op models ...", file=sys.stderr)
+    models = _models(args.models)
+    best = {"work": float("inf"), "naive": float("inf"), "batched": float("inf")}
+    with tempfile.TemporaryDirectory(prefix="bench-adb-") as tmp:
+        work = Path(tmp)
+        (work / "benchmark_model").write_text(_STAND_IN)
+        (work / "benchmark_model").chmod(0o755)
+        with _DaemonProcess(work / "phone") as daemon:
+            device = _device(work, daemon, args.batch_size)
+            batch_size = device._settings.batch_size
+            try:
+                remote = device._session
+                _batched(device, models[:8])  # warm both paths: imports, daemon threads, caches
+                _naive(device, models[:8], remote)
+                for round_ in range(args.rounds):
+                    totals = _interleaved_round(device, work, models, batch_size, remote, round_)
+                    best = {name: min(best[name], totals[name]) for name in best}
+                    print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in totals.items()), file=sys.stderr)
+            finally:
+                device.close()
+    n = args.models
+    work_ms = best["work"] / n * 1e3
+    naive_ms, batched_ms = best["naive"] / n * 1e3 - work_ms, best["batched"] / n * 1e3 - work_ms
+    print(f"{n} single-op models, batch size {batch_size}, loopback ADB daemon on 127.0.0.1, best of {args.rounds} rounds")
+    print(f"device work (timeout + benchmark_model stand-in): {work_ms:7.2f} ms per model")
+    print(f"naive   (push + shell per model):  wall {best['naive']:6.2f} s, overhead {naive_ms:7.2f} ms per entry")
+    print(f"batched (push/run/pull per batch): wall {best['batched']:6.2f} s, overhead {batched_ms:7.2f} ms per entry")
+    ratio = naive_ms / batched_ms if batched_ms > 0 else float("inf")
+    print(f"batched per-entry overhead is {ratio:.1f}x lower than naive (target: >= 10x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
