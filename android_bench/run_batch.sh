@@ -14,12 +14,17 @@
 # killed by signal STATUS-128).  adb's shell service reports no exit status, so the
 # records carry it.  A record without its END line was cut off and does not count.
 #
-# Resuming: BATCH_DIR/done/NAME marks a finished model, so running the same command again
-# (after the connection dropped) goes on at the first unmeasured model.  A runner still
-# alive from the dropped connection holds BATCH_DIR/lock; the new one waits for it.
-# Between two measured models it sleeps COOLDOWN_S seconds (0: none).  CPU_MASK "-"
-# means no pinning.  Standard output is progress only: PHONEFIT_DONE NAME STATUS per
-# model, PHONEFIT_BATCH_DONE at the end, PHONEFIT_ERROR on a setup problem (exit 3).
+# Resuming: BATCH_DIR/models/NAME.done marks a finished model, so running the same
+# command again (after the connection dropped) goes on at the first unmeasured model.  A
+# runner still alive from the dropped connection holds BATCH_DIR/lock (its pid); the new
+# one waits for it.  Between two measured models it sleeps COOLDOWN_S seconds (0: none).
+# CPU_MASK "-" means no pinning.
+#
+# Standard output: PHONEFIT_ALIVE every 10 seconds (so the host can tell a slow batch from
+# a dead link), PHONEFIT_WAIT while waiting for an older runner, PHONEFIT_BATCH_DONE at
+# the end, PHONEFIT_ERROR on a setup problem (exit 3).  Per model the loop forks only
+# timeout (and taskset): no external command for bookkeeping, which is what a batch
+# saves over one shell per model.
 #
 # POSIX sh only (runs on Android's mksh and on dash); external commands: timeout, taskset,
 # sleep, the benchmark itself.
@@ -47,36 +52,33 @@ command -v timeout >/dev/null 2>&1 || fail "the phone has no timeout command (to
 if [ "$mask" != "-" ]; then
     command -v taskset >/dev/null 2>&1 || fail "the phone has no taskset command, needed for CPU mask $mask"
 fi
-mkdir -p "$batch/done" || fail "cannot write to $batch"
 
-# One runner per batch.  mkdir is atomic: whoever creates the lock owns it.
-# A lock without a live owner is stale (its runner was killed); one without a pid file
-# yet may belong to a runner that is starting, so it gets two seconds.
-unnamed=0
-while ! mkdir "$batch/lock" 2>/dev/null; do
+# One runner per batch.  The lock holds the pid of its runner; empty or with a dead pid
+# it is free (a runner killed by a signal cannot clear it).  The host starts one runner
+# at a time, so taking a free lock needs no atomic step.
+while :; do
     holder=
-    [ -f "$batch/lock/pid" ] && read -r holder < "$batch/lock/pid"
-    if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
-        echo "PHONEFIT_WAIT $holder"   # a heartbeat, so the host sees the shell is alive
-        unnamed=0
-        sleep 1
-    elif [ -z "$holder" ] && [ "$unnamed" -lt 2 ]; then
-        unnamed=$((unnamed + 1))
+    [ -s "$batch/lock" ] && read -r holder < "$batch/lock"
+    if [ -n "$holder" ] && [ "$holder" != "$$" ] && kill -0 "$holder" 2>/dev/null; then
+        echo "PHONEFIT_WAIT $holder"
         sleep 1
     else
-        rm -rf "$batch/lock"
+        break
     fi
 done
-echo "$$" > "$batch/lock/pid"
-trap 'rm -rf "$batch/lock"' EXIT
-trap 'exit 129' HUP
-trap 'exit 130' INT
-trap 'exit 143' TERM
+echo "$$" > "$batch/lock" || fail "cannot write to $batch"
+
+# The heartbeat dies with the runner: killed at the end, or by SIGPIPE once the host is gone.
+# (sleep's output goes elsewhere: it must not hold the host's pipe open after the end.)
+(while sleep 10 < /dev/null > /dev/null 2>&1; do echo "PHONEFIT_ALIVE"; done) &
+heartbeat=$!
+# Only EXIT: trapping signals makes dash wait for each child more slowly.
+trap 'kill "$heartbeat" 2>/dev/null; : > "$batch/lock"' EXIT
 
 measured=0
 while IFS= read -r name || [ -n "$name" ]; do
     [ -n "$name" ] || continue
-    [ -f "$batch/done/$name" ] && continue
+    [ -f "$batch/models/$name.done" ] && continue
     if [ "$measured" -gt 0 ] && [ "$cooldown_s" != 0 ]; then
         sleep "$cooldown_s"
     fi
@@ -91,8 +93,7 @@ while IFS= read -r name || [ -n "$name" ]; do
     fi
     status=$?
     printf '\nPHONEFIT_END %s %s %s\n' "$tag" "$name" "$status" >> "$batch/records.txt"
-    : > "$batch/done/$name"
+    : > "$batch/models/$name.done"
     measured=$((measured + 1))
-    echo "PHONEFIT_DONE $name $status"
 done < "$batch/list.txt"
 echo "PHONEFIT_BATCH_DONE"

@@ -35,6 +35,7 @@ import logging
 import re
 import secrets
 import shlex
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -53,11 +54,12 @@ _SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _REMOTE_PART_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _RECORD_RE = re.compile(r"^PHONEFIT_(BEGIN|END) (\S+) (\S+)(?: (-?\d+))?$")
 _TIMEOUT_STATUSES = (124, 137)  # timeout's own status; 137 = SIGKILL after the grace period
-_KILL_GRACE_S = 2  # `timeout -k 2` in run_batch.sh
+_HEARTBEAT_S = 10.0  # run_batch.sh prints PHONEFIT_ALIVE this often
 _REFERENCE = "reference"
 _FILE_MODE = 0o100644
 _EXEC_MODE = 0o100755
 _SETUP_TIMEOUT_S = 60.0
+_SYNC_DATA_MAX = 64 * 1024  # the largest DATA chunk of adb's sync protocol
 # ELF e_machine -> the Android ABIs that run it.
 _ELF_MACHINES = {0xB7: ("arm64-v8a",), 0x28: ("armeabi-v7a", "armeabi"), 0x3E: ("x86_64",), 0x03: ("x86",)}
 _PROPS = {
@@ -433,8 +435,12 @@ class AdbDevice:
         return cleanup + " ".join(map(shlex.quote, argv)) + "; echo PHONEFIT_BATTERY; dumpsys battery 2>/dev/null"
 
     def _silence_limit_s(self) -> float:
-        """The longest the runner may print nothing: one model with its timeout and cool-down."""
-        return self._run.model_timeout_s + _KILL_GRACE_S + self._run.cooldown_s + 30.0
+        """How long the runner's shell may stay silent before the link counts as dead.
+
+        The runner prints a heartbeat every 10 s; the first model of a resumed batch may
+        wait for the old runner's current model, which prints PHONEFIT_WAIT each second.
+        """
+        return 6 * _HEARTBEAT_S
 
     # ------------------------------------------------------------ connection
     def _load_signer(self):
@@ -626,20 +632,22 @@ class AdbDevice:
 
 # ---------------------------------------------------------------- helpers
 def _push_files(adb, files: list[tuple[str, bytes, int]], pushed: Callable[[str], None]) -> None:
-    """Push `files` ((remote path, bytes, mode)) in one sync session, as `adb push a b c dir/` does.
+    """Push `files` ((remote path, bytes, mode)) in one pipelined sync session.
 
-    adb-shell's `push` opens a sync session per file: about four round trips and a service
-    start on the phone each.  One session for the batch costs one round trip per file.  This
-    uses adb-shell's sync internals (stable since 0.3); where they differ, it falls back to
-    one `push` per file.  `pushed(path)` is called as each file is complete on the phone.
+    adb-shell's `push` opens a sync session per file and waits for each file's answer: four
+    round trips or more per file.  This sends every file's SEND/DATA/DONE back to back in
+    WRTEs of the negotiated size and reads the phone's per-file OKAYs as they come, as
+    `adb push a b c dir/` does with deferred acknowledgements.  It uses adb-shell's message
+    layer (stable since 0.3); where that differs, it falls back to one `push` per file.
+    `pushed(path)` is called as each file is confirmed complete on the phone.
     """
     if not files:
         return
     try:
         from adb_shell import constants
-        from adb_shell.hidden_helpers import _FileSyncTransactionInfo
+        from adb_shell.adb_message import AdbMessage
 
-        open_stream, push_one, close_stream = adb._open, adb._push, adb._clse
+        open_stream, read_until, send, close_stream = adb._open, adb._read_until, adb._io_manager.send, adb._clse
         maxdata = adb._maxdata
     except (ImportError, AttributeError):
         for path, data, mode in files:
@@ -648,11 +656,61 @@ def _push_files(adb, files: list[tuple[str, bytes, int]], pushed: Callable[[str]
             pushed(path)
         return
     stream = open_stream(b"sync:", _SETUP_TIMEOUT_S, _SETUP_TIMEOUT_S, None)
-    for path, data, mode in files:
-        info = _FileSyncTransactionInfo(constants.FILESYNC_PUSH_FORMAT, maxdata=maxdata)
-        push_one(io.BytesIO(data), path, mode, 0, None, stream, info)
-        pushed(path)
+    replies, confirmed = bytearray(), 0
+
+    def take(cmd: bytes, data: bytes) -> None:
+        """Count the phone's sync answers in a WRTE (read_until has acknowledged it)."""
+        nonlocal confirmed
+        if cmd == constants.CLSE:
+            raise ConnectionResetError("the phone closed the sync session during a push")
+        replies.extend(data)
+        while len(replies) >= 8:
+            kind, size = struct.unpack("<4sI", replies[:8])
+            if kind == b"OKAY":
+                del replies[:8]
+                pushed(files[confirmed][0])
+                confirmed += 1
+            elif kind == b"FAIL" and len(replies) >= 8 + size:
+                reason = bytes(replies[8 : 8 + size]).decode("utf-8", "replace")
+                raise ProfilerError(f"The phone refused a pushed file ({files[confirmed][0]}): {reason}.")
+            elif kind == b"FAIL":
+                return  # the rest of the message is in the next WRTE
+            else:
+                raise ProfilerError(f"The phone answered a push with {kind!r}; expected OKAY or FAIL.")
+
+    pending = bytearray()
+    for chunk in _sync_requests(files):
+        pending += chunk
+        while len(pending) >= maxdata:
+            _write_stream(send, read_until, take, AdbMessage, constants, stream, bytes(pending[:maxdata]))
+            del pending[:maxdata]
+    if pending:
+        _write_stream(send, read_until, take, AdbMessage, constants, stream, bytes(pending))
+    while confirmed < len(files):
+        take(*read_until([constants.WRTE, constants.CLSE], stream))
     close_stream(stream)
+
+
+def _sync_requests(files: list[tuple[str, bytes, int]]) -> Iterator[bytes]:
+    """The sync protocol's SEND, DATA (64 KiB at most) and DONE requests of each file."""
+    mtime = int(time.time())
+    for path, data, mode in files:
+        spec = f"{path},{mode}".encode()
+        yield struct.pack("<4sI", b"SEND", len(spec)) + spec
+        for start in range(0, len(data), _SYNC_DATA_MAX):
+            chunk = data[start : start + _SYNC_DATA_MAX]
+            yield struct.pack("<4sI", b"DATA", len(chunk)) + chunk
+        yield struct.pack("<4sI", b"DONE", mtime)
+
+
+def _write_stream(send, read_until, take, message, constants, stream, data: bytes) -> None:
+    """One WRTE, then wait for its OKAY (ADB's flow control), taking the phone's WRTEs meanwhile."""
+    send(message(constants.WRTE, stream.local_id, stream.remote_id, data), stream)
+    while True:
+        cmd, payload = read_until([constants.OKAY, constants.WRTE, constants.CLSE], stream)
+        if cmd == constants.OKAY:
+            return
+        take(cmd, payload)
 
 
 def _remote_name(index: int, model_id: str) -> str:

@@ -222,27 +222,25 @@ def _run_runner(batch: Path, bench: Path, *flags: str, timeout_s: str = "5", coo
 def test_runner_records_status_and_output_of_every_model(tmp_path):
     batch = _make_batch(tmp_path, ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"])
     run = _run_runner(batch, _canned_benchmark(tmp_path), "--num_runs=4", "--note=two words", timeout_s="1")
-    assert run.stdout.splitlines() == [
-        "PHONEFIT_DONE m000_ok.tflite 0", "PHONEFIT_DONE m001_crash.tflite 134",
-        "PHONEFIT_DONE m002_hang.tflite 124", "PHONEFIT_BATCH_DONE",
-    ]
+    assert run.stdout.splitlines() == ["PHONEFIT_BATCH_DONE"]
     records = parse_runner_records((batch / "records.txt").read_text(), "T1")
     assert {name: r.status for name, r in records.items()} == {"m000_ok.tflite": 0, "m001_crash.tflite": 134, "m002_hang.tflite": 124}
     assert records["m000_ok.tflite"].output.endswith("Inference (avg): 10.5")
     assert records["m001_crash.tflite"].output == "ERROR: kernel failed"
     assert (tmp_path / "calls.log").read_text().splitlines()[0] == f"--graph={batch}/models/m000_ok.tflite"
-    assert not (batch / "lock").exists()
+    assert (batch / "lock").read_text() == ""  # released
+    assert sorted(p.name for p in (batch / "models").glob("*.done")) == [
+        "m000_ok.tflite.done", "m001_crash.tflite.done", "m002_hang.tflite.done"]
 
 
 def test_runner_rerun_measures_only_unfinished_models(tmp_path):
     bench = _canned_benchmark(tmp_path)
     batch = _make_batch(tmp_path, ["a.tflite", "b.tflite", "c.tflite"])
-    (batch / "done").mkdir()
-    (batch / "done" / "a.tflite").touch()  # measured before the connection dropped
+    (batch / "models" / "a.tflite.done").touch()  # measured before the connection dropped
     # ... and b was cut off in the middle of its output:
     (batch / "records.txt").write_text("PHONEFIT_BEGIN T1 a.tflite\nold\nPHONEFIT_END T1 a.tflite 0\nPHONEFIT_BEGIN T1 b.tflite\ncount=")
     run = _run_runner(batch, bench)
-    assert run.stdout.splitlines() == ["PHONEFIT_DONE b.tflite 0", "PHONEFIT_DONE c.tflite 0", "PHONEFIT_BATCH_DONE"]
+    assert run.stdout.splitlines() == ["PHONEFIT_BATCH_DONE"]
     assert [line.split("/")[-1] for line in (tmp_path / "calls.log").read_text().splitlines()] == ["b.tflite", "c.tflite"]
     records = parse_runner_records((batch / "records.txt").read_text(), "T1")
     assert sorted(records) == ["a.tflite", "b.tflite", "c.tflite"]
@@ -253,13 +251,30 @@ def test_runner_waits_for_a_live_runner_of_the_same_batch(tmp_path):
     batch = _make_batch(tmp_path, ["a.tflite"])
     holder = subprocess.Popen(["sleep", "2"])
     threading.Thread(target=holder.wait).start()  # reaped at once: a zombie still answers kill -0
-    (batch / "lock").mkdir()
-    (batch / "lock" / "pid").write_text(f"{holder.pid}\n")
+    (batch / "lock").write_text(f"{holder.pid}\n")
     start = time.monotonic()
     run = _run_runner(batch, _canned_benchmark(tmp_path))
     assert time.monotonic() - start >= 1.5
     assert run.stdout.splitlines()[0] == f"PHONEFIT_WAIT {holder.pid}"
     assert run.stdout.splitlines()[-1] == "PHONEFIT_BATCH_DONE"
+
+
+def test_runner_takes_over_the_lock_of_a_killed_runner(tmp_path):
+    batch = _make_batch(tmp_path, ["a.tflite"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (batch / "lock").write_text(f"{dead.pid}\n")
+    start = time.monotonic()
+    run = _run_runner(batch, _canned_benchmark(tmp_path))
+    assert run.stdout.splitlines() == ["PHONEFIT_BATCH_DONE"] and time.monotonic() - start < 1
+
+
+def test_runner_heartbeat_while_a_model_runs(tmp_path):
+    batch = _make_batch(tmp_path, ["m_hang.tflite"])
+    start = time.monotonic()
+    run = _run_runner(batch, _canned_benchmark(tmp_path), timeout_s="12")
+    assert run.stdout.splitlines() == ["PHONEFIT_ALIVE", "PHONEFIT_BATCH_DONE"]
+    assert time.monotonic() - start < 14  # the heartbeat's sleep does not hold the output open
 
 
 def test_runner_cools_down_between_models_only(tmp_path):
