@@ -51,7 +51,18 @@ def _random_counts(groups, step: int, rng) -> dict[str, int]:
     return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
 
 
-def validate(model, table: LatencyTable, device, *, samples: int, seed: int, progress: bool = True) -> list[dict]:
+def _measure_whole_us(device, name: str, model: bytes, repeats: int) -> float:
+    """Median of `repeats` separate measurements: a burst of load on the device hits one of them."""
+    medians = []
+    for _ in range(repeats):
+        [(_, result)] = list(device.measure([(name, model)]))
+        if isinstance(result, MeasurementFailure):
+            raise LutError(f"{name} could not be measured on {device.name}: {result.error}")
+        medians.append(result.median_us)
+    return sorted(medians)[len(medians) // 2]
+
+
+def validate(model, table: LatencyTable, device, *, samples: int, seed: int, repeats: int = 3, progress: bool = True) -> list[dict]:
     """Measure `samples` random pruned variants of `model` on `device`; one row per variant."""
     import numpy as np
     from tqdm import tqdm
@@ -69,10 +80,8 @@ def validate(model, table: LatencyTable, device, *, samples: int, seed: int, pro
         counts = {} if i == 0 else _random_counts(groups, step, rng)  # variant 0: the model itself
         variant = prune_to_counts(model, counts) if counts else model
         predicted = estimator.total_us(specs_of(variant))
-        [(_, result)] = list(device.measure([(f"variant{i}", keras_to_tflite(variant))]))
-        if isinstance(result, MeasurementFailure):
-            raise LutError(f"variant {i} could not be measured on {device.name}: {result.error}")
-        rows.append({"variant": i, "predicted_us": predicted, "measured_us": result.median_us, "channels": counts})
+        measured = _measure_whole_us(device, f"variant{i}", keras_to_tflite(variant), repeats)
+        rows.append({"variant": i, "predicted_us": predicted, "measured_us": measured, "channels": counts})
     return rows
 
 
@@ -111,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=30, help="variants to draw (the first is the unpruned model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="separate measurements of each variant; their median counts")
     parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -120,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from profiler.errors import ProfilerError
 
     try:
-        if args.samples < 1:
-            raise LutError(f"`--samples` must be a positive integer. Received: {args.samples}.")
+        if args.samples < 1 or args.repeats < 1:
+            raise LutError(f"`--samples` and `--repeats` must be positive integers. Received: {args.samples}, {args.repeats}.")
         with LatencyTable.open(args.lut) as table:
             meta = table.meta
             model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
@@ -129,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if meta.get("device") != args.device:
                 print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
             try:
-                rows = validate(model, table, device, samples=args.samples, seed=args.seed, progress=not args.no_progress)
+                rows = validate(
+                    model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats, progress=not args.no_progress
+                )
             finally:
                 device.close()
     except (LutError, ProfilerError) as e:
