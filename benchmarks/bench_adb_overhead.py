@@ -31,6 +31,7 @@ import argparse
 import io
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,34 +149,30 @@ def _device_work(work: Path, count: int) -> float:
     return time.perf_counter() - start
 
 
-def _interleaved_round(device: AdbDevice, work: Path, models: list[tuple[str, bytes]], batch_size: int, remote: str,
-                       round_: int) -> dict[str, float]:
-    """One round over all models, chunk by chunk (a chunk is one batch), the three timings
-    interleaved in rotating order: a change of load on this machine hits all three alike."""
-    totals = {"work": 0.0, "naive": 0.0, "batched": 0.0}
-    for index, start in enumerate(range(0, len(models), batch_size)):
-        chunk = models[start : start + batch_size]
-        runs = {
-            "work": lambda: _device_work(work, len(chunk)),
-            "naive": lambda: _naive(device, chunk, remote),
-            "batched": lambda: _batched(device, chunk),
-        }
-        names = list(runs)
-        shift = (index + round_) % len(names)
-        for name in names[shift:] + names[:shift]:
-            totals[name] += runs[name]()
-    return totals
+def _chunk_overheads(device: AdbDevice, work: Path, chunk: list[tuple[str, bytes]], remote: str, turn: int) -> dict[str, float]:
+    """Per-entry overhead (ms) of both protocols on one chunk (one batch), timed back to back.
+
+    The device work is timed twice, around the two protocols, in rotating order, so a
+    change of load on this (shared) machine hits the three timings of a chunk alike.
+    """
+    runs = {"naive": lambda: _naive(device, chunk, remote), "batched": lambda: _batched(device, chunk)}
+    order = list(runs) if turn % 2 == 0 else list(reversed(runs))
+    before = _device_work(work, len(chunk))
+    walls = {name: runs[name]() for name in order}
+    after = _device_work(work, len(chunk))
+    work_s = (before + after) / 2
+    return {name: (wall - work_s) / len(chunk) * 1e3 for name, wall in walls.items()} | {"work": work_s / len(chunk) * 1e3}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=int, default=200, help="single-op models per protocol")
+    parser.add_argument("--models", type=int, default=200, help="single-op models per protocol and round")
     parser.add_argument("--batch-size", type=int, help="models per batch of the batched protocol (default: AdbDevice's)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all models; the fastest of each timing counts")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all models")
     args = parser.parse_args(argv)
     print(f"making {args.models} single-op models ...", file=sys.stderr)
     models = _models(args.models)
-    best = {"work": float("inf"), "naive": float("inf"), "batched": float("inf")}
+    samples: dict[str, list[float]] = {"work": [], "naive": [], "batched": []}
     with tempfile.TemporaryDirectory(prefix="bench-adb-") as tmp:
         work = Path(tmp)
         (work / "benchmark_model").write_text(_STAND_IN)
@@ -187,22 +184,29 @@ def main(argv: list[str] | None = None) -> int:
                 remote = device._session
                 _batched(device, models[:8])  # warm both paths: imports, daemon threads, caches
                 _naive(device, models[:8], remote)
+                chunks = [models[i : i + batch_size] for i in range(0, len(models), batch_size)]
                 for round_ in range(args.rounds):
-                    totals = _interleaved_round(device, work, models, batch_size, remote, round_)
-                    best = {name: min(best[name], totals[name]) for name in best}
-                    print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in totals.items()), file=sys.stderr)
+                    for turn, chunk in enumerate(chunks):
+                        for name, value in _chunk_overheads(device, work, chunk, remote, round_ + turn).items():
+                            samples[name].append(value)
+                    print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
             finally:
                 device.close()
-    n = args.models
-    work_ms = best["work"] / n * 1e3
-    naive_ms, batched_ms = best["naive"] / n * 1e3 - work_ms, best["batched"] / n * 1e3 - work_ms
-    print(f"{n} single-op models, batch size {batch_size}, loopback ADB daemon on 127.0.0.1, best of {args.rounds} rounds")
-    print(f"device work (timeout + benchmark_model stand-in): {work_ms:7.2f} ms per model")
-    print(f"naive   (push + shell per model):  wall {best['naive']:6.2f} s, overhead {naive_ms:7.2f} ms per entry")
-    print(f"batched (push/run/pull per batch): wall {best['batched']:6.2f} s, overhead {batched_ms:7.2f} ms per entry")
-    ratio = naive_ms / batched_ms if batched_ms > 0 else float("inf")
-    print(f"batched per-entry overhead is {ratio:.1f}x lower than naive (target: >= 10x)")
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    quartiles = {name: statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3 for name, values in samples.items()}
+    print(f"{args.models} single-op models x {args.rounds} rounds, batch size {batch_size}, loopback ADB daemon "
+          f"(own process) on 127.0.0.1; per entry, median [quartiles] of {len(samples['work'])} chunks")
+    print(f"device work (timeout + benchmark_model stand-in): {_ms(median['work'], quartiles['work'])}")
+    print(f"naive   (push + shell per model):   overhead {_ms(median['naive'], quartiles['naive'])}")
+    print(f"batched (push/run/pull per batch):  overhead {_ms(median['batched'], quartiles['batched'])}")
+    ratios = [n / b for n, b in zip(samples["naive"], samples["batched"]) if b > 0]
+    print(f"batched per-entry overhead is {statistics.median(ratios):.1f}x lower than naive "
+          f"(median of per-chunk ratios; target: >= 10x)")
     return 0
+
+
+def _ms(value: float, quartiles: list[float]) -> str:
+    return f"{value:6.2f} ms [{quartiles[0]:.2f} .. {quartiles[2]:.2f}]"
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 A phone is reached with adb-shell (TCP, or USB with `adb-shell[usb]`) and RSA auth.  Models
 are measured in batches, because a round trip per entry costs more than a 50 µs layer:
 
-1. one shell call makes the batch directory and its `list.txt`; the batch's models are
-   pushed under sanitized names (`m007_conv2d_f32_....tflite`);
+1. one sync session pushes the batch's models, under sanitized names
+   (`m007_conv2d_f32_....tflite`), and its `list.txt`, back to back (the phone makes the
+   directories);
 2. ONE shell call runs `android_bench/run_batch.sh`, which benchmarks every model and
    appends a framed record per model (output + exit status, since adb's shell service
    returns none) to the batch's `records.txt`;
@@ -274,9 +275,13 @@ class AdbDevice:
         self._adb = None
         self._signer = self._load_signer()
         self._connect_first()
-        self._phone = self._read_phone()
-        self._check_abi()
-        self._install()
+        try:
+            self._phone = self._read_phone()
+            self._check_abi()
+            self._install()
+        except BaseException:
+            self._adb.close()
+            raise
         self._battery_before = self._phone.get("battery_temp_c")
         self._battery_last = self._battery_before
 
@@ -511,12 +516,17 @@ class AdbDevice:
 
     def _retrying(self, action: Callable[[], object]):
         """`action()`, reconnecting with exponential backoff when the connection drops."""
+        from adb_shell import exceptions
+
         settings, failures = self._settings, 0
         while True:
             try:
                 if self._adb is None or not self._adb.available:
                     self._connect()
                 return action()
+            except (exceptions.AdbCommandFailureException, exceptions.PushFailedError,
+                    exceptions.DevicePathInvalidError) as e:
+                raise ProfilerError(f"{self.name} refused a file operation in {settings.remote_dir}: {_reason(e)}.") from e
             except _connection_errors() as e:
                 if self._adb is not None:
                     self._adb.close()

@@ -75,7 +75,7 @@ class AdbSettings:
     remote_dir: str = DEFAULT_REMOTE_DIR
     auth_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
-    batch_size: int = 32
+    batch_size: int = 64
     max_consecutive_failures: int = 5
     reconnect_tries: int = 5
     reconnect_backoff_s: float = 1.0
