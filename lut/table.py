@@ -83,6 +83,10 @@ class LatencyTable:
     def __init__(self, path: str, connection: sqlite3.Connection):
         self.path = path
         self._db = connection
+        # A commit per measurement: with WAL each costs ~0.1 ms instead of an fsync'd
+        # ~20 ms rollback journal, and it still survives the process being killed.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
 
     # ---------------------------------------------------------------- opening
     @classmethod
