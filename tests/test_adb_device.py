@@ -377,6 +377,18 @@ def test_unreachable_phone_fails_in_one_line(tmp_path):
     assert "wireless debugging" in message and "adb tcpip 5555" in message and "\n" not in message
 
 
+def test_usb_phone_without_libusb_says_what_to_install(tmp_path):
+    from adb_shell import adb_device
+
+    if adb_device.UsbTransport is not None:
+        pytest.skip("adb-shell[usb] is installed here")
+    path = write_devices_toml(tmp_path / "devices.toml", {"lab": {
+        "transport": "usb", "serial": "R58N12ABCDE", "benchmark_model": str(FAKE_BENCHMARK),
+        "adb_key": str(tmp_path / "keys" / "adbkey")}})
+    with pytest.raises(ProfilerError, match=r"lab is a USB phone; USB needs libusb: pip install 'adb-shell\[usb\]'"):
+        open_device("lab", devices_file=str(path))
+
+
 def test_disconnect_mid_batch_resumes_without_duplicates(tmp_path, tflite_models):
     models = [(f"{name}-{i}", data) for i in range(2) for name, data in tflite_models.items()]  # 6 entries
     with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(drop_after_models=2)) as daemon:

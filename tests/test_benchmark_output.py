@@ -276,3 +276,10 @@ def test_min_above_max_raises():
     with pytest.raises(BenchmarkOutputError, match="min <= avg <= max"):
         parse_benchmark_output(text)
 
+
+
+def test_exported_by_the_profiler_package():
+    import profiler
+
+    assert profiler.parse_benchmark_output is parse_benchmark_output
+    assert profiler.BenchmarkResult is BenchmarkResult
