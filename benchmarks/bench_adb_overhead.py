@@ -15,10 +15,14 @@ What is timed.  The daemon's `benchmark_model` here is a POSIX sh stand-in that 
 real-format output at once, because the LiteRT stand-in of the tests starts Python for
 every model (about 0.5 s), which would bury the protocol cost being compared.  Both
 protocols run it under the same `timeout` wrapper, so the device-side work per model (exec
-of `timeout` and of the stand-in) is the same; it is timed separately in this run (the
-same command, in a local sh loop) and subtracted:
+of `timeout` and of the stand-in) is the same; it is timed on the phone itself (the same
+command in a loop in one shell, by the phone's clock) right before and after each chunk
+of models, and subtracted:
 
     overhead per entry = (wall time of the protocol) / models - device work per model
+
+The machine this runs on may be shared, so the three timings are interleaved chunk by
+chunk (a chunk is one batch) and the median over chunks is reported, with quartiles.
 
 so the figure is what the protocol itself costs per entry: round trips, the daemon's
 service start-up, runner bookkeeping, parsing.  On a phone over Wi-Fi each round trip
@@ -137,19 +141,22 @@ def _batched(device: AdbDevice, models: list[tuple[str, bytes]]) -> float:
     return elapsed
 
 
-def _device_work(work: Path, count: int) -> float:
-    """The device-side work of `count` models with no protocol: the same command in a local sh loop."""
-    (work / "m.tflite").write_bytes(b"model")
-    loop = (
-        f"i=0; while [ $i -lt {count} ]; do timeout -k 2 {_TIMEOUT_S} {shlex.quote(str(work / 'benchmark_model'))} "
-        f"--graph={shlex.quote(str(work / 'm.tflite'))} {' '.join(_FLAGS)} > /dev/null; i=$((i + 1)); done"
+def _device_work(device: AdbDevice, remote: str, count: int) -> float:
+    """Seconds the phone spends on `count` models with no protocol at all: the same command
+    in a loop in one shell on the phone, timed by the phone's clock (`date +%s%N`, GNU and
+    toybox date).  Timed there because processes started by the daemon run in conditions
+    (session, environment) that this script's own processes do not share."""
+    command = (
+        f"timeout -k 2 {_TIMEOUT_S} {shlex.quote(device._settings.remote_dir + '/benchmark_model')} "
+        f"--graph={shlex.quote(remote + '/work.tflite')} {' '.join(_FLAGS)} >> {shlex.quote(remote + '/work.out')}"
     )
-    start = time.perf_counter()
-    subprocess.run(["/bin/sh", "-c", loop], check=True)
-    return time.perf_counter() - start
+    output = device._adb.shell(
+        f"s=$(date +%s%N); i=0; while [ $i -lt {count} ]; do {command}; i=$((i + 1)); done; e=$(date +%s%N); echo $((e - s))"
+    )
+    return int(output.split()[-1]) / 1e9
 
 
-def _chunk_overheads(device: AdbDevice, work: Path, chunk: list[tuple[str, bytes]], remote: str, turn: int) -> dict[str, float]:
+def _chunk_overheads(device: AdbDevice, chunk: list[tuple[str, bytes]], remote: str, turn: int) -> dict[str, float]:
     """Per-entry overhead (ms) of both protocols on one chunk (one batch), timed back to back.
 
     The device work is timed twice, around the two protocols, in rotating order, so a
@@ -157,9 +164,9 @@ def _chunk_overheads(device: AdbDevice, work: Path, chunk: list[tuple[str, bytes
     """
     runs = {"naive": lambda: _naive(device, chunk, remote), "batched": lambda: _batched(device, chunk)}
     order = list(runs) if turn % 2 == 0 else list(reversed(runs))
-    before = _device_work(work, len(chunk))
+    before = _device_work(device, remote, len(chunk))
     walls = {name: runs[name]() for name in order}
-    after = _device_work(work, len(chunk))
+    after = _device_work(device, remote, len(chunk))
     work_s = (before + after) / 2
     return {name: (wall - work_s) / len(chunk) * 1e3 for name, wall in walls.items()} | {"work": work_s / len(chunk) * 1e3}
 
@@ -182,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             batch_size = device._settings.batch_size
             try:
                 remote = device._session
+                device._adb.push(io.BytesIO(models[0][1]), f"{remote}/work.tflite")
                 _batched(device, models[:8])  # warm both paths: imports, daemon threads, caches
                 _naive(device, models[:8], remote)
                 chunks = [models[i : i + batch_size] for i in range(0, len(models), batch_size)]
                 for round_ in range(args.rounds):
                     for turn, chunk in enumerate(chunks):
-                        for name, value in _chunk_overheads(device, work, chunk, remote, round_ + turn).items():
+                        for name, value in _chunk_overheads(device, chunk, remote, round_ + turn).items():
                             samples[name].append(value)
                     print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
             finally:
