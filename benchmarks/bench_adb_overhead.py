@@ -141,6 +141,30 @@ def _batched(device: AdbDevice, models: list[tuple[str, bytes]]) -> float:
     return elapsed
 
 
+def _message_counts(device: AdbDevice, run) -> dict[str, int]:
+    """ADB streams opened and messages sent by the computer while `run()` runs: figures
+    that do not depend on the load of this machine, and that set the cost on a real link,
+    where every message the computer waits for costs a network round trip."""
+    adb, counts = device._adb, {"streams": 0, "messages": 0}
+    io_manager = adb._io_manager
+    open_stream, send = adb._open, io_manager.send
+
+    def counting_open(*args, **kwargs):
+        counts["streams"] += 1
+        return open_stream(*args, **kwargs)
+
+    def counting_send(*args, **kwargs):
+        counts["messages"] += 1
+        return send(*args, **kwargs)
+
+    adb._open, io_manager.send = counting_open, counting_send
+    try:
+        run()
+    finally:
+        del adb._open, io_manager.send  # back to the class's methods
+    return counts
+
+
 def _device_work(device: AdbDevice, remote: str, count: int) -> float:
     """Seconds the phone spends on `count` models with no protocol at all: the same command
     in a loop in one shell on the phone, timed by the phone's clock (`date +%s%N`, GNU and
@@ -198,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                         for name, value in _chunk_overheads(device, chunk, remote, round_ + turn).items():
                             samples[name].append(value)
                     print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+                counts = {
+                    "naive": _message_counts(device, lambda: _naive(device, models, remote)),
+                    "batched": _message_counts(device, lambda: _batched(device, models)),
+                }
             finally:
                 device.close()
     median = {name: statistics.median(values) for name, values in samples.items()}
@@ -207,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device work (timeout + benchmark_model stand-in): {_ms(median['work'], quartiles['work'])}")
     print(f"naive   (push + shell per model):   overhead {_ms(median['naive'], quartiles['naive'])}")
     print(f"batched (push/run/pull per batch):  overhead {_ms(median['batched'], quartiles['batched'])}")
+    for name, label in (("naive", "naive  "), ("batched", "batched")):
+        print(f"{label} ADB streams opened per entry: {counts[name]['streams'] / args.models:6.3f}, "
+              f"messages sent per entry: {counts[name]['messages'] / args.models:6.2f}")
     ratios = [n / b for n, b in zip(samples["naive"], samples["batched"]) if b > 0]
     print(f"batched per-entry overhead is {statistics.median(ratios):.1f}x lower than naive "
           f"(median of per-chunk ratios; target: >= 10x)")
