@@ -35,6 +35,7 @@ class _Node:
     """One layer of the traced network: what it computes and from which layers' outputs."""
 
     name: str
+    index: int
     forward: Callable
     config: dict
     inputs: tuple[str, ...]
@@ -42,10 +43,11 @@ class _Node:
 
 
 class _Pass:
-    """One forward pass: training or inference, and where BatchNormalization inputs go."""
+    """One forward pass: training or inference, its random seed (two int32), and where
+    BatchNormalization inputs go."""
 
-    def __init__(self, training: bool, collect_norm_inputs: bool = False):
-        self.training = training
+    def __init__(self, training: bool, seed=None, collect_norm_inputs: bool = False):
+        self.training, self.seed = training, seed
         self.norm_inputs: list | None = [] if collect_norm_inputs else None
 
 
@@ -119,7 +121,10 @@ def _pooling2d(reduce: Callable) -> Callable:
 
 def _dropout(node: _Node, w: dict, xs: list, run: _Pass):
     rate = node.config["rate"]
-    return tf.nn.dropout(xs[0], rate) if run.training and rate > 0 else xs[0]
+    if not run.training or rate == 0 or run.seed is None:
+        return xs[0]
+    # Stateless: a step's dropout depends on (seed, step, layer) only, so runs repeat exactly.
+    return tf.nn.experimental.stateless_dropout(xs[0], rate, seed=run.seed + tf.constant([0, node.index * 7919]))
 
 
 def _reshape(node: _Node, w: dict, xs: list, run: _Pass):
@@ -227,9 +232,9 @@ class FlexTrainer:
             raise AdapterError(f"Unknown optimizer {optimizer!r}: expected one of {sorted(_UPDATES)}.")
         self._update = _UPDATES[optimizer]
         self._nodes = [
-            _Node(layer.name, FORWARD_RULES[type(layer)], layer.get_config(),
+            _Node(layer.name, index, FORWARD_RULES[type(layer)], layer.get_config(),
                   () if isinstance(layer, _L.InputLayer) else _inbound_names(layer), layer.trainable)
-            for layer in model.operations
+            for index, layer in enumerate(model.operations)
         ]
         self._input_name = model.inputs[0]._keras_history.operation.name
         self._output_name = model.outputs[0]._keras_history.operation.name
@@ -254,7 +259,7 @@ class FlexTrainer:
             self._step,
             autograph=False,
             input_signature=[image, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.float32),
-                             tf.TensorSpec((), tf.float32)],
+                             tf.TensorSpec((), tf.float32), tf.TensorSpec((2,), tf.int32)],
         )
         self._predict = tf.function(
             lambda x: self._forward(x, _Pass(training=False)), input_signature=[image], autograph=False
@@ -270,9 +275,9 @@ class FlexTrainer:
             outputs[node.name] = node.forward(node, self._variables.get(node.name, {}), inputs, run)
         return outputs[self._output_name]
 
-    def _step(self, x, y, lr, iteration):
+    def _step(self, x, y, lr, iteration, seed):
         with tf.GradientTape() as tape:
-            probabilities = self._forward(x, _Pass(training=True))
+            probabilities = self._forward(x, _Pass(training=True, seed=seed))
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probabilities))
         gradients = tape.gradient(loss, self._trainable)
         for variable, gradient, first, second in zip(self._trainable, gradients, *self._slots):
@@ -307,8 +312,11 @@ class FlexTrainer:
             for slot, variable in zip(slots, self._trainable):
                 slot.assign(tf.zeros_like(variable))
 
-    def fit(self, x: np.ndarray, y: np.ndarray, *, batch_size: int, lr: float) -> float:
-        """One pass over `x`, `y` in order, in batches of `batch_size`; the last batch's loss."""
+    def fit(self, x: np.ndarray, y: np.ndarray, *, batch_size: int, lr: float, seed: int = 0) -> float:
+        """One pass over `x`, `y` in order, in batches of `batch_size`; the last batch's loss.
+
+        Dropout draws from (`seed`, step): the same call on the same weights repeats exactly.
+        """
         steps = len(x) // batch_size
         if steps < 1 or len(x) != len(y):
             raise AdapterError(
@@ -320,7 +328,9 @@ class FlexTrainer:
         for step in range(steps):
             rate = 0.5 * lr * (1 + math.cos(math.pi * step / steps))  # keras CosineDecay at `step`
             batch = slice(step * batch_size, (step + 1) * batch_size)
-            loss = self._train_step(x[batch], y[batch], np.float32(rate), np.float32(step + 1))
+            loss = self._train_step(
+                x[batch], y[batch], np.float32(rate), np.float32(step + 1), np.array([seed, step], np.int32)
+            )
         return float(loss)
 
     def recalibrate(self, x: np.ndarray, *, batch_size: int = 256) -> None:

@@ -1,0 +1,368 @@
+"""Adapt a trained model to a latency budget on a device, from that device's LUT.
+
+    python -m adapter.adapt --model runs/base.keras --lut luts/host-cpu-1t.sqlite \\
+        --budget 0.5 --data fashion_mnist --out runs/adapt
+
+runs NetAdapt (`adapter.netadapt`) until the LUT estimate meets the budget, fine-tunes the
+result, and writes to --out: adapted.keras, adapted.tflite (float32; --int8 adds
+adapted_int8.tflite), history.csv, proposals.csv, iter_NNN.keras, report.json, report.md
+and accuracy_latency.png. The exported model is measured whole on the device (default:
+the LUT's, when reachable) and the report says whether the budget is met there, within a
+3% measuring tolerance. `--baseline` also trains the width-multiplier model that meets
+the same budget and puts it in the report. An interrupted run goes on with `--resume`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapter.errors import AdapterError
+
+__all__ = ["main", "run_cli"]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: type, low: float, high: float = math.inf, *, open_low: bool = True):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}; received {text!r}") from None
+        if not (low < value if open_low else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} in {'(' if open_low else '['}{low:g}, {high:g}]; received {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parser(baseline_only: bool) -> argparse.ArgumentParser:
+    from adapter.baseline import add_baseline_arguments
+    from adapter.netadapt import SELECTION_RULES, NetAdaptConfig
+
+    d = NetAdaptConfig.__dataclass_fields__
+    parser = _ArgumentParser(
+        prog="python -m adapter.baseline" if baseline_only else "python -m adapter.adapt",
+        description=(sys.modules["adapter.baseline"].__doc__ if baseline_only else __doc__).split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--model", required=True, help="the trained base model (.keras, e.g. from python -m adapter.train)")
+    add("--lut", required=True, help="the device's LUT (python -m profiler.build_lut)")
+    add("--budget", required=True, help="latency budget: a fraction of the original's LUT estimate (0.5), a percentage (50%%) or milliseconds (12ms)")
+    add("--data", default="fashion_mnist", help="'fashion_mnist', an image folder or an .npz (as for adapter.train)")
+    add("--out", required=True, help="output folder")
+    add("--device", help="device that measures missing LUT entries and the final model (default: the LUT's device, when reachable)")
+    add("--devices", metavar="FILE", help="devices.toml registry for phones")
+    add("--holdout", type=_number(int, 0), default=d["holdout_size"].default, help="holdout images that rank proposals (from the training data)")
+    add("--seed", type=_number(int, 0, open_low=False), default=0, help="seed for sampling and initialisation")
+    if not baseline_only:
+        add("--initial-reduction", type=_number(float, 0, 1), default=d["initial_reduction"].default, help="latency removed in iteration 1, as a fraction of the original")
+        add("--decay", type=_number(float, 0, 1), default=d["decay"].default, help="each iteration removes this times the previous one's reduction")
+        add("--step", type=_number(int, 0), help="channel grid step (default: the LUT's)")
+        add("--short-term-steps", type=_number(int, 0), default=d["short_term_steps"].default, help="fine-tuning steps per proposal")
+        add("--batch-size", type=_number(int, 0), default=d["batch_size"].default, help="images per step")
+        add("--short-term-lr", type=_number(float, 0), default=d["short_term_lr"].default, help="learning rate of short-term fine-tuning")
+        add("--selection", choices=SELECTION_RULES, default=d["selection"].default, help="how the best proposal is picked")
+        add("--long-term-epochs", type=_number(int, 0, open_low=False), default=d["long_term_epochs"].default, help="epochs of fine-tuning after the search")
+        add("--long-term-lr", type=_number(float, 0), default=d["long_term_lr"].default, help="learning rate of long-term fine-tuning")
+        add("--resume", action="store_true", help="continue the run in --out after its last completed iteration")
+        add("--int8", action="store_true", help="also export an int8 model quantized with representative data")
+        add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")
+    add_baseline_arguments(parser)
+    return parser
+
+
+@dataclasses.dataclass(eq=False)
+class _Setup:
+    """What both CLIs open: the LUT, the devices, the model, the data."""
+
+    table: object
+    estimator: object
+    lut_device: object  # measures missing LUT entries (the LUT's own timing), or None
+    check_device: object  # measures whole models (longer timing), or None
+    device_name: str | None
+    model: object
+    data: object
+
+
+def _open_lut(path: str):
+    from lut.latency import LatencyEstimator
+    from lut.spec import LutError
+    from lut.table import LatencyTable
+
+    try:
+        table = LatencyTable.open(path)
+        return table, LatencyEstimator(table)
+    except LutError as e:
+        raise AdapterError(str(e)) from e
+    except ValueError as e:  # a row whose key does not parse
+        raise AdapterError(f"{path} is a malformed LUT: {e}") from e
+
+
+def _open_devices(args, meta: dict) -> tuple[object, object, str | None]:
+    """The devices for on-demand LUT entries and for the final check; (None, None) when the
+    LUT's device is not reachable and none was asked for."""
+    from adapter.export import open_final_check_device
+    from profiler.devices import open_device
+    from profiler.errors import ProfilerError
+
+    name = args.device or meta.get("device")
+    backend, threads = meta.get("backend", "cpu"), int(meta.get("threads", "1"))
+    try:
+        lut_device = open_device(name, backend=backend, threads=threads, devices_file=args.devices)
+        check = lut_device if name != "host" else open_final_check_device(name, backend=backend, threads=threads)
+    except ProfilerError as e:
+        if args.device:
+            raise AdapterError(f"Cannot use device {name!r}: {e}") from e
+        print(f"warning: the LUT's device {name!r} is not reachable ({e}); nothing will be measured", file=sys.stderr)
+        return None, None, None
+    wanted = {k: meta.get(k) for k in ("device", "backend", "threads", "delegate")}
+    have = {k: str(v) for k, v in lut_device.conditions().items() if k in wanted}
+    if any(wanted[k] is not None and wanted[k] != have.get(k) for k in wanted):
+        raise AdapterError(
+            f"The LUT {args.lut} was measured under {wanted}; device {name!r} measures under {have}. "
+            "Use the LUT's device, or a LUT built on this one."
+        )
+    return lut_device, check, name
+
+
+def _setup(args) -> _Setup:
+    from adapter.data import load_dataset
+    from adapter.models import load_model
+    from adapter.train import SPLIT_SEED, TrainingRecord, record_path
+
+    for what, path in (("--model", args.model), ("--lut", args.lut)):
+        if not Path(path).is_file():
+            raise AdapterError(f"{what} {path} does not exist.")
+    table, estimator = _open_lut(args.lut)
+    model = load_model(args.model)
+    record = record_path(args.model)
+    if record.is_file() and args.holdout > TrainingRecord.load(record).holdout:
+        raise AdapterError(
+            f"--holdout {args.holdout} is larger than the {TrainingRecord.load(record).holdout} images the base model "
+            f"was not trained on ({record}); rank proposals on unseen images: use --holdout ≤ that."
+        )
+    lut_device, check_device, device_name = _open_devices(args, table.meta)
+    print(f"loading {args.data} at {model.input_shape[1]} px", flush=True)
+    data = load_dataset(args.data, resolution=int(model.input_shape[1]), holdout=args.holdout, seed=SPLIT_SEED)
+    return _Setup(table, estimator, lut_device, check_device, device_name, model, data)
+
+
+def _config(args):
+    from adapter.netadapt import Budget, NetAdaptConfig
+
+    return NetAdaptConfig(
+        budget=Budget.parse(args.budget), initial_reduction=args.initial_reduction, decay=args.decay,
+        step=args.step, short_term_steps=args.short_term_steps, batch_size=args.batch_size,
+        short_term_lr=args.short_term_lr, holdout_size=args.holdout, selection=args.selection,
+        long_term_epochs=args.long_term_epochs, long_term_lr=args.long_term_lr, seed=args.seed,
+    )
+
+
+def _long_term(args, setup: _Setup, result, config, out: Path):
+    """adapted.keras: the search's model fine-tuned for the long-term epochs (reused on --resume)."""
+    from adapter.models import load_model
+    from adapter.netadapt import long_term_finetune
+
+    path = out / "adapted.keras"
+    if args.resume and path.is_file():
+        print(f"reusing {path}")
+        return load_model(path), None
+    print(f"long-term fine-tuning for {config.long_term_epochs} epochs", flush=True)
+    fitted = long_term_finetune(result.model, setup.data, config)
+    result.model.save(path)
+    return result.model, fitted
+
+
+def _model_figures(model, estimator, setup: _Setup, x_test, y_test, tflite: bytes) -> dict:
+    from adapter.export import tflite_accuracy
+    from adapter.netadapt import estimate_ms
+    from adapter.surgery import channel_counts
+    from adapter.train import evaluate, evaluate_split
+
+    holdout = setup.data.holdout
+    return {
+        "channels": channel_counts(model),
+        "parameters": int(model.count_params()),
+        "estimated_ms": estimate_ms(estimator, model),
+        "holdout_accuracy": evaluate_split(model, holdout),
+        "test_accuracy": evaluate(model, x_test, y_test),
+        "tflite_test_accuracy": tflite_accuracy(tflite, x_test, y_test),
+    }
+
+
+def _final_check(args, setup: _Setup, original, adapted, out: Path) -> tuple[dict, dict]:
+    """Export, measure on the device and score the original and the adapted model."""
+    from adapter.export import export_tflite, measure_models, representative_batches, tflite_accuracy
+
+    print("exporting and measuring", flush=True)
+    x_test, y_test = setup.data.test.arrays()
+    tflites = {"original": export_tflite(original, out / "original.tflite"),
+               "adapted": export_tflite(adapted, out / "adapted.tflite")}
+    if getattr(args, "int8", False):
+        x_train, _ = setup.data.train.take(min(256, len(setup.data.train))).arrays()
+        tflites["adapted_int8"] = export_tflite(
+            adapted, out / "adapted_int8.tflite", representative_data=representative_batches(x_train)
+        )
+    measured = measure_models(setup.check_device, tflites) if setup.check_device is not None else {}
+    figures = {name: _model_figures(model, setup.estimator, setup, x_test, y_test, tflites[name])
+               for name, model in (("original", original), ("adapted", adapted))}
+    for name in figures:
+        figures[name]["measured_ms"] = measured[name].median_ms if name in measured else None
+    if "adapted_int8" in tflites:
+        figures["adapted"]["int8"] = {
+            "measured_ms": measured["adapted_int8"].median_ms if measured else None,
+            "tflite_test_accuracy": tflite_accuracy(tflites["adapted_int8"], x_test, y_test),
+        }
+    return figures["original"], figures["adapted"]
+
+
+def _budget_fields(config, result, original: dict, adapted: dict) -> dict:
+    from adapter.export import MEASURING_TOLERANCE
+
+    budget = config.budget
+    measured_budget = None
+    if original["measured_ms"] is not None:
+        measured_budget = budget.value * original["measured_ms"] if budget.relative else budget.value
+    limit = None if measured_budget is None else measured_budget * (1 + MEASURING_TOLERANCE)
+    return {
+        "spec": str(budget), "estimated_ms": result.budget_ms, "measured_ms": measured_budget,
+        "tolerance": MEASURING_TOLERANCE, "measured_limit_ms": limit,
+        "met_by_estimate": adapted["estimated_ms"] <= result.budget_ms + 1e-9,
+        "met_measured": None if limit is None or adapted["measured_ms"] is None else adapted["measured_ms"] <= limit,
+    }
+
+
+def _baseline_fields(args, setup: _Setup, budget_ms: float, measured_budget, out: Path) -> dict | None:
+    from adapter.baseline import BASELINE_DIR, BaselineResult, matched_epochs, recipe_of, run_baseline
+
+    saved = out / BASELINE_DIR / "baseline.json"
+    if not getattr(args, "baseline", True):
+        return dataclasses.asdict(BaselineResult.load(saved)) if saved.is_file() else None
+    if getattr(args, "resume", False) and saved.is_file():
+        return dataclasses.asdict(BaselineResult.load(saved))
+    recipe = recipe_of(setup.model, args.model)
+    epochs = args.baseline_epochs or matched_epochs(recipe, out, len(setup.data.train)) or recipe.epochs
+    result = run_baseline(
+        recipe, setup.data, setup.estimator, budget_ms, out, epochs=epochs, device=setup.check_device,
+        select_by=args.select_by, measured_budget_ms=measured_budget, alpha_step=args.alpha_step,
+        holdout_size=args.holdout, seed=args.seed,
+    )
+    return dataclasses.asdict(result)
+
+
+def _adapt(args) -> int:
+    from adapter.netadapt import run_netadapt
+    from adapter.report import write_report
+
+    config = _config(args)
+    setup = _setup(args)
+    out = Path(args.out)
+    start = time.perf_counter()
+    result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device, resume=args.resume)
+    search_seconds = sum(r.seconds for r in result.history)
+    long_start = time.perf_counter()
+    adapted, _ = _long_term(args, setup, result, config, out)
+    long_seconds = time.perf_counter() - long_start
+    original, adapted_figures = _final_check(args, setup, setup.model, adapted, out)
+    budget = _budget_fields(config, result, original, adapted_figures)
+    report = {
+        "model": args.model, "data": args.data, "device": setup.device_name,
+        "lut": _lut_fields(args.lut, setup.table, result.step),
+        "budget": budget, "original": original, "adapted": adapted_figures,
+        "baseline": _baseline_fields(args, setup, result.budget_ms, budget["measured_ms"], out),
+        "search": {"iterations": len(result.history) - 1, "seconds": search_seconds,
+                   "long_term_epochs": config.long_term_epochs, "long_term_seconds": long_seconds,
+                   "config": config.to_json()},
+        "seconds": time.perf_counter() - start,
+    }
+    json_path, md_path = write_report(out, report, result.history)
+    _print_summary(report, md_path)
+    return 0
+
+
+def _lut_fields(path: str, table, step: int) -> dict:
+    meta = table.meta
+    return {"path": path, "device": meta.get("device"), "backend": meta.get("backend"),
+            "threads": meta.get("threads"), "step": step}
+
+
+def _print_summary(report: dict, md_path: Path) -> None:
+    budget, adapted = report["budget"], report["adapted"]
+    measured = "not measured" if adapted["measured_ms"] is None else f"measured {adapted['measured_ms']:.4g} ms"
+    limit = "" if budget["measured_limit_ms"] is None else f" (limit {budget['measured_limit_ms']:.4g} ms)"
+    verdict = {True: "met", False: "NOT met", None: "not checked"}[budget["met_measured"]]
+    print(
+        f"adapted: estimated {adapted['estimated_ms']:.4g} ms, {measured}{limit}: budget {verdict}; "
+        f"test accuracy {adapted['test_accuracy']:.4f} (original {report['original']['test_accuracy']:.4f})"
+    )
+    if report.get("baseline"):
+        b = report["baseline"]
+        shown = "—" if b["measured_ms"] is None else f"{b['measured_ms']:.4g} ms"
+        print(f"width multiplier α={b['alpha']:g}: measured {shown}, test accuracy {b['test_accuracy']:.4f}")
+    print(f"report: {md_path}")
+
+
+def _baseline_only(args) -> int:
+    from adapter.export import export_tflite, measure_models
+    from adapter.netadapt import Budget, ensure_estimable, estimate_ms
+    from lut.keras_specs import specs_of_keras
+
+    setup = _setup(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget.parse(args.budget)
+    ensure_estimable(setup.estimator, specs_of_keras(setup.model), setup.lut_device)
+    budget_ms = budget.ms(estimate_ms(setup.estimator, setup.model))
+    measured_budget = None
+    if setup.check_device is not None and budget.relative:
+        original = measure_models(setup.check_device, {"original": export_tflite(setup.model, out / "original.tflite")})
+        measured_budget = budget.value * original["original"].median_ms
+    elif not budget.relative:
+        measured_budget = budget.value
+    result = _baseline_fields(args, setup, budget_ms, measured_budget, out)
+    shown = "—" if result["measured_ms"] is None else f"{result['measured_ms']:.4g} ms"
+    print(f"width multiplier α={result['alpha']:g}: estimated {result['estimated_ms']:.4g} ms (budget {budget_ms:.4g}), "
+          f"measured {shown}, test accuracy {result['test_accuracy']:.4f}; saved in {out / 'baseline'}")
+    return 0
+
+
+def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -> int:
+    """Parse `argv` and adapt (or, `baseline_only`, train the baseline); 2 on bad input."""
+    from adapter.graph import PruningError
+    from lut.spec import LutError
+    from profiler.errors import ProfilerError
+
+    import adapter.baseline  # noqa: F401  (its docstring is the baseline CLI's description)
+
+    parser = _parser(baseline_only)
+    args = parser.parse_args(argv)
+    if baseline_only:
+        args.baseline = True
+    try:
+        return _baseline_only(args) if baseline_only else _adapt(args)
+    except (AdapterError, LutError, ProfilerError, PruningError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; completed iterations are saved, rerun with --resume", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

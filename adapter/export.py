@@ -1,0 +1,122 @@
+"""Export adapted models to `.tflite`, measure them whole on a device, and score them.
+
+The final check of an adaptation: the exported model runs on the device the LUT was
+measured on, as one graph, timed longer than a LUT entry (a whole model varies more from
+run to run than one op). Accuracy of the exported model is computed with LiteRT itself,
+so a conversion problem shows as an accuracy gap, not only as a latency.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from adapter.errors import AdapterError
+
+__all__ = [
+    "MEASURING_TOLERANCE",
+    "ModelMeasurement",
+    "export_tflite",
+    "measure_models",
+    "open_final_check_device",
+    "representative_batches",
+    "tflite_accuracy",
+]
+
+MEASURING_TOLERANCE = 0.03  # a whole-model latency within 3% above the budget meets it
+_HOST_FINAL_TIMING = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
+
+
+def export_tflite(model, path: str | Path, *, representative_data=None) -> bytes:
+    """Convert `model` (float32; int8 with `representative_data` batches) and write it to `path`."""
+    from profiler.convert import keras_to_tflite
+
+    try:
+        tflite = keras_to_tflite(model, representative_data=representative_data)
+    except Exception as e:  # the converter raises many types (ConverterError, ValueError, RuntimeError)
+        raise AdapterError(f"Could not convert {model.name} to .tflite: {e}") from e
+    Path(path).write_bytes(tflite)
+    return tflite
+
+
+def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int = 32) -> list[np.ndarray]:
+    """Model-ready image batches for int8 calibration (the first `images` of `x`)."""
+    x = x[:images]
+    return [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
+
+
+def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None):
+    """The device that measures whole models: the host with longer timing, else `open_device`."""
+    from profiler.devices import open_device
+
+    if name == "host" and backend == "cpu":
+        from profiler.host import HostDevice, TimingPolicy
+
+        return HostDevice(name, threads, TimingPolicy(**_HOST_FINAL_TIMING))
+    return open_device(name, backend=backend, threads=threads, devices_file=devices_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMeasurement:
+    """A whole model's latency on the device (median over `count` runs), or why it failed."""
+
+    median_ms: float | None
+    min_ms: float | None
+    std_ms: float | None
+    count: int
+    error: str | None = None
+
+
+def measure_models(device, models: Mapping[str, bytes], *, repeats: int = 3) -> dict[str, ModelMeasurement]:
+    """Measure each named `.tflite` `repeats` times, interleaved (so drift hits every model
+    alike), and keep the repeat with the lowest median: background load only adds time."""
+    from lut.table import MeasurementFailure
+
+    best: dict[str, object] = {}
+    for _ in range(repeats):
+        for name, result in device.measure(list(models.items())):
+            if isinstance(result, MeasurementFailure):
+                best.setdefault(name, result)
+            elif not hasattr(best.get(name), "median_us") or result.median_us < best[name].median_us:
+                best[name] = result
+    return {name: _as_ms(best.get(name)) for name in models}
+
+
+def _as_ms(result) -> ModelMeasurement:
+    if result is None or not hasattr(result, "median_us"):
+        return ModelMeasurement(None, None, None, 0, getattr(result, "error", "no result"))
+    return ModelMeasurement(result.median_us / 1000, result.min_us / 1000, result.std_us / 1000, result.count)
+
+
+def _interpreter(tflite: bytes):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+    interpreter = Interpreter(model_content=tflite, num_threads=1)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _outputs(interpreter, x: np.ndarray) -> Iterator[np.ndarray]:
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    scale, zero = inp.get("quantization", (0.0, 0))
+    for image in x:
+        value = image[None]
+        if np.issubdtype(inp["dtype"], np.integer) and scale:  # an integer-input model: quantize
+            info = np.iinfo(inp["dtype"])
+            value = np.clip(np.round(value / scale + zero), info.min, info.max)
+        interpreter.set_tensor(inp["index"], value.astype(inp["dtype"]))
+        interpreter.invoke()
+        yield interpreter.get_tensor(out["index"])[0]
+
+
+def tflite_accuracy(tflite: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of a `.tflite` classifier on model-ready images, run by LiteRT."""
+    if len(x) == 0 or len(x) != len(y):
+        raise AdapterError(f"tflite_accuracy needs as many labels as images, at least one; received {len(x)} and {len(y)}.")
+    interpreter = _interpreter(tflite)
+    predictions = np.array([int(np.argmax(o)) for o in _outputs(interpreter, x)])
+    return float(np.mean(predictions == y))

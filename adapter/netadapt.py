@@ -1,0 +1,807 @@
+"""NetAdapt (Yang et al., ECCV 2018): prune filters until a LUT says the latency budget is met.
+
+Each iteration lowers the latency target, target = current − Δ·decay^(i−1) (never below
+the budget), and makes one proposal per prunable channel group: the largest channel count
+on the step grid whose LUT-estimated model latency meets the target (groups that cannot
+reach it are skipped), keeping the filters of largest L2 norm (summed over a tied group).
+Every proposal is short-term fine-tuned and scored on a holdout split carved out of the
+training data; the best one (highest holdout accuracy, or least accuracy lost per
+millisecond saved) becomes the next iteration's model. The loop ends when the estimate
+meets the budget; `long_term_finetune` then trains the result for a few epochs.
+
+Per iteration, `out_dir` gets `iter_NNN.keras` (the chosen model), a row of
+`history.csv` and the rows of `proposals.csv`; `run_netadapt(..., resume=True)` carries
+on after the last completed iteration. Iteration 0 is the original model.
+
+Cost: estimating a proposal needs no model. The specs of the current model are found
+once per iteration, and for each group the specs its channel count changes (their channel
+fields are affine in the count), so a candidate count costs a few LUT look-ups.
+Proposals are fine-tuned by `adapter.flex.FlexTrainer` on physically sliced weights,
+with one traced training step for the whole run; only the chosen proposal is rebuilt as
+a Keras model (`adapter.surgery.prune`). Models with layers `FlexTrainer` does not know
+are pruned and trained with Keras for every proposal (slower, same result).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from adapter.data import Dataset, Split
+from adapter.errors import AdapterError
+
+__all__ = [
+    "SELECTION_RULES",
+    "Budget",
+    "IterationRecord",
+    "NetAdaptConfig",
+    "NetAdaptResult",
+    "NetAdaptRun",
+    "Proposal",
+    "ProposalResult",
+    "ensure_estimable",
+    "estimate_ms",
+    "iteration_model_path",
+    "long_term_finetune",
+    "prepare_run",
+    "read_history",
+    "run_iteration",
+    "run_netadapt",
+]
+
+SELECTION_RULES = ("accuracy", "accuracy_per_latency")
+HISTORY_FILE, PROPOSALS_FILE, STATE_FILE = "history.csv", "proposals.csv", "netadapt.json"
+_HISTORY_FIELDS = (
+    "iteration", "group", "count", "channels", "estimated_ms", "target_ms", "holdout_accuracy",
+    "proposals", "seconds", "estimate_s", "surgery_s", "finetune_s", "evaluate_s",
+)
+_PROPOSAL_FIELDS = ("iteration", "group", "count", "estimated_ms", "holdout_accuracy", "train_loss", "chosen")
+_EPSILON_MS = 1e-9
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A latency budget: `value` ms, or (`relative`) a fraction of the original model's
+    LUT-estimated latency."""
+
+    value: float
+    relative: bool
+
+    def __post_init__(self):
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+            raise AdapterError(f"A budget must be a positive number; received {self.value!r}.")
+        if self.relative and self.value >= 1:
+            raise AdapterError(
+                f"A relative budget must be a fraction of the original latency in (0, 1); received "
+                f"{self.value}. Write an absolute budget with a unit, e.g. '{self.value}ms'."
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """'0.5' (half the original estimate), '50%', or an absolute '12ms' / '12 ms'."""
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|%)?\s*", str(text))
+        if match is None:
+            raise AdapterError(
+                f"A budget is a fraction of the original latency ('0.5'), a percentage ('50%') or "
+                f"milliseconds ('12ms'); received {text!r}."
+            )
+        value, unit = float(match[1]), match[2]
+        return cls(value, relative=False) if unit == "ms" else cls(value / 100 if unit == "%" else value, relative=True)
+
+    def ms(self, original_ms: float) -> float:
+        return self.value * original_ms if self.relative else float(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g} of the original" if self.relative else f"{self.value:g} ms"
+
+
+@dataclasses.dataclass(frozen=True)
+class NetAdaptConfig:
+    """How NetAdapt searches (schedule, proposals, fine-tuning, selection).
+
+    The schedule removes `initial_reduction` of the original estimate in iteration 1 and
+    `decay` times less in each next one, so it can remove at most
+    `initial_reduction / (1 − decay)` of it in all: the paper's 0.025 and 0.96 saturate at
+    62.5%, and a budget near that takes hundreds of iterations. The default decay 0.98
+    reaches 50% of the original in about 26 iterations (budgets down to 25% stay within
+    ~70); `run_netadapt` refuses a budget the schedule cannot reach.
+    `step` None takes the LUT's channel grid step (its `step` meta, else 8).
+    """
+
+    budget: Budget
+    initial_reduction: float = 0.025
+    decay: float = 0.98
+    step: int | None = None
+    short_term_steps: int = 50
+    batch_size: int = 128
+    short_term_lr: float = 5e-4
+    holdout_size: int = 2000
+    selection: str = "accuracy"
+    long_term_epochs: int = 4
+    long_term_lr: float = 1e-3
+    optimizer: str = "adam"
+    recalibration_images: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.budget, Budget):
+            raise AdapterError(f"budget must be a Budget (e.g. Budget.parse('0.5')); received {self.budget!r}.")
+        if not 0 < self.initial_reduction < 1:
+            raise AdapterError(f"initial_reduction must be in (0, 1); received {self.initial_reduction!r}.")
+        if not 0 < self.decay <= 1:
+            raise AdapterError(f"decay must be in (0, 1]; received {self.decay!r}.")
+        for name in ("short_term_steps", "batch_size", "holdout_size", "recalibration_images"):
+            _require_positive_int(name, getattr(self, name))
+        _require_positive_int("long_term_epochs", self.long_term_epochs, allow_zero=True)
+        if self.step is not None:
+            _require_positive_int("step", self.step)
+        for name in ("short_term_lr", "long_term_lr"):
+            if not getattr(self, name) > 0:
+                raise AdapterError(f"{name} must be a positive number; received {getattr(self, name)!r}.")
+        if self.selection not in SELECTION_RULES:
+            raise AdapterError(f"Unknown selection rule {self.selection!r}: expected one of {list(SELECTION_RULES)}.")
+        if self.optimizer not in ("adam", "sgd"):
+            raise AdapterError(f"Unknown optimizer {self.optimizer!r}: expected 'adam' or 'sgd'.")
+
+    def reduction_ms(self, iteration: int, original_ms: float) -> float:
+        """The latency iteration `iteration` (from 1) must remove: Δ·decay^(i−1)."""
+        return self.initial_reduction * original_ms * self.decay ** (iteration - 1)
+
+    def max_reduction(self) -> float:
+        """The fraction of the original latency the whole schedule can remove."""
+        return math.inf if self.decay == 1 else self.initial_reduction / (1 - self.decay)
+
+    def iterations_needed(self, fraction: float) -> int:
+        """Iterations the schedule takes to remove `fraction` of the original (if each meets its target)."""
+        if fraction <= 0:
+            return 0
+        if self.decay == 1:
+            return math.ceil(fraction / self.initial_reduction)
+        return math.ceil(math.log(1 - fraction * (1 - self.decay) / self.initial_reduction) / math.log(self.decay))
+
+    def to_json(self) -> dict:
+        fields = dataclasses.asdict(self)
+        fields["budget"] = dataclasses.asdict(self.budget)
+        return fields
+
+
+def _require_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        kind = "an integer ≥ 0" if allow_zero else "a positive integer"
+        raise AdapterError(f"{name} must be {kind}; received {name}={value!r}.")
+
+
+# --------------------------------------------------------------------------- LUT estimates
+
+
+def estimate_ms(estimator, model, out_channels: Mapping[str, int] | None = None) -> float:
+    """The LUT estimate of `model` (pruned to `out_channels` per Conv2D/Dense), in ms."""
+    from lut.keras_specs import specs_of_keras
+    from lut.spec import LutError
+
+    try:
+        return estimator.total_us(specs_of_keras(model, out_channels)) / 1000
+    except LutError as e:
+        raise AdapterError(str(e)) from e
+
+
+def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None] = print) -> int:
+    """Make every spec of `specs` estimable from `estimator`'s LUT, measuring what is missing.
+
+    Specs the LUT can neither look up nor interpolate are measured on `device` in one
+    batch (`profiler.build_lut.build_lut`) and stored in the LUT; without a device, or if
+    a measurement fails, raises `AdapterError`. Returns how many were measured.
+    """
+    missing = estimator.missing(specs)
+    if not missing:
+        return 0
+    path = estimator.table.path
+    if device is None:
+        raise AdapterError(
+            f"The LUT {path} cannot estimate {len(missing)} layer(s) the search needs (e.g. "
+            f"{missing[0].key}) and no device is reachable to measure them. Build the LUT for this "
+            "model (`python -m profiler.build_lut --model ... --resolution ...`) or make its device reachable."
+        )
+    from profiler.build_lut import build_lut
+
+    log(f"measuring {len(missing)} layer(s) missing from {path} on {device.name}")
+    build_lut(device, missing, estimator.table, retry_failed=True, progress=False)
+    estimator.refresh()
+    still = estimator.missing(specs)
+    if still:
+        result = estimator.table.lookup(still[0])
+        reason = getattr(result, "error", "no result")
+        raise AdapterError(
+            f"{len(still)} layer(s) could not be measured on {device.name} for {path}, e.g. "
+            f"{still[0].key}: {reason}."
+        )
+    return len(missing)
+
+
+class _GroupLatency:
+    """The LUT estimate of the current model with one group's channel count changed.
+
+    A spec's channel fields are affine in a group's channel count (a direct consumer:
+    slope 1; a Flatten before a Dense: slope H×W; a Concatenate adds an offset), so the
+    specs of any count follow from the model's specs and those with the group one
+    channel smaller.
+    """
+
+    def __init__(self, model, groups, estimator, specs_of: Callable):
+        self.estimator, self.groups = estimator, {g.id: g for g in groups}
+        self.base = specs_of(model, {})
+        self._base_us: list[float] | None = None
+        self._slopes: dict[str, list[tuple[int, int, int]]] = {}
+        for group in groups:
+            if group.size > 1:
+                shrunk = specs_of(model, {name: group.size - 1 for name in group.producers})
+                self._slopes[group.id] = [
+                    (i, a.cin - b.cin, a.cout - b.cout)
+                    for i, (a, b) in enumerate(zip(self.base, shrunk, strict=True))
+                    if (a.cin, a.cout) != (b.cin, b.cout)
+                ]
+
+    @property
+    def base_us(self) -> list[float]:
+        """The LUT latency of each spec of the current model (once the LUT can estimate them)."""
+        if self._base_us is None:
+            self._base_us = [self.estimator.spec_us(spec) for spec in self.base]
+        return self._base_us
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.base_us) / 1000
+
+    def specs_at(self, group_id: str, count: int) -> list:
+        removed = self.groups[group_id].size - count
+        return [
+            self.base[i].replace(cin=self.base[i].cin - removed * d_in, cout=self.base[i].cout - removed * d_out)
+            for i, d_in, d_out in self._slopes.get(group_id, [])
+        ]
+
+    def total_ms_at(self, group_id: str, count: int) -> float:
+        slopes = self._slopes.get(group_id, [])
+        old = sum(self.base_us[i] for i, _, _ in slopes)
+        new = sum(self.estimator.spec_us(spec) for spec in self.specs_at(group_id, count))
+        return (sum(self.base_us) - old + new) / 1000
+
+    def candidates(self, group_id: str, step: int) -> list[int]:
+        """Counts on the grid below the group's current size, largest first."""
+        size = self.groups[group_id].size
+        return [c for c in range((size - 1) // step * step, 0, -step)] if group_id in self._slopes else []
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """One group pruned to `count` channels, estimated at `estimated_ms`."""
+
+    group: str
+    count: int
+    estimated_ms: float
+
+
+def _proposals(latency: _GroupLatency, step: int, target_ms: float) -> list[Proposal]:
+    proposals = []
+    for group_id in latency.groups:
+        for count in latency.candidates(group_id, step):
+            estimated = latency.total_ms_at(group_id, count)
+            if estimated <= target_ms + _EPSILON_MS:
+                proposals.append(Proposal(group_id, count, estimated))
+                break
+    return proposals
+
+
+def _candidate_specs(latency: _GroupLatency, step: int) -> list:
+    specs = list(latency.base)
+    for group_id in latency.groups:
+        for count in latency.candidates(group_id, step):
+            specs.extend(latency.specs_at(group_id, count))
+    return specs
+
+
+# --------------------------------------------------------------------------- proposals
+
+
+def _kept_channels(model, group, count: int) -> np.ndarray:
+    """The `count` channels of largest L2 norm (summed over a tied group's producers), sorted."""
+    from adapter.surgery import filter_norms
+
+    ranking = np.argsort(-filter_norms(model, group), kind="stable")
+    return np.sort(ranking[:count])
+
+
+def _sliced_weights(graph, weights, keep: Mapping[str, np.ndarray]):
+    """The weights of the model pruned to `keep`, sliced as `adapter.surgery.prune` slices them
+    (without building the model); layers that lose nothing share the original arrays."""
+    sliced = {}
+    for entry in graph.layers:
+        name, rule = entry.layer.name, entry.rule
+        values = weights.get(name, {})
+        out_positions = graph.kept_positions(entry.output, keep)
+        in_positions = graph.kept_positions(entry.inputs[0], keep) if rule.prune_in else None
+        if values and (out_positions is not None or in_positions is not None):
+            values = dict(values)
+            for positions, axes in ((in_positions, rule.prune_in), (out_positions, rule.prune_out)):
+                for weight, axis in axes if positions is not None else ():
+                    if weight in values:
+                        values[weight] = np.take(values[weight], positions, axis=axis)
+        sliced[name] = values
+    return sliced
+
+
+def _assign_weights(model, weights) -> None:
+    for layer in model.layers:
+        for variable in layer.weights:
+            variable.assign(weights[layer.name][variable.name])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProposalResult:
+    """A fine-tuned proposal: its holdout accuracy and last training loss."""
+
+    proposal: Proposal
+    holdout_accuracy: float
+    train_loss: float
+    keep: Mapping[str, np.ndarray] = dataclasses.field(repr=False)
+    weights: Mapping = dataclasses.field(repr=False)
+    model: object = dataclasses.field(default=None, repr=False)  # the Keras model, where one was built
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Batches:
+    """One iteration's training images (the same for every proposal) and the holdout."""
+
+    x: np.ndarray
+    y: np.ndarray
+    sample: Split
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+    seed: int
+
+
+class _FlexProposals:
+    """Proposals as sliced weights, fine-tuned by one `FlexTrainer` for the whole run."""
+
+    def __init__(self, model, config: NetAdaptConfig):
+        from adapter.flex import FlexTrainer
+
+        self.config, self.trainer = config, FlexTrainer(model, optimizer=config.optimizer)
+
+    def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
+        start = time.perf_counter()
+        self.trainer.load(_sliced_weights(graph, weights, keep))
+        times["surgery_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        loss = self.trainer.fit(
+            batches.x, batches.y, batch_size=self.config.batch_size, lr=self.config.short_term_lr, seed=batches.seed
+        )
+        self.trainer.recalibrate(batches.x[: self.config.recalibration_images])
+        times["finetune_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy = self.trainer.accuracy(batches.x_holdout, batches.y_holdout)
+        times["evaluate_s"] += time.perf_counter() - start
+        return accuracy, loss, self.trainer.weights(), None
+
+
+class _KerasProposals:
+    """Proposals as Keras models: `prune` then `adapter.train.fit` (one graph trace each)."""
+
+    def __init__(self, model, config: NetAdaptConfig):
+        self.config = config
+
+    def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
+        from adapter.surgery import prune
+        from adapter.train import evaluate, fit
+
+        config, start = self.config, time.perf_counter()
+        pruned = prune(model, keep)
+        times["surgery_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        result = fit(
+            pruned, batches.sample, steps=config.short_term_steps, batch_size=config.batch_size,
+            lr=config.short_term_lr, optimizer=config.optimizer, seed=batches.seed, recalibrate=False,
+        )
+        from adapter.train import recalibrate_batchnorm
+
+        recalibrate_batchnorm(pruned, batches.sample, images=config.recalibration_images)
+        times["finetune_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy = evaluate(pruned, batches.x_holdout, batches.y_holdout)
+        times["evaluate_s"] += time.perf_counter() - start
+        return accuracy, result.loss, None, pruned
+
+
+def _proposal_trainer(model, config: NetAdaptConfig, log: Callable[[str], None]):
+    from adapter.flex import unsupported_layers
+
+    unsupported = unsupported_layers(model)
+    if not unsupported:
+        return _FlexProposals(model, config)
+    log(f"fine-tuning proposals with Keras (slower): FlexTrainer does not support {', '.join(unsupported[:3])}")
+    return _KerasProposals(model, config)
+
+
+def _select(results: Sequence[ProposalResult], rule: str, accuracy_before: float, latency_before: float):
+    """The best proposal: highest holdout accuracy, or (MobileNetV3's rule) the highest
+    Δaccuracy/Δlatency, i.e. the least accuracy lost per millisecond saved."""
+    def score(result: ProposalResult) -> tuple:
+        if rule == "accuracy":
+            return (result.holdout_accuracy, -result.proposal.estimated_ms)
+        saved = max(latency_before - result.proposal.estimated_ms, _EPSILON_MS)
+        return ((result.holdout_accuracy - accuracy_before) / saved, result.holdout_accuracy)
+
+    return max(results, key=score)
+
+
+# --------------------------------------------------------------------------- history
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationRecord:
+    """One row of history.csv: the model chosen in `iteration` (0: the original)."""
+
+    iteration: int
+    group: str
+    count: int
+    channels: Mapping[str, int]
+    estimated_ms: float
+    target_ms: float
+    holdout_accuracy: float
+    proposals: int
+    seconds: float
+    estimate_s: float = 0.0
+    surgery_s: float = 0.0
+    finetune_s: float = 0.0
+    evaluate_s: float = 0.0
+
+    def row(self) -> dict[str, str]:
+        values = dataclasses.asdict(self)
+        values["channels"] = json.dumps(dict(self.channels))
+        return {k: (repr(v) if isinstance(v, float) else str(v)) for k, v in values.items()}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, str]) -> IterationRecord:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {}
+        for name in _HISTORY_FIELDS:
+            text = row[name]
+            values[name] = (
+                json.loads(text) if name == "channels"
+                else int(text) if types[name] == "int" else float(text) if types[name] == "float" else text
+            )
+        return cls(**values)
+
+
+def read_history(out_dir: str | os.PathLike) -> list[IterationRecord]:
+    """The completed iterations recorded in `out_dir`/history.csv (empty if there is none)."""
+    path = Path(out_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="") as f:
+            return [IterationRecord.from_row(row) for row in csv.DictReader(f)]
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path} is not a NetAdapt history ({e!r}); remove it or use another --out.") from e
+
+
+def _append_csv(path: Path, fields: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _keep_proposal_rows(path: Path, last_iteration: int) -> None:
+    """Drop proposals.csv rows of an iteration that was interrupted before its history row."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["iteration"]) <= last_iteration]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_PROPOSAL_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _save_model(model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def iteration_model_path(out_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(out_dir) / f"iter_{iteration:03d}.keras"
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NetAdaptResult:
+    """The search's outcome: the last chosen model (not yet long-term fine-tuned)."""
+
+    model: object
+    history: tuple[IterationRecord, ...]
+    original_ms: float
+    budget_ms: float
+    step: int
+
+
+@dataclasses.dataclass(eq=False)
+class NetAdaptRun:
+    """What every iteration of one run shares (made by `prepare_run`)."""
+
+    config: NetAdaptConfig
+    estimator: object
+    device: object
+    data: Dataset
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+    original_ms: float
+    budget_ms: float
+    step: int
+    trainer: object
+    out_dir: Path
+    log: Callable[[str], None]
+
+
+def _iteration_batches(run: NetAdaptRun, iteration: int) -> _Batches:
+    """Training images for `iteration`: a reproducible random draw (seeded by run and iteration)."""
+    config, train = run.config, run.data.train
+    needed = config.short_term_steps * config.batch_size
+    rng = np.random.default_rng([config.seed, iteration])
+    rows = np.concatenate([rng.permutation(len(train)) for _ in range(-(-needed // len(train)))])[:needed]
+    sample = dataclasses.replace(train, images=train.images[rows], labels=train.labels[rows], indices=train.indices[rows])
+    x, y = sample.arrays()
+    return _Batches(x, y, sample, run.x_holdout, run.y_holdout, config.seed * 10007 + iteration)
+
+
+def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[_GroupLatency, list[Proposal]]:
+    from lut.keras_specs import specs_of_keras
+
+    latency = _GroupLatency(model, groups, run.estimator, specs_of_keras)
+    ensure_estimable(run.estimator, _candidate_specs(latency, run.step), run.device, log=run.log)
+    return latency, _proposals(latency, run.step, target_ms)
+
+
+def run_iteration(run: NetAdaptRun, iteration: int, model, previous: IterationRecord):
+    """Propose, fine-tune and evaluate every proposal; returns the record, the proposal rows
+    and the chosen model (a pruned Keras model with the fine-tuned weights)."""
+    from adapter.flex import model_weights
+    from adapter.graph import analyze
+    from adapter.surgery import prune
+
+    begin = time.perf_counter()
+    times = dict.fromkeys(("estimate_s", "surgery_s", "finetune_s", "evaluate_s"), 0.0)
+    target = max(previous.estimated_ms - run.config.reduction_ms(iteration, run.original_ms), run.budget_ms)
+    graph = analyze(model)
+    latency, proposals = _propose(run, model, graph.groups, target)
+    times["estimate_s"] += time.perf_counter() - begin
+    if not proposals:
+        raise AdapterError(
+            f"NetAdapt stopped at iteration {iteration}: no channel group can be pruned to the target "
+            f"{target:.4g} ms. It got to an estimated {previous.estimated_ms:.4g} ms "
+            f"({previous.estimated_ms / run.original_ms:.1%} of the original {run.original_ms:.4g} ms); the budget is "
+            f"{run.budget_ms:.4g} ms. The best model so far is {iteration_model_path(run.out_dir, iteration - 1)}; "
+            "a smaller --step or a larger budget may help."
+        )
+    batches = _iteration_batches(run, iteration)
+    weights = model_weights(model) if isinstance(run.trainer, _FlexProposals) else None
+    results = []
+    for proposal in proposals:
+        group = next(g for g in graph.groups if g.id == proposal.group)
+        start = time.perf_counter()
+        keep = {group.id: _kept_channels(model, group, proposal.count)}
+        times["surgery_s"] += time.perf_counter() - start
+        accuracy, loss, tuned, keras_model = run.trainer.train(model, graph, weights, keep, batches, times)
+        results.append(ProposalResult(proposal, accuracy, loss, keep, tuned, keras_model))
+    best = _select(results, run.config.selection, previous.holdout_accuracy, previous.estimated_ms)
+    start = time.perf_counter()
+    chosen = best.model
+    if chosen is None:
+        chosen = prune(model, best.keep)
+        _assign_weights(chosen, best.weights)
+    channels = {g.id: (best.proposal.count if g.id == best.proposal.group else g.size) for g in graph.groups}
+    times["surgery_s"] += time.perf_counter() - start
+    record = IterationRecord(
+        iteration, best.proposal.group, best.proposal.count, channels, best.proposal.estimated_ms, target,
+        best.holdout_accuracy, len(results), time.perf_counter() - begin, **times,
+    )
+    rows = [
+        {"iteration": iteration, "group": r.proposal.group, "count": r.proposal.count,
+         "estimated_ms": repr(r.proposal.estimated_ms), "holdout_accuracy": repr(r.holdout_accuracy),
+         "train_loss": repr(r.train_loss), "chosen": int(r is best)}
+        for r in results
+    ]
+    return record, rows, chosen
+
+
+def _lut_step(table) -> int:
+    text = table.meta.get("step", "8")
+    try:
+        return int(text)
+    except ValueError as e:
+        raise AdapterError(f"The LUT {table.path} has a malformed step {text!r} in its meta; expected an integer.") from e
+
+
+def _check_reachable(run: NetAdaptRun, model, groups) -> None:
+    """Refuse budgets that the schedule, or the smallest model the grid allows, cannot reach."""
+    from lut.keras_specs import specs_of_keras
+
+    config, original, budget = run.config, run.original_ms, run.budget_ms
+    needed = 1 - budget / original
+    if needed > config.max_reduction():
+        raise AdapterError(
+            f"The budget {budget:.4g} ms needs {needed:.1%} less than the original {original:.4g} ms, but the schedule "
+            f"(initial reduction {config.initial_reduction:g}, decay {config.decay:g}) removes at most "
+            f"{config.max_reduction():.1%}. Raise --initial-reduction or --decay (1.0 keeps every step equal)."
+        )
+    smallest = {name: min(run.step, g.size) for g in groups for name in g.producers}
+    ensure_estimable(run.estimator, specs_of_keras(model, smallest), run.device, log=run.log)
+    floor = estimate_ms(run.estimator, model, smallest)
+    if floor > budget + _EPSILON_MS:
+        raise AdapterError(
+            f"The budget {budget:.4g} ms cannot be met: even with every prunable group at {run.step} channels the "
+            f"estimate is {floor:.4g} ms (the original is {original:.4g} ms). Use a larger budget."
+        )
+
+
+def _state(run: NetAdaptRun, lut_path: str) -> dict:
+    return {
+        "config": run.config.to_json(), "original_ms": run.original_ms, "budget_ms": run.budget_ms,
+        "step": run.step, "lut": os.path.abspath(lut_path),
+    }
+
+
+def _check_resumable(out: Path, state: dict) -> dict:
+    """The saved state of the run in `out`; its configuration must be the one given now."""
+    try:
+        saved = json.loads((out / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"Cannot resume in {out}: its {STATE_FILE} is missing or unreadable ({e}).") from e
+    changed = {k: (saved["config"].get(k), v) for k, v in state["config"].items() if saved["config"].get(k) != v}
+    if saved.get("step") != state["step"]:
+        changed["step"] = (saved.get("step"), state["step"])
+    if changed:
+        described = ", ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+        raise AdapterError(f"Cannot resume in {out}: the run was started with other settings ({described}).")
+    return saved
+
+
+def _start(run: NetAdaptRun, model, groups, out: Path, lut_path: str) -> IterationRecord:
+    """Iteration 0: the original model, its estimate and holdout accuracy."""
+    from adapter.train import evaluate
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATE_FILE).write_text(json.dumps(_state(run, lut_path), indent=2) + "\n")
+    start = time.perf_counter()
+    accuracy = evaluate(model, run.x_holdout, run.y_holdout)
+    record = IterationRecord(
+        0, "", 0, {g.id: g.size for g in groups}, run.original_ms, run.original_ms, accuracy, 0,
+        time.perf_counter() - start,
+    )
+    _save_model(model, iteration_model_path(out, 0))
+    _append_csv(out / HISTORY_FILE, _HISTORY_FIELDS, [record.row()])
+    return record
+
+
+def _describe(record: IterationRecord, run: NetAdaptRun) -> str:
+    if record.iteration == 0:
+        return (f"iteration 0: original model, estimated {record.estimated_ms:.4g} ms, budget {run.budget_ms:.4g} ms, "
+                f"holdout accuracy {record.holdout_accuracy:.4f}")
+    return (
+        f"iteration {record.iteration}: {record.group} → {record.count} channels, estimated "
+        f"{record.estimated_ms:.4g} ms (target {record.target_ms:.4g}, budget {run.budget_ms:.4g}), holdout "
+        f"{record.holdout_accuracy:.4f}, {record.proposals} proposals, {record.seconds:.1f} s "
+        f"(fine-tune {record.finetune_s:.1f}, evaluate {record.evaluate_s:.1f}, surgery {record.surgery_s:.1f}, "
+        f"LUT {record.estimate_s:.1f})"
+    )
+
+
+def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir, *, device=None,
+                log: Callable[[str], None] = print) -> NetAdaptRun:
+    """Everything the iterations of one run share: the holdout images, the original estimate
+    and the budget (checked to be reachable), the grid step and the proposal trainer."""
+    from adapter.graph import find_groups
+    from lut.keras_specs import specs_of_keras
+
+    if len(data.holdout) < config.holdout_size:
+        raise AdapterError(
+            f"holdout_size {config.holdout_size} needs as many holdout images; the data has {len(data.holdout)}."
+        )
+    x_holdout, y_holdout = data.holdout.take(config.holdout_size).arrays()
+    ensure_estimable(estimator, specs_of_keras(model), device, log=log)
+    original = estimate_ms(estimator, model)
+    run = NetAdaptRun(config, estimator, device, data, x_holdout, y_holdout, original, config.budget.ms(original),
+                      config.step or _lut_step(estimator.table), None, Path(out_dir), log)
+    _check_reachable(run, model, find_groups(model))
+    run.trainer = _proposal_trainer(model, config, log)
+    return run
+
+
+def run_netadapt(
+    model,
+    data: Dataset,
+    estimator,
+    config: NetAdaptConfig,
+    out_dir: str | os.PathLike,
+    *,
+    device=None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> NetAdaptResult:
+    """Prune `model` until `estimator`'s LUT says it meets `config.budget` (see the module doc).
+
+    `data.holdout` must hold at least `config.holdout_size` images (its first ones are
+    used). `device` (a `profiler.devices.Device` of the LUT's conditions, or None)
+    measures the LUT entries the search needs and lacks. With `resume`, continues the run
+    recorded in `out_dir`; without it, `out_dir` must not hold one.
+    """
+    out = Path(out_dir)
+    history = read_history(out)
+    if history and not resume:
+        raise AdapterError(
+            f"{out} already holds a NetAdapt run ({len(history) - 1} iterations); pass --resume to continue it "
+            "or choose another --out."
+        )
+    from adapter.graph import find_groups
+
+    run = prepare_run(model, data, estimator, config, out, device=device, log=log)
+    if history:
+        saved = _check_resumable(out, _state(run, estimator.table.path))
+        run.original_ms, run.budget_ms = saved["original_ms"], saved["budget_ms"]
+        model = _load_iteration(out, history[-1].iteration)
+        _keep_proposal_rows(out / PROPOSALS_FILE, history[-1].iteration)
+        log(f"resuming after iteration {history[-1].iteration} of the run in {out}")
+    else:
+        history = [_start(run, model, find_groups(model), out, estimator.table.path)]
+        log(_describe(history[0], run))
+    while history[-1].estimated_ms > run.budget_ms + _EPSILON_MS:
+        iteration = history[-1].iteration + 1
+        record, rows, model = run_iteration(run, iteration, model, history[-1])
+        _append_csv(out / PROPOSALS_FILE, _PROPOSAL_FIELDS, rows)
+        _save_model(model, iteration_model_path(out, iteration))
+        _append_csv(out / HISTORY_FILE, _HISTORY_FIELDS, [record.row()])
+        history.append(record)
+        log(_describe(record, run))
+    return NetAdaptResult(model, tuple(history), run.original_ms, run.budget_ms, run.step)
+
+
+def _load_iteration(out: Path, iteration: int):
+    from adapter.models import load_model
+
+    path = iteration_model_path(out, iteration)
+    if not path.is_file():
+        raise AdapterError(f"Cannot resume in {out}: history.csv records iteration {iteration} but {path.name} is missing.")
+    return load_model(path)
+
+
+def long_term_finetune(model, data: Dataset, config: NetAdaptConfig, *, verbose: int = 2):
+    """Train the adapted model `config.long_term_epochs` epochs (augmented, cosine learning rate);
+    returns `adapter.train.FitResult`, or None for 0 epochs."""
+    from adapter.train import fit
+
+    if config.long_term_epochs == 0:
+        return None
+    return fit(
+        model, data.train, epochs=config.long_term_epochs, batch_size=config.batch_size,
+        lr=config.long_term_lr, optimizer=config.optimizer, seed=config.seed, augment=True, verbose=verbose,
+    )

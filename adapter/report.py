@@ -1,0 +1,131 @@
+"""The adaptation report: report.json (every figure), report.md (for people) and a plot.
+
+`write_report(out_dir, report, history)` takes the report as a plain dict (the schema is
+what `adapter.adapt` builds: budget, original, adapted, baseline, search, files) and the
+NetAdapt history, and writes report.json, report.md and accuracy_latency.png.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["PLOT_FILE", "plot_accuracy_latency", "render_markdown", "write_report"]
+
+PLOT_FILE = "accuracy_latency.png"
+
+
+def _ms(value) -> str:
+    return "—" if value is None else f"{value:.4g} ms"
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _verdict(met) -> str:
+    return {True: "met", False: "NOT met", None: "not measured"}[met]
+
+
+_ROWS = (  # (label, key, formatter) of the side-by-side table
+    ("LUT-estimated latency", "estimated_ms", _ms),
+    ("measured latency (.tflite, whole model)", "measured_ms", _ms),
+    ("holdout accuracy", "holdout_accuracy", _pct),
+    ("test accuracy (Keras)", "test_accuracy", _pct),
+    ("test accuracy (.tflite, LiteRT)", "tflite_test_accuracy", _pct),
+    ("parameters", "parameters", lambda v: "—" if v is None else f"{v:,}"),
+)
+
+
+def _side_by_side(report: Mapping) -> list[str]:
+    columns = [("original", report["original"]), ("NetAdapt", report["adapted"])]
+    if report.get("baseline"):
+        columns.append((f"width multiplier α={report['baseline']['alpha']:g}", report["baseline"]))
+    lines = ["| | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, key, fmt in _ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt(values.get(key)) for _, values in columns) + " |")
+    return lines
+
+
+def _channels(report: Mapping) -> list[str]:
+    original, adapted = report["original"]["channels"], report["adapted"]["channels"]
+    baseline = (report.get("baseline") or {}).get("channels")
+    header = "| group | original | NetAdapt |" + (" width multiplier |" if baseline else "")
+    lines = [header, "|---|---|---|" + ("---|" if baseline else "")]
+    for group, count in original.items():
+        row = f"| {group} | {count} | {adapted.get(group, '—')} |"
+        if baseline:
+            row += f" {baseline.get(group, '—')} |"
+        lines.append(row)
+    return lines
+
+
+def render_markdown(report: Mapping) -> str:
+    """report.md: the budget verdict, the models side by side, channels per group, the plot."""
+    budget, search = report["budget"], report["search"]
+    lines = [
+        f"# NetAdapt: {report['model']} on {report['lut']['device']} ({report['lut']['backend']}, "
+        f"{report['lut']['threads']} thread(s))",
+        "",
+        f"- Budget: {budget['spec']} = {_ms(budget['estimated_ms'])} by the LUT; measured budget "
+        f"{_ms(budget['measured_ms'])} (+{budget['tolerance']:.0%} measuring tolerance: "
+        f"{_ms(budget['measured_limit_ms'])}).",
+        f"- By the LUT estimate: {_verdict(budget['met_by_estimate'])}. Measured on {report['device'] or 'no device'}: "
+        f"{_verdict(budget['met_measured'])}.",
+        f"- Search: {search['iterations']} iterations in {search['seconds']:.0f} s; long-term fine-tuning "
+        f"{search['long_term_epochs']} epochs in {search['long_term_seconds']:.0f} s. LUT {report['lut']['path']} "
+        f"(step {report['lut']['step']}).",
+        "",
+        "## Models",
+        "",
+        *_side_by_side(report),
+    ]
+    int8 = report["adapted"].get("int8")
+    if int8:
+        lines += ["", f"int8 export: measured {_ms(int8['measured_ms'])}, test accuracy {_pct(int8['tflite_test_accuracy'])}."]
+    if report.get("baseline"):
+        b = report["baseline"]
+        lines += ["", f"The width-multiplier baseline was chosen by {b['select_by']} and trained from scratch for "
+                      f"{b['epochs']} epochs (as many as the NetAdapt model saw: base training, the chosen proposals' "
+                      "short-term steps and the long-term fine-tuning)."]
+    lines += ["", "## Channels per group", "", *_channels(report), "", "## Iterations", "",
+              f"![accuracy vs latency]({PLOT_FILE})", "", "Every iteration is in history.csv, every proposal in proposals.csv."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_latency(history: Sequence, path: str | Path, *, report: Mapping) -> None:
+    """Holdout accuracy against LUT-estimated latency, one point per iteration, with the budget,
+    the long-term fine-tuned result and the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot([r.estimated_ms for r in history], [r.holdout_accuracy for r in history], "o-", ms=3,
+            label="NetAdapt iterations (short-term fine-tuned)")
+    adapted = report["adapted"]
+    ax.plot([adapted["estimated_ms"]], [adapted["holdout_accuracy"]], "*", ms=14, label="adapted, long-term fine-tuned")
+    baseline = report.get("baseline")
+    if baseline:
+        ax.plot([baseline["estimated_ms"]], [baseline["holdout_accuracy"]], "s", ms=8,
+                label=f"width multiplier α={baseline['alpha']:g}")
+    ax.axvline(report["budget"]["estimated_ms"], color="grey", ls="--", label="budget (LUT)")
+    ax.set_xlabel("LUT-estimated latency (ms)")
+    ax.set_ylabel("holdout accuracy")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, report: Mapping, history: Sequence) -> tuple[Path, Path]:
+    """Write report.json, report.md and the plot into `out_dir`; returns the json and md paths."""
+    out = Path(out_dir)
+    plot_accuracy_latency(history, out / PLOT_FILE, report=report)
+    json_path, md_path = out / "report.json", out / "report.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
