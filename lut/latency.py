@@ -1,5 +1,10 @@
 """Estimate a model's latency from a LUT: the sum of its ops' entries.
 
+Every entry is the latency of one op run alone, so each includes the cost of one
+interpreter invocation; a model pays that once.  `build_lut` measures it (the latency of a
+trivial op) into the LUT's `invoke_overhead_us`, and the estimate of n ops is
+Σ entries − (n − 1) · overhead.
+
 A spec missing from the LUT is interpolated from measured entries of the same op family
 (every field equal but the channel counts): bilinearly in (cin, cout) between the four
 nearest measured grid points around it, linearly in c for ops whose output channels are
@@ -33,6 +38,7 @@ class LatencyEstimator:
 
     def refresh(self) -> None:
         """Reload the entries (after more were measured into the table)."""
+        self.invoke_overhead_us = float(self.table.meta.get("invoke_overhead_us", 0.0))
         self._us: dict[LayerSpec, float] = self.table.latencies_us()
         grids: dict[LayerSpec, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
         for spec, us in self._us.items():
@@ -53,7 +59,9 @@ class LatencyEstimator:
         return _interpolate(spec, grid, self.table.path)
 
     def total_us(self, specs: Iterable[LayerSpec]) -> float:
-        return sum(self.spec_us(spec) for spec in specs)
+        """Latency of a model running `specs`: their entries less all but one invocation overhead."""
+        latencies = [self.spec_us(spec) for spec in specs]
+        return sum(latencies) - self.invoke_overhead_us * max(len(latencies) - 1, 0)
 
     def missing(self, specs: Iterable[LayerSpec]) -> list[LayerSpec]:
         """Specs this LUT can neither look up nor interpolate."""

@@ -115,11 +115,7 @@ class LatencyTable:
                     f"{path} was measured with {key}={stored.get(key)!r}, not {_meta_text(meta[key])!r}. "
                     "Measure into another --out file, or delete this one to start over."
                 )
-        with table._db:
-            table._db.executemany(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [(k, _meta_text(v)) for k, v in meta.items() if k not in CONDITION_KEYS],
-            )
+        table.set_meta({k: v for k, v in meta.items() if k not in CONDITION_KEYS})
         return table
 
     @classmethod
@@ -200,6 +196,11 @@ class LatencyTable:
         self.to_dataframe().to_csv(path, index=False)
 
     # ---------------------------------------------------------------- writing
+    def set_meta(self, items: Mapping[str, object]) -> None:
+        """Add or replace metadata entries (JSON for anything but text)."""
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, _meta_text(v)) for k, v in items.items()])
+
     def record(self, spec: LayerSpec, result: Measurement | MeasurementFailure) -> None:
         """Store one result and commit it at once (a later result for the same spec replaces it)."""
         self.record_many([(spec, result)])

@@ -16,10 +16,13 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from lut.spec import LayerSpec, LutError
-from lut.table import LatencyTable, MeasurementFailure
+from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.errors import ProfilerError
 
-__all__ = ["BuildSummary", "build_lut", "default_lut_path", "main"]
+__all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "main"]
+
+# The cheapest op there is: what it costs is the price of one invocation.
+OVERHEAD_SPEC = LayerSpec("reshape", 1, 1, 1, 1)
 
 
 @dataclasses.dataclass
@@ -59,6 +62,18 @@ def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator
         yield spec.key, model
 
 
+def measure_invoke_overhead_us(device, repeats: int = 5) -> float:
+    """Median latency of a trivial single-op model on `device`: one invocation's overhead."""
+    from profiler.layers import SingleOpFactory
+
+    model = SingleOpFactory().build(OVERHEAD_SPEC)
+    results = [result for _, result in device.measure([(f"overhead{i}", model) for i in range(repeats)])]
+    medians = sorted(r.median_us for r in results if isinstance(r, Measurement))
+    if not medians:
+        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key}: {results[0].error}")
+    return medians[len(medians) // 2]
+
+
 def build_lut(
     device,
     specs: Iterable[LayerSpec],
@@ -67,10 +82,15 @@ def build_lut(
     retry_failed: bool = False,
     progress: bool = True,
 ) -> BuildSummary:
-    """Measure on `device` every spec of `specs` that `table` lacks, committing each result."""
+    """Measure on `device` every spec of `specs` that `table` lacks, committing each result.
+
+    Also measures the device's per-invocation overhead into the LUT's metadata (each run,
+    so a resumed LUT gets it too) and records the device fingerprint after measuring.
+    """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
     done = table.keys(include_failed=not retry_failed)
     todo = [spec for spec in specs if spec.key not in done]
@@ -93,6 +113,7 @@ def build_lut(
     finally:
         bar.close()
         summary.total_s = time.perf_counter() - start
+    table.set_meta({"fingerprint": device.fingerprint()})
     return summary
 
 
@@ -110,7 +131,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=224, help="input size of named models (pixels)")
     parser.add_argument("--classes", type=int, default=1000, help="classes of named models")
     parser.add_argument("--step", type=int, help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
     parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
     parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV")
@@ -136,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for backend in backends:
             step = args.step or (4 if backend == "gpu" else 8)
             specs = plan_specs(models, step)
-            out = args.out or default_lut_path(args.device, backend, args.threads)
             device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
             try:
+                out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
                 meta = {**device.conditions(), "fingerprint": device.fingerprint(), "step": step}
                 with LatencyTable.create(out, meta) as table:
                     print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)

@@ -66,16 +66,19 @@ def known_devices(devices_file: str | None = None) -> list[str]:
     return ["host", *sorted(_configured_devices(devices_file))]
 
 
-def open_device(name: str, *, backend: str = "cpu", threads: int = 1, devices_file: str | None = None) -> Device:
-    """Open the device called `name` for measuring with `backend` and `threads`."""
+def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, devices_file: str | None = None) -> Device:
+    """Open the device called `name` for measuring with `backend` and `threads`.
+
+    `threads=None` takes the device's own setting (devices.toml), 1 on the host.
+    """
     if backend not in ("cpu", "gpu"):
         raise ProfilerError(f"`backend` must be 'cpu' or 'gpu'. Received: backend={backend!r}.")
-    if not isinstance(threads, int) or threads < 1:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ProfilerError(f"`threads` must be a positive integer. Received: threads={threads!r}.")
     import profiler.host  # noqa: F401  (registers the built-in kind)
 
     if name == "host":
-        return DEVICE_KINDS["host"](name, {}, backend, threads)
+        return DEVICE_KINDS["host"](name, {}, backend, threads or 1)
     configs = _configured_devices(devices_file)
     if name not in configs:
         raise ProfilerError(

@@ -40,6 +40,8 @@ def test_build_lut_measures_every_planned_entry_with_its_conditions(tmp_path, ti
         meta = table.meta
         assert (meta["device"], meta["backend"], meta["threads"], meta["delegate"], meta["step"]) == ("host", "cpu", "1", "xnnpack", "64")
         assert {"cpu_model", "os", "runtime", "tensorflow"} <= table.fingerprint.keys()
+        # one invocation of a trivial op: well under the cheapest real entry
+        assert 0 < float(meta["invoke_overhead_us"]) < frame.median_us.min() * 2
     assert f"{len(planned)} entries planned: {len(planned)} measured, 0 reused" in run.stdout
     assert (tmp_path / "lut.csv").read_text().count("\n") == len(planned) + 1
 

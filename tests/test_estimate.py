@@ -76,6 +76,14 @@ def test_estimate_of_a_model_is_the_sum_of_its_entries(tmp_path, tiny_v1):
         assert estimate_latency_ms(tiny_v1, table) == pytest.approx(sum(index[s] for s in specs) / 1000)
 
 
+def test_estimate_counts_the_invocation_overhead_once(tmp_path, tiny_v1):
+    specs = specs_of_keras(tiny_v1)
+    with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
+        table.record_many((s, _m(10.0)) for s in specs)
+        table.set_meta({"invoke_overhead_us": 0.5})
+        assert LatencyEstimator(table).total_us(specs) == pytest.approx(10.0 * len(specs) - 0.5 * (len(specs) - 1))
+
+
 def test_estimate_cli_reads_keras_and_tflite_files(tmp_path, tiny_v1):
     from profiler.convert import keras_to_tflite
 
