@@ -112,7 +112,8 @@ def build_model(
         raise AdapterError(f"alpha must be a positive number; received alpha={alpha!r}.")
     if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
         raise AdapterError(
-            f"resolution must be an integer ≥ {MIN_RESOLUTION} for {name}; received resolution={resolution!r}."
+            f"resolution must be an integer ≥ {MIN_RESOLUTION} for {name}; "
+            f"received resolution={resolution!r}."
         )
     if not isinstance(classes, int) or classes < 2:
         raise AdapterError(f"classes must be an integer ≥ 2; received classes={classes!r}.")
@@ -156,7 +157,8 @@ def load_model(path_or_name: str | os.PathLike, **build_kwargs):
         )
     if build_kwargs:
         raise AdapterError(
-            f"{sorted(build_kwargs)} only apply to building a model by name; received them with the file {text}."
+            f"{sorted(build_kwargs)} only apply to building a model by name; "
+            f"received them with the file {text}."
         )
     if not Path(text).is_file():
         raise AdapterError(f"Model file {text} does not exist: train one with `python -m adapter.train`.")

