@@ -104,8 +104,10 @@ def build_model(
 ):
     """A new `name` model: width multiplier `alpha`, input (resolution, resolution, 3).
 
-    `weights`: None (random initialisation) or "imagenet" (downloads the ImageNet backbone;
-    `alpha` must then be one keras.applications has weights for; the head is new).
+    `weights`: None (random initialisation) or "imagenet" (downloads the ImageNet backbone
+    once into ~/.keras/models; `alpha` must be one keras.applications has weights for; at a
+    resolution it has no weights for, Keras warns and loads its 224 px ones, which fit any
+    size; the classifier head is always new).
     """
     spec = _spec(name)
     if not isinstance(alpha, (int, float)) or alpha <= 0:
