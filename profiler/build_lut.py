@@ -23,6 +23,7 @@ __all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_over
 
 # The cheapest op there is: what it costs is the price of one invocation.
 OVERHEAD_SPEC = LayerSpec("reshape", 1, 1, 1, 1)
+OVERHEAD_REPEATS = 5
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator
         yield spec.key, model
 
 
-def measure_invoke_overhead_us(device, repeats: int = 5) -> float:
+def measure_invoke_overhead_us(device, repeats: int = OVERHEAD_REPEATS) -> float:
     """Median latency of a trivial single-op model on `device`: one invocation's overhead."""
     from profiler.layers import SingleOpFactory
 
