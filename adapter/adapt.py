@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -338,12 +337,15 @@ def _baseline_only(args) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The error roots of the packages in use: bad input, reported in one line. Read from the
+    loaded modules, so that a CLI that fails early (a missing file) never imports TensorFlow."""
+    roots = {"lut.spec": "LutError", "profiler.errors": "ProfilerError", "adapter.graph": "PruningError"}
+    return (AdapterError, *(getattr(sys.modules[m], name) for m, name in roots.items() if m in sys.modules))
+
+
 def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -> int:
     """Parse `argv` and adapt (or, `baseline_only`, train the baseline); 2 on bad input."""
-    from adapter.graph import PruningError
-    from lut.spec import LutError
-    from profiler.errors import ProfilerError
-
     import adapter.baseline  # noqa: F401  (its docstring is the baseline CLI's description)
 
     parser = _parser(baseline_only)
@@ -352,7 +354,7 @@ def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -
         args.baseline = True
     try:
         return _baseline_only(args) if baseline_only else _adapt(args)
-    except (AdapterError, LutError, ProfilerError, PruningError) as e:
+    except _user_errors() as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,145 @@
+"""Cost of one NetAdapt iteration: where the time goes, and what the naive way costs.
+
+    python benchmarks/bench_netadapt_iteration.py [--lut luts/host-cpu-1t.sqlite] [--model base.keras]
+
+MobileNetV1 α=0.5 at 32 px on Fashion-MNIST, every proposal, 50 short-term steps of batch
+128 per proposal, a 2,000-image holdout, Δ = 2.5% of the original latency. Runs two
+iterations of `adapter.netadapt.run_iteration` (the first includes the one-time trace of
+the training step) and prints the split of the second: surgery (filter ranking, weight
+slicing, the winner's Keras rebuild), short-term fine-tuning (incl. BN recalibration),
+holdout evaluation and LUT estimation. Then, in the same process, the naive ways:
+estimating every candidate count by walking the whole model (`specs_of_keras` per
+candidate), and building + `model.fit`-training each proposal as its own Keras model
+(measured on --naive-proposals proposals and scaled to all).
+
+Targets (issue 4): surgery + LUT estimation < 10% of the iteration; iteration < 60 s.
+Without --lut (or if the file is missing) the LUT is built for the model first (~6 min).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lut", default="luts/host-cpu-1t-mobilenet_v1-0.5-32.sqlite", help="host LUT of the model (built if missing)")
+    parser.add_argument("--model", help="a trained .keras MobileNetV1 α=0.5 32 px (default: a new one; timing does not depend on weights)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--holdout", type=int, default=2000)
+    parser.add_argument("--reduction", type=float, default=0.025)
+    parser.add_argument("--naive-proposals", type=int, default=2, help="proposals trained the naive way (0: skip)")
+    return parser.parse_args()
+
+
+def _lut(path: str, model):
+    from lut.latency import LatencyEstimator
+    from lut.table import LatencyTable
+    from profiler.build_lut import build_lut
+    from profiler.devices import open_device
+    from profiler.plan import plan_specs
+
+    device = open_device("host", threads=1)
+    with LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": 8}) as table:
+        specs = plan_specs([model], 8)
+        if not table.keys().issuperset(s.key for s in specs):
+            print(f"building the LUT {path} ({len(specs)} entries) ...", flush=True)
+            print(build_lut(device, specs, table, progress=False), flush=True)
+    return LatencyEstimator(LatencyTable.open(path))
+
+
+def _naive_estimation(run, model, record, target_ms: float) -> float:
+    """Seconds to find the proposals by estimating each candidate count on the whole model."""
+    from adapter.graph import find_groups
+    from lut.keras_specs import specs_of_keras
+
+    start = time.perf_counter()
+    for group in find_groups(model):
+        for count in range((group.size - 1) // run.step * run.step, 0, -run.step):
+            specs = specs_of_keras(model, {name: count for name in group.producers})
+            if run.estimator.total_us(specs) / 1000 <= target_ms:
+                break
+    return time.perf_counter() - start
+
+
+def _naive_training(run, model, iteration: int, proposals: int) -> tuple[float, int]:
+    """Seconds per proposal built with `prune` and trained with `model.fit` (one trace each)."""
+    from adapter import netadapt
+    from adapter.graph import analyze
+
+    keras_trainer = netadapt._KerasProposals(model, run.config)
+    graph = analyze(model)
+    batches = netadapt._iteration_batches(run, iteration)
+    times = dict.fromkeys(("surgery_s", "finetune_s", "evaluate_s"), 0.0)
+    groups = [g for g in graph.groups if g.size > 8][:proposals]
+    for group in groups:
+        keep = {group.id: netadapt._kept_channels(model, group, group.size - 8)}
+        keras_trainer.train(model, graph, None, keep, batches, times)
+    return {k: v / len(groups) for k, v in times.items()}, len(groups)
+
+
+def main() -> int:
+    args = _args()
+    from adapter import netadapt
+    from adapter.data import load_dataset
+    from adapter.models import build_model, load_model
+
+    model = load_model(args.model) if args.model else build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)
+    estimator = _lut(args.lut, model)
+    data = load_dataset("fashion_mnist", resolution=32, holdout=args.holdout)
+    config = netadapt.NetAdaptConfig(
+        netadapt.Budget(0.5, relative=True), initial_reduction=args.reduction, short_term_steps=args.steps,
+        batch_size=args.batch_size, holdout_size=args.holdout, long_term_epochs=0,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        run = netadapt.prepare_run(model, data, estimator, config, out, log=lambda line: None)
+        print(f"prepare_run (holdout, estimate, FlexTrainer): {time.perf_counter() - start:.1f} s")
+        previous = netadapt.IterationRecord(0, "", 0, {}, run.original_ms, run.original_ms, 0.0, 0, 0.0)
+        records, current = [], model
+        for iteration in (1, 2):
+            record, _, current_next = netadapt.run_iteration(run, iteration, current, previous)
+            records.append((record, current))
+            print(f"iteration {iteration}: {record.proposals} proposals, {record.seconds:.1f} s "
+                  f"(chose {record.group} → {record.count}, estimated {record.estimated_ms:.4g} ms)", flush=True)
+            previous, current = record, current_next
+        _report(records[1][0], args.steps, args.batch_size)
+        steady_model = records[1][1]
+        naive_lut = _naive_estimation(run, steady_model, records[1][0], records[1][0].target_ms)
+        print(f"\nnaive LUT estimation (whole-model specs per candidate): {naive_lut:.2f} s "
+              f"vs {records[1][0].estimate_s:.2f} s here ({naive_lut / max(records[1][0].estimate_s, 1e-9):.0f}×)")
+        if args.naive_proposals:
+            per, n = _naive_training(run, steady_model, 2, args.naive_proposals)
+            rec = records[1][0]
+            naive_total = sum(per.values()) * rec.proposals + rec.estimate_s
+            print(f"naive proposals (clone_model surgery + model.fit, measured on {n}): per proposal "
+                  f"surgery {per['surgery_s']:.2f} s, fine-tune {per['finetune_s']:.2f} s, evaluate {per['evaluate_s']:.2f} s; "
+                  f"an iteration of {rec.proposals} proposals ≈ {naive_total:.0f} s vs {rec.seconds:.0f} s here")
+    return 0
+
+
+def _report(record, steps: int, batch_size: int) -> None:
+    parts = {
+        "surgery": record.surgery_s, "short-term fine-tune": record.finetune_s,
+        "evaluation": record.evaluate_s, "LUT estimation": record.estimate_s,
+    }
+    other = record.seconds - sum(parts.values())
+    print(f"\none iteration (the second; the first includes the one-time trace): {record.seconds:.1f} s, "
+          f"{record.proposals} proposals × {steps} steps of batch {batch_size}")
+    for name, seconds in [*parts.items(), ("other (batches, selection)", other)]:
+        print(f"  {name:28s} {seconds:7.2f} s  {seconds / record.seconds:6.1%}")
+    share = (record.surgery_s + record.estimate_s) / record.seconds
+    print(f"  surgery + LUT estimation: {share:.1%} of the iteration (target < 10%); "
+          f"iteration {'<' if record.seconds < 60 else '≥'} 60 s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

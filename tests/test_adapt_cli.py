@@ -1,0 +1,126 @@
+"""The adapt and baseline CLIs: bad input exits 2 with one line; a full run writes everything."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from adapter.adapt import run_cli
+from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny MobileNetV1 (.keras), its synthetic LUT, and a small Fashion-MNIST .npz."""
+    from adapter.data import load_dataset
+    from adapter.models import build_model
+
+    folder = tmp_path_factory.mktemp("cli")
+    keras.utils.set_random_seed(3)
+    model = build_model("mobilenet_v1", alpha=0.25, resolution=32, classes=10)
+    model.save(folder / "tiny.keras")
+    lut = write_synthetic_lut(folder / "synthetic.sqlite", [model])
+    if not Path(os.environ.get("PHONEFIT_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
+    data = load_dataset("fashion_mnist", resolution=32, holdout=200)
+    data = dataclasses.replace(data, train=data.train.take(440), test=data.test.take(100))
+    return {"model": folder / "tiny.keras", "lut": lut, "data": small_npz(data, folder / "small.npz"), "dir": folder}
+
+
+def _argv(files, tmp_path, **changes):
+    options = {"--model": files["model"], "--lut": files["lut"], "--budget": "0.6", "--data": files["data"],
+               "--out": tmp_path / "out", "--holdout": "100", "--short-term-steps": "2", "--batch-size": "32",
+               "--initial-reduction": "0.1", "--decay": "1.0", "--long-term-epochs": "0", **changes}
+    return [str(part) for key, value in options.items() if value is not None for part in (key, value)]
+
+
+def _one_line_error(capsys, argv, match: str, *, baseline_only: bool = False) -> str:
+    assert run_cli(argv, baseline_only=baseline_only) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(("python -m adapter.adapt: error:", "python -m adapter.baseline: error:"))
+    assert "Traceback" not in "\n".join(err)
+    assert match in err[-1], err[-1]
+    return err[-1]
+
+
+def test_missing_files_exit_2(files, tmp_path, capsys):
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--model": tmp_path / "none.keras"}), "none.keras does not exist")
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--lut": tmp_path / "none.sqlite"}), "none.sqlite does not exist")
+    baseline_argv = ["--model", str(tmp_path / "none.keras"), "--lut", str(files["lut"]), "--budget", "0.5",
+                     "--out", str(tmp_path / "out")]
+    _one_line_error(capsys, baseline_argv, "none.keras does not exist", baseline_only=True)
+
+
+def test_malformed_lut_exits_2(files, tmp_path, capsys):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_text("not a database, just text\n" * 100)
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--lut": bad}), "is not a phonefit LUT")
+
+
+def test_bad_budget_exits_2(files, tmp_path, capsys):
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--budget": "half"}), "budget is a fraction")
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--budget": "1.5"}), "in (0, 1)")
+
+
+def test_budget_that_cannot_be_met_exits_2_before_any_training(files, tmp_path, capsys):
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--budget": "0.05"}), "cannot be met")
+    assert not (tmp_path / "out" / "history.csv").exists()
+
+
+def test_unknown_device_exits_2(files, tmp_path, capsys):
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--device": "nosuchphone"}), "Unknown device 'nosuchphone'")
+
+
+def test_device_other_than_the_luts_exits_2(files, tmp_path, capsys):
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--device": "host"}), "was measured under")
+
+
+def test_unreachable_phone_exits_2(files, tmp_path, capsys):
+    devices = tmp_path / "devices.toml"
+    devices.write_text(
+        "[phone]\ntransport = \"tcp\"\naddress = \"127.0.0.1:9\"\n"
+        f"benchmark_model = \"{REPO / 'tests' / 'fake_benchmark_model.py'}\"\n"
+        f"adb_key = \"{tmp_path / 'adbkey'}\"\nconnect_timeout_s = 1.0\nreconnect_tries = 0\n"
+    )
+    _one_line_error(capsys, _argv(files, tmp_path, **{"--device": "phone", "--devices": devices}), "phone")
+
+
+def test_errors_print_one_line_without_traceback_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "adapter.adapt", "--model", str(tmp_path / "none.keras"), "--lut", "x.sqlite",
+         "--budget", "0.5", "--out", str(tmp_path / "out")],
+        cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    ours = [line for line in result.stderr.splitlines() if "adapter" in line or "Traceback" in line]
+    assert ours == [f"python -m adapter.adapt: error: --model {tmp_path / 'none.keras'} does not exist."]
+
+
+@pytest.mark.slow
+def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(files, tmp_path):
+    lut = write_synthetic_lut(tmp_path / "host.sqlite", [keras.models.load_model(files["model"])], device="host")
+    argv = _argv(files, tmp_path, **{"--lut": lut}) + ["--int8", "--baseline", "--baseline-epochs", "1"]
+    result = subprocess.run([sys.executable, "-m", "adapter.adapt", *argv], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    for name in ("adapted.keras", "adapted.tflite", "adapted_int8.tflite", "history.csv", "proposals.csv",
+                 "report.json", "report.md", "accuracy_latency.png", "baseline/baseline.tflite"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    budget, adapted, baseline = report["budget"], report["adapted"], report["baseline"]
+    assert budget["met_by_estimate"] and adapted["estimated_ms"] <= budget["estimated_ms"]
+    assert budget["measured_ms"] == pytest.approx(0.6 * report["original"]["measured_ms"])
+    assert budget["measured_limit_ms"] == pytest.approx(1.03 * budget["measured_ms"])
+    assert adapted["measured_ms"] > 0 and adapted["int8"]["measured_ms"] > 0
+    assert budget["met_measured"] == (adapted["measured_ms"] <= budget["measured_limit_ms"])
+    assert sum(adapted["channels"].values()) < sum(report["original"]["channels"].values())
+    assert baseline["alpha"] < 0.25 and baseline["estimated_ms"] <= budget["estimated_ms"] and baseline["epochs"] == 1
+    assert 0 <= adapted["test_accuracy"] <= 1 and 0 <= adapted["tflite_test_accuracy"] <= 1
+    markdown = (out / "report.md").read_text()
+    assert "| measured latency (.tflite, whole model) |" in markdown and "width multiplier α=" in markdown
+    assert f"report: {out / 'report.md'}" in result.stdout
