@@ -23,7 +23,7 @@ from pathlib import Path
 
 from adapter.errors import AdapterError
 
-__all__ = ["main", "run_cli"]
+__all__ = ["main", "run_cli", "user_errors"]
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -337,7 +337,7 @@ def _baseline_only(args) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
     """The error roots of the packages in use: bad input, reported in one line. Read from the
     loaded modules, so that a CLI that fails early (a missing file) never imports TensorFlow."""
     roots = {"lut.spec": "LutError", "profiler.errors": "ProfilerError", "adapter.graph": "PruningError"}
@@ -354,7 +354,7 @@ def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -
         args.baseline = True
     try:
         return _baseline_only(args) if baseline_only else _adapt(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from adapter.errors import AdapterError
-from adapter.netadapt import Budget, ensure_estimable, estimate_ms
+from adapter.netadapt import ensure_estimable, estimate_ms
 
 __all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "main", "matched_epochs", "recipe_of", "run_baseline"]
 
@@ -146,6 +146,7 @@ class BaselineResult:
     test_accuracy: float
     tflite_test_accuracy: float | None
     channels: dict[str, int]
+    parameters: int
     seconds: float
 
     def save(self, path: str | Path) -> None:
@@ -210,7 +211,8 @@ def run_baseline(
         model=recipe.model, alpha=alpha, select_by=select_by, epochs=epochs, estimated_ms=estimated,
         measured_ms=measured, holdout_accuracy=evaluate_split(model, data.holdout.take(min(holdout_size, len(data.holdout)))),
         test_accuracy=evaluate(model, x_test, y_test), tflite_test_accuracy=tflite_accuracy(tflite, x_test, y_test),
-        channels=channel_counts(model), seconds=round(time.perf_counter() - start, 1),
+        channels=channel_counts(model), parameters=int(model.count_params()),
+        seconds=round(time.perf_counter() - start, 1),
     )
     result.save(out / "baseline.json")
     return result

@@ -403,7 +403,7 @@ class _KerasProposals:
 
     def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
         from adapter.surgery import prune
-        from adapter.train import evaluate, fit
+        from adapter.train import evaluate, fit, recalibrate_batchnorm
 
         config, start = self.config, time.perf_counter()
         pruned = prune(model, keep)
@@ -413,8 +413,6 @@ class _KerasProposals:
             pruned, batches.sample, steps=config.short_term_steps, batch_size=config.batch_size,
             lr=config.short_term_lr, optimizer=config.optimizer, seed=batches.seed, recalibrate=False,
         )
-        from adapter.train import recalibrate_batchnorm
-
         recalibrate_batchnorm(pruned, batches.sample, images=config.recalibration_images)
         times["finetune_s"] += time.perf_counter() - start
         start = time.perf_counter()

@@ -1,0 +1,126 @@
+"""The whole story on this machine, with small settings (`make demo`, about 15 minutes on 2 cores).
+
+    python -m adapter.demo [--out runs/demo] [--baseline]
+
+1. trains a base MobileNetV1 α=0.5 on Fashion-MNIST at 32 px (`adapter.train`);
+2. builds the host's LUT for it, one thread, channel step 16 (`profiler.build_lut`);
+3. adapts it to 60% of its estimated latency (`adapter.adapt`: NetAdapt, long-term
+   fine-tuning, export to .tflite, measurement of the whole model on the host, report);
+4. prints where the report is.
+
+Every stage whose output exists is skipped, and an interrupted NetAdapt search resumes,
+so running the demo again finishes what is left. `--baseline` adds the width-multiplier
+baseline to the report (a few minutes more).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapter.errors import AdapterError
+
+__all__ = ["DemoSettings", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """The demo's small settings: chosen so the story fits in about 15 minutes on 2 cores."""
+
+    alpha: float = 0.5
+    resolution: int = 32
+    base_epochs: int = 3
+    lut_step: int = 16  # 1,488 LUT entries (step 8 would take 5,698, ~4× longer to measure)
+    budget: str = "0.6"
+    initial_reduction: float = 0.08  # with decay 0.96: about 6 iterations to remove 40%
+    decay: float = 0.96
+    short_term_steps: int = 20
+    holdout: int = 1000
+    long_term_epochs: int = 1
+
+
+def _train_base(out: Path, s: DemoSettings) -> Path:
+    from adapter import train
+
+    path = out / "base.keras"
+    if path.is_file() and train.record_path(path).is_file():
+        print(f"[1/3] base model: reusing {path}")
+        return path
+    print(f"[1/3] training the base MobileNetV1 α={s.alpha} at {s.resolution} px for {s.base_epochs} epochs", flush=True)
+    argv = ["--model", "mobilenet_v1", "--alpha", str(s.alpha), "--resolution", str(s.resolution),
+            "--data", "fashion_mnist", "--epochs", str(s.base_epochs), "--out", str(path)]
+    if train.main(argv) != 0:
+        raise AdapterError("training the base model failed (see above)")
+    return path
+
+
+def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
+    from adapter.models import load_model
+    from lut.table import LatencyTable
+    from profiler.build_lut import build_lut
+    from profiler.devices import open_device
+    from profiler.plan import plan_specs
+
+    path = out / "host-cpu-1t.sqlite"
+    device = open_device("host", threads=1)
+    specs = plan_specs([load_model(base)], s.lut_step)
+    meta = {**device.conditions(), "fingerprint": device.fingerprint(), "step": s.lut_step}
+    with LatencyTable.create(path, meta) as table:
+        todo = len(specs) - len(table.keys() & {spec.key for spec in specs})
+        print(f"[2/3] host LUT {path}: {len(specs)} entries, {todo} to measure", flush=True)
+        if todo:
+            print(f"      {build_lut(device, specs, table, progress=sys.stderr.isatty())}", flush=True)
+    return path
+
+
+def _adapt(out: Path, base: Path, lut: Path, s: DemoSettings, baseline: bool) -> Path:
+    from adapter.adapt import run_cli
+
+    adapt_dir = out / "adapt"
+    report = adapt_dir / "report.md"
+    if report.is_file() and (not baseline or (adapt_dir / "baseline" / "baseline.json").is_file()):
+        print(f"[3/3] adaptation: reusing {adapt_dir}")
+        return report
+    print(f"[3/3] adapting to {s.budget} of the estimated latency with NetAdapt", flush=True)
+    argv = ["--model", str(base), "--lut", str(lut), "--budget", s.budget, "--data", "fashion_mnist",
+            "--out", str(adapt_dir), "--initial-reduction", str(s.initial_reduction), "--decay", str(s.decay),
+            "--short-term-steps", str(s.short_term_steps), "--holdout", str(s.holdout),
+            "--long-term-epochs", str(s.long_term_epochs)]
+    if (adapt_dir / "history.csv").is_file():
+        argv.append("--resume")
+    if baseline:
+        argv.append("--baseline")
+    if run_cli(argv) != 0:
+        raise AdapterError("the adaptation failed (see above)")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="where everything goes (default: %(default)s)")
+    parser.add_argument("--baseline", action="store_true", help="also train the width-multiplier baseline")
+    args = parser.parse_args(argv)
+    from adapter.adapt import user_errors
+
+    settings, out = DemoSettings(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        base = _train_base(out, settings)
+        lut = _build_lut(out, base, settings)
+        report = _adapt(out, base, lut, settings, args.baseline)
+    except user_errors() as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; run it again to finish what is left", file=sys.stderr)
+        return 130
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; the report is {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
