@@ -3,8 +3,14 @@
 #
 #   sh run_batch.sh BATCH_DIR BENCHMARK_MODEL TIMEOUT_S COOLDOWN_S CPU_MASK TAG [FLAG ...]
 #
-# BATCH_DIR holds list.txt (one model file name per line, names of [A-Za-z0-9._-]) and
-# models/.  For each model, in order, the runner runs
+# BATCH_DIR holds batch.tar, the batch's models in one POSIX (ustar) archive, in the order
+# they are to be measured: pushing one file instead of one per model saves a round trip
+# per model.  The runner first checks the archive's listing: every member must be a
+# regular file whose name is of [A-Za-z0-9._-] and does not start with a dot (so no
+# directory, absolute path, `..`, link or device), else it stops with PHONEFIT_ERROR
+# before anything is unpacked.  Then it unpacks the archive into BATCH_DIR/models/ (one
+# `tar` process for the whole batch) and writes the member names to BATCH_DIR/list.txt;
+# BATCH_DIR/unpacked marks that done.  For each model, in order, it runs
 #     timeout TIMEOUT_S [taskset CPU_MASK] BENCHMARK_MODEL --graph=BATCH_DIR/models/NAME FLAG...
 # and appends one record to BATCH_DIR/records.txt:
 #     PHONEFIT_BEGIN TAG NAME
@@ -14,20 +20,27 @@
 # killed by signal STATUS-128).  adb's shell service reports no exit status, so the
 # records carry it.  A record without its END line was cut off and does not count.
 #
-# Resuming: BATCH_DIR/models/NAME.done marks a finished model, so running the same
-# command again (after the connection dropped) goes on at the first unmeasured model.  A
-# runner still alive from the dropped connection holds BATCH_DIR/lock (its pid); the new
-# one waits for it.  Between two measured models it sleeps COOLDOWN_S seconds (0: none).
-# CPU_MASK "-" means no pinning.
+# Resuming: each model's name is appended to BATCH_DIR/done.txt once its record is
+# complete, so running the same command again (after the connection dropped) goes on at
+# the first unmeasured model.  A runner still alive from the dropped connection holds
+# BATCH_DIR/lock (its pid); the new one waits for it.  Between two measured models the
+# runner sleeps COOLDOWN_S seconds (0: none).  CPU_MASK "-" means no pinning.
+#
+# Hang-up: when the connection drops, the phone hangs up the shell's process group.
+# timeout normally moves itself and the benchmark into a process group of their own,
+# which would outlive the runner and go on measuring next to the resumed one; so the
+# runner uses `timeout --foreground` (toybox and GNU) where the phone's timeout has it,
+# found out once per session (SESSION_DIR/timeout_foreground, SESSION_DIR being the
+# parent of BATCH_DIR).
 #
 # Standard output: PHONEFIT_ALIVE every 10 seconds (so the host can tell a slow batch from
 # a dead link), PHONEFIT_WAIT while waiting for an older runner, PHONEFIT_BATCH_DONE at
 # the end, PHONEFIT_ERROR on a setup problem (exit 3).  Per model the loop forks only
-# timeout (and taskset): no external command for bookkeeping, which is what a batch
-# saves over one shell per model.
+# timeout (and taskset), and writes records and done.txt through descriptors opened once:
+# what a batch saves over one shell per model is not spent again on bookkeeping.
 #
-# POSIX sh only (runs on Android's mksh and on dash); external commands: timeout, taskset,
-# sleep, the benchmark itself.
+# POSIX sh only (runs on Android's mksh and on dash); external commands: tar (listing and
+# unpacking) and mkdir once per batch; timeout, taskset, sleep and the benchmark per model.
 
 if [ "$#" -lt 6 ]; then
     echo "PHONEFIT_ERROR usage: run_batch.sh BATCH_DIR BENCHMARK_MODEL TIMEOUT_S COOLDOWN_S CPU_MASK TAG [FLAG ...]"
@@ -40,13 +53,58 @@ cooldown_s=$4
 mask=$5
 tag=$6
 shift 6
+models=$batch/models
+set -f  # no globbing anywhere: names come from the archive
 
 fail() {
     echo "PHONEFIT_ERROR $*"
     exit 3
 }
 
-[ -f "$batch/list.txt" ] || fail "no list of models at $batch/list.txt"
+# One line of `tar -tvf`, split into fields: a regular file (mode starting with `-`) with
+# a safe name has exactly six (mode, owner/group, size, date, time, name) with GNU tar
+# and toybox tar alike; a link adds "-> target" or "link to target".  Sets `member`.
+check_member() {
+    [ "$#" -eq 6 ] || return 1
+    case "$1" in -*) ;; *) return 1 ;; esac
+    case "$6" in .* | *[!A-Za-z0-9._-]*) return 1 ;; esac
+    member=$6
+}
+
+unpack() {
+    archive=$batch/batch.tar
+    [ -f "$archive" ] || fail "no batch archive at $archive"
+    command -v tar >/dev/null 2>&1 || fail "the phone has no tar command (toybox tar)"
+    tar -tvf "$archive" > "$batch/listing.txt" 2>&1 || fail "cannot list $archive: $(cat "$batch/listing.txt")"
+    # (A failed redirection of `exec` ends the shell: check with a plain builtin first.)
+    printf '' > "$batch/list.txt" || fail "cannot write to $batch"
+    exec 5> "$batch/list.txt"
+    while IFS= read -r line || [ -n "$line" ]; do
+        # shellcheck disable=SC2086  # split on purpose (globbing is off)
+        check_member $line || fail "refusing $archive: member '$line' is not a plain file with a safe name"
+        printf '%s\n' "$member" >&5
+    done < "$batch/listing.txt"
+    exec 5>&-
+    mkdir -p "$models" || fail "cannot make $models"
+    # -o: no ownership from the archive; -m: no mtimes (one system call less per model)
+    tar -x -o -m -f "$archive" -C "$models" || fail "cannot unpack $archive into $models"
+    : > "$batch/unpacked"
+}
+
+# Sets `foreground` to "--foreground" where timeout has it, else to nothing.
+find_foreground() {
+    answer=${batch%/*}/timeout_foreground
+    if [ ! -f "$answer" ]; then
+        if timeout --foreground 5 sleep 0 < /dev/null > /dev/null 2>&1; then
+            echo "--foreground" > "$answer"
+        else
+            echo > "$answer"
+        fi
+    fi
+    foreground=
+    read -r foreground < "$answer"
+}
+
 [ -x "$bench" ] || fail "benchmark_model at $bench is missing or not executable"
 command -v timeout >/dev/null 2>&1 || fail "the phone has no timeout command (toybox timeout, Android 6 or later)"
 if [ "$mask" != "-" ]; then
@@ -75,25 +133,36 @@ heartbeat=$!
 # Only EXIT: trapping signals makes dash wait for each child more slowly.
 trap 'kill "$heartbeat" 2>/dev/null; : > "$batch/lock"' EXIT
 
+[ -f "$batch/unpacked" ] || unpack
+find_foreground
+# Names already measured, each between spaces (read after taking the lock: final).
+finished=
+if [ -s "$batch/done.txt" ]; then
+    while IFS= read -r name; do finished="$finished $name "; done < "$batch/done.txt"
+fi
+printf '' >> "$batch/records.txt" && printf '' >> "$batch/done.txt" || fail "cannot write to $batch"
+exec 3>> "$batch/records.txt" 4>> "$batch/done.txt"
+
 measured=0
 while IFS= read -r name || [ -n "$name" ]; do
     [ -n "$name" ] || continue
-    [ -f "$batch/models/$name.done" ] && continue
+    if [ -n "$finished" ]; then
+        case "$finished" in *" $name "*) continue ;; esac
+    fi
     if [ "$measured" -gt 0 ] && [ "$cooldown_s" != 0 ]; then
         sleep "$cooldown_s"
     fi
     # The newline first ends a record that a killed runner left unfinished.
-    printf '\nPHONEFIT_BEGIN %s %s\n' "$tag" "$name" >> "$batch/records.txt"
+    printf '\nPHONEFIT_BEGIN %s %s\n' "$tag" "$name" >&3
+    # $foreground unquoted: it is one word or none (and globbing is off).
     if [ "$mask" = "-" ]; then
-        timeout -k 2 "$timeout_s" "$bench" "--graph=$batch/models/$name" "$@" \
-            >> "$batch/records.txt" 2>&1 < /dev/null
+        timeout $foreground -k 2 "$timeout_s" "$bench" "--graph=$models/$name" "$@" >&3 2>&3 < /dev/null
     else
-        timeout -k 2 "$timeout_s" taskset "$mask" "$bench" "--graph=$batch/models/$name" "$@" \
-            >> "$batch/records.txt" 2>&1 < /dev/null
+        timeout $foreground -k 2 "$timeout_s" taskset "$mask" "$bench" "--graph=$models/$name" "$@" >&3 2>&3 < /dev/null
     fi
     status=$?
-    printf '\nPHONEFIT_END %s %s %s\n' "$tag" "$name" "$status" >> "$batch/records.txt"
-    : > "$batch/models/$name.done"
+    printf '\nPHONEFIT_END %s %s %s\n' "$tag" "$name" "$status" >&3
+    printf '%s\n' "$name" >&4
     measured=$((measured + 1))
 done < "$batch/list.txt"
 echo "PHONEFIT_BATCH_DONE"

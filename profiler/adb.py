@@ -3,12 +3,13 @@
 A phone is reached with adb-shell (TCP, or USB with `adb-shell[usb]`) and RSA auth.  Models
 are measured in batches, because a round trip per entry costs more than a 50 µs layer:
 
-1. one sync session pushes the batch's models, under sanitized names
-   (`m007_conv2d_f32_....tflite`), and its `list.txt`, back to back (the phone makes the
-   directories);
-2. ONE shell call runs `android_bench/run_batch.sh`, which benchmarks every model and
-   appends a framed record per model (output + exit status, since adb's shell service
-   returns none) to the batch's `records.txt`;
+1. ONE file is pushed: the batch's models in a POSIX (ustar) archive, in measuring order,
+   under sanitized names (`m007_conv2d_f32_....tflite`).  A file per model would cost the
+   phone's answer to each file, a round trip per model;
+2. ONE shell call runs `android_bench/run_batch.sh`, which checks the archive's listing
+   (plain files with safe names only), unpacks it inside the batch's directory with one
+   `tar`, benchmarks every model and appends a framed record per model (output + exit
+   status, since adb's shell service returns none) to the batch's `records.txt`;
 3. `records.txt` is pulled and each record becomes a `Measurement` or a
    `MeasurementFailure` (crash with its exit status, timeout, unreadable output, or a GPU
    delegate that did not take the whole graph — never a GPU latency).
@@ -37,6 +38,7 @@ import re
 import secrets
 import shlex
 import struct
+import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -239,7 +241,8 @@ class _Batch:
     directory: str
     tag: str
     entries: list[tuple[str, bytes, str]]  # (model_id, tflite, remote file name)
-    pushed: set[str] = dataclasses.field(default_factory=set)
+    archive: bytes  # the entries' models in one ustar archive, pushed as batch.tar
+    pushed: bool = False
 
 
 class AdbDevice:
@@ -399,22 +402,20 @@ class AdbDevice:
 
     def _run_batch(self, entries: list[tuple[str, bytes]]) -> list[tuple[object, bool]]:
         directory = f"{self._session}/b{next(self._batches):05d}"
-        batch = _Batch(directory, secrets.token_hex(6), [
-            (model_id, data, _remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)
-        ])
+        named = [(model_id, data, _remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)]
+        batch = _Batch(directory, secrets.token_hex(6), named, _batch_archive(named))
         records = self._retrying(lambda: self._run_batch_once(batch))
         self._previous_batch = directory
         timeout_s = self._run.model_timeout_s
         return [_result_from_record(records.get(name), self.backend, timeout_s) for _, _, name in batch.entries]
 
     def _run_batch_once(self, batch: _Batch) -> dict[str, RunnerRecord]:
-        """Push what is not pushed yet, run (or resume) the runner, pull the records."""
+        """Push the archive unless it is there, run (or resume) the runner, pull the records."""
         adb = self._adb
-        names = "".join(f"{name}\n" for _, _, name in batch.entries).encode()
-        files = [(f"{batch.directory}/models/{name}", data, _FILE_MODE) for _, data, name in batch.entries]
-        files.append((f"{batch.directory}/list.txt", names, _FILE_MODE))
-        # The phone makes the batch's directories as files arrive (adbd's SEND makes parents).
-        _push_files(adb, [f for f in files if f[0] not in batch.pushed], batch.pushed.add)
+        if not batch.pushed:
+            # The phone makes the batch's directory as the file arrives (adbd's SEND makes parents).
+            _push_files(adb, [(f"{batch.directory}/batch.tar", batch.archive, _FILE_MODE)])
+            batch.pushed = True
         output = adb.shell(self._runner_command(batch), transport_timeout_s=self._silence_limit_s(),
                            read_timeout_s=self._silence_limit_s())
         self._note_battery(output)
@@ -641,15 +642,29 @@ class AdbDevice:
 
 
 # ---------------------------------------------------------------- helpers
-def _push_files(adb, files: list[tuple[str, bytes, int]], pushed: Callable[[str], None]) -> None:
+def _batch_archive(entries: list[tuple[str, bytes, str]]) -> bytes:
+    """The models of `entries` ((model_id, tflite, remote name)) as one ustar archive, in order.
+
+    Plain files with mode 0644 and no owner names: run_batch.sh accepts nothing else.
+    """
+    buffer, mtime = io.BytesIO(), int(time.time())
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for _, data, name in entries:
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = len(data), 0o644, mtime
+            archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _push_files(adb, files: list[tuple[str, bytes, int]]) -> None:
     """Push `files` ((remote path, bytes, mode)) in one pipelined sync session.
 
-    adb-shell's `push` opens a sync session per file and waits for each file's answer: four
-    round trips or more per file.  This sends every file's SEND/DATA/DONE back to back in
-    WRTEs of the negotiated size and reads the phone's per-file OKAYs as they come, as
-    `adb push a b c dir/` does with deferred acknowledgements.  It uses adb-shell's message
-    layer (stable since 0.3); where that differs, it falls back to one `push` per file.
-    `pushed(path)` is called as each file is confirmed complete on the phone.
+    adb-shell's `push` opens a sync session per file and sends DATA in WRTEs of at most
+    64 KiB, each waiting for its acknowledgement.  This sends every file's SEND/DATA/DONE
+    back to back in WRTEs of the negotiated size (1 MiB) and reads the phone's per-file
+    OKAYs as they come, as `adb push a b c dir/` does with deferred acknowledgements.  It
+    uses adb-shell's message layer (stable since 0.3); where that differs, it falls back to
+    one `push` per file.
     """
     if not files:
         return
@@ -663,7 +678,6 @@ def _push_files(adb, files: list[tuple[str, bytes, int]], pushed: Callable[[str]
         for path, data, mode in files:
             adb.push(io.BytesIO(data), path, st_mode=mode, transport_timeout_s=_SETUP_TIMEOUT_S,
                      read_timeout_s=_SETUP_TIMEOUT_S)
-            pushed(path)
         return
     stream = open_stream(b"sync:", _SETUP_TIMEOUT_S, _SETUP_TIMEOUT_S, None)
     replies, confirmed = bytearray(), 0
@@ -678,7 +692,6 @@ def _push_files(adb, files: list[tuple[str, bytes, int]], pushed: Callable[[str]
             kind, size = struct.unpack("<4sI", replies[:8])
             if kind == b"OKAY":
                 del replies[:8]
-                pushed(files[confirmed][0])
                 confirmed += 1
             elif kind == b"FAIL" and len(replies) >= 8 + size:
                 reason = bytes(replies[8 : 8 + size]).decode("utf-8", "replace")

@@ -26,11 +26,14 @@ unchanged:
   one unacknowledged WRTE per stream; data the client writes is acknowledged once consumed.
   An OPEN of an unknown service is answered with CLSE, as adbd does.
 * `shell:<command>` and `exec:<command>` (v1, raw: stdout and stderr merged, no exit
-  status, no pty) run `/bin/sh -c <command>` in its own process group; WRTE data goes to its
-  stdin.  When the client closes the stream before the command ends, or the connection is
-  lost, the process group gets SIGHUP, as adbd sends it (so `nohup`ed work survives, as on a
-  phone; put `timeout` on the phone side to bound a hung command).  Closing the daemon
-  kills every process group it started.
+  status, no pty) run `/bin/sh -c <command>` in a session and process group of its own;
+  WRTE data goes to its stdin.  When the client closes the stream before the command ends,
+  or the connection is lost, the process group gets SIGHUP, as the pty that adbd gives a
+  v1 shell sends it to its foreground group.  So, as on a phone, what left the group
+  survives: `nohup`ed work, and a command under `timeout` without `--foreground` (timeout
+  moves itself and the command into a group of their own).  Put `timeout` on the phone
+  side to bound a hung command.  Closing the daemon kills every process of every session
+  it started, whatever group it moved to.
 * `sync:`: STAT (mode, size, mtime; all zero for a missing path, as adbd answers), LIST
   (DENT per entry, `.` and `..` included, then DONE), SEND (`path,mode`, DATA chunks of at
   most 64 KiB, DONE carrying the mtime; parent directories are created; the mode's
@@ -77,9 +80,12 @@ set for every shell command.  The stand-in counts the models it ran in a file of
 daemon's private state directory (not in `root`, so that listings of `/data/local/tmp`
 show only what was pushed).  With `drop_after_models=N`, the stand-in started after N models
 have run asks the daemon to drop, once, and waits: the daemon resets every connection (TCP
-RST: adb-shell raises `ConnectionResetError`) and hangs up their processes, so exactly N
-models have completed (a stand-in that survives the hang-up, under `nohup`, then goes on
-with its model); later connections work normally.  `daemon.models_run` reads the count.
+RST: adb-shell raises `ConnectionResetError`), hangs up their process groups, and only then
+marks the drop done.  A stand-in in a hung-up group has a fatal signal pending before the
+mark exists and never sees it, so exactly N models have completed; a stand-in out of the
+hang-up's reach (under `nohup`, or in the group of a `timeout` without `--foreground`) sees
+the mark and goes on with its model.  Later connections work normally.
+`daemon.models_run` reads the count.
 """
 from __future__ import annotations
 
@@ -626,19 +632,55 @@ class _Connection:
             self._processes.discard(process)
 
 
+def _pid_is_ours(process: subprocess.Popen) -> bool:
+    """Whether the command's pid still names its process group and session.
+
+    Once the shell is reaped, Linux keeps its pid unused while any member of its group or
+    session lives; a live process with that pid means they are gone and the pid reused.
+    """
+    if process.returncode is None:
+        return True
+    try:
+        os.kill(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     """Signal the command's process group (its shell may be gone while its children are not)."""
-    if process.returncode is not None:
-        # The shell was reaped: while any member of its group lives, Linux keeps its pid
-        # unused; a live process with that pid means the group is gone and the pid reused.
-        try:
-            os.kill(process.pid, 0)
-        except ProcessLookupError:
-            pass
-        else:
-            return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signum)
+    if _pid_is_ours(process):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signum)
+
+
+def _kill_sessions(processes: Iterable[subprocess.Popen]) -> None:
+    """SIGKILL every process of the commands' sessions, including the process groups their
+    children made for themselves (`timeout` does), so that nothing outlives the daemon.
+    Each command started a session of its own; Linux lists sessions in /proc."""
+    sessions = {process.pid for process in processes if _pid_is_ours(process)}
+    killed: set[int] = set()
+    while sessions and (members := set(_session_members(sessions)) - killed):
+        for pid in members:  # a member killed while forking leaves no child: no new pids then
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed |= members  # zombies stay listed until reaped: never signal them twice
+
+
+def _session_members(sessions: set[int]) -> list[int]:
+    """Pids of the processes whose session id is in `sessions` (none where /proc is missing)."""
+    members = []
+    with contextlib.suppress(OSError):
+        entries = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+        for name in entries:
+            try:
+                with open(f"/proc/{name}/stat", "rb") as file:
+                    fields = file.read().rpartition(b")")[2].split()  # state ppid pgrp session ...
+            except OSError:
+                continue  # gone meanwhile
+            if len(fields) > 3 and int(fields[3]) in sessions:
+                members.append(int(name))
+    return members
 
 
 # ----------------------------------------------------------------------------- services
@@ -1012,6 +1054,8 @@ class LoopbackAdbDaemon:
             groups = list(self._process_groups)
         for process in groups:
             _signal_group(process, signal.SIGKILL)
+        _kill_sessions(groups)
+        for process in groups:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
         if self._private is not None and self._private.exists():
@@ -1084,7 +1128,7 @@ class LoopbackAdbDaemon:
         while not self._stopping.wait(0.02):
             if (state / _DROP_REQUEST_FILE).exists():
                 _LOG.debug("dropping every connection after %d models", self.models_run)
-                self._drop_all()
+                self._drop_all()  # returns once every dropped connection's groups got SIGHUP
                 (state / _DROP_DONE_FILE).touch()
                 return
 

@@ -503,3 +503,43 @@ def test_drop_after_models_resets_the_connection_once(tmp_path, adb_key, tiny_tf
         output = again.shell(f"cd {REMOTE_DIR} && {batch}")
         assert output.splitlines() == [f"{name} status=0" for name in models]  # one-shot: no second drop
         assert running.models_run == 6
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_lost_connection_hangs_up_the_shells_group_and_closing_kills_its_session(tmp_path, adb_key):
+    # As on a phone: the hang-up reaches the shell's process group only, so `timeout` (which
+    # makes a group of its own) and `nohup` survive it; closing the daemon ends them too.
+    command = (
+        "sleep 60 & echo in_group $!; "
+        "timeout 60 sleep 61 & echo own_group $!; "
+        "nohup sleep 62 > /dev/null 2>&1 & echo nohup $!; "
+        "timeout --foreground 60 sleep 63 & echo foreground $!; "
+        "wait"
+    )
+    with LoopbackAdbDaemon(tmp_path / "device", authorized_keys=[adb_key[1]]) as running:
+        device = connect(running, adb_key[0])
+        text = ""
+        for chunk in device.streaming_shell(command):
+            text += chunk
+            if text.count("\n") == 4:
+                break
+        pids = {name: int(pid) for name, pid in (line.split() for line in text.splitlines())}
+        assert all(_alive(pid) for pid in pids.values())
+        device.close()  # the connection is lost: the daemon hangs up its commands
+        assert _wait_until(lambda: not _alive(pids["in_group"]) and not _alive(pids["foreground"]))
+        assert _alive(pids["own_group"]) and _alive(pids["nohup"])
+    assert _wait_until(lambda: not any(_alive(pid) for pid in pids.values()))

@@ -7,9 +7,13 @@ tool's output.  Also here: the devices.toml registry and the batch runner under 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import shutil
+import signal
 import stat
 import subprocess
+import tarfile
 import sys
 import threading
 import time
@@ -18,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from lut.table import Measurement, MeasurementFailure
-from profiler.adb import AdbDevice, parse_runner_records, runner_script
+from profiler.adb import AdbDevice, _batch_archive, parse_runner_records, runner_script
+from profiler.build_lut import OVERHEAD_REPEATS
 from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
 from profiler.devices import known_devices, open_device
 from profiler.errors import ProfilerError
@@ -190,11 +195,10 @@ def test_missing_adb_key_is_generated_private(tmp_path):
 
 # ---------------------------------------------------------------- the runner, under /bin/sh
 def _make_batch(tmp_path: Path, names: list[str]) -> Path:
+    """A batch directory as AdbDevice pushes it: the models in batch.tar, nothing else."""
     batch = tmp_path / "batch"
-    (batch / "models").mkdir(parents=True)
-    for name in names:
-        (batch / "models" / name).write_bytes(b"model")
-    (batch / "list.txt").write_text("".join(f"{n}\n" for n in names))
+    batch.mkdir()
+    (batch / "batch.tar").write_bytes(_batch_archive([(name, f"model {name}".encode(), name) for name in names]))
     return batch
 
 
@@ -204,6 +208,7 @@ def _canned_benchmark(tmp_path: Path) -> Path:
     script.write_text(
         "#!/bin/sh\n"
         'echo "$1" >> "$(dirname "$0")/calls.log"\n'
+        'echo "$$" > "$(dirname "$0")/bench.pid"\n'
         'case "$1" in *crash*) echo "ERROR: kernel failed"; exit 134;; *hang*) sleep 30;; esac\n'
         'echo "count=4 first=12 curr=10 min=9 max=12 avg=10.5 std=1"\n'
         'echo "Inference timings in us: Init: 5, First inference: 12, Warmup (avg): 11, Inference (avg): 10.5"\n'
@@ -212,11 +217,33 @@ def _canned_benchmark(tmp_path: Path) -> Path:
     return script
 
 
-def _run_runner(batch: Path, bench: Path, *flags: str, timeout_s: str = "5", cooldown_s: str = "0") -> subprocess.CompletedProcess:
+def _run_runner(batch: Path, bench: Path, *flags: str, timeout_s: str = "5", cooldown_s: str = "0",
+                shell: tuple[str, dict | None] = ("/bin/sh", None)) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["/bin/sh", str(RUNNER), str(batch), str(bench), timeout_s, cooldown_s, "-", "T1", *flags],
-        capture_output=True, text=True, timeout=60,
+        [shell[0], str(RUNNER), str(batch), str(bench), timeout_s, cooldown_s, "-", "T1", *flags],
+        capture_output=True, text=True, timeout=60, env=shell[1],
     )
+
+
+def _android_shell(tmp_path: Path) -> tuple[str, dict]:
+    """mksh (Android's shell) with toybox's tar, timeout, sleep and mkdir first on PATH, as
+    on a phone; skips where Debian's mksh and toybox packages are not installed."""
+    mksh, toybox = shutil.which("mksh"), shutil.which("toybox")
+    if not (mksh and toybox):
+        pytest.skip("needs mksh and toybox (apt-get install mksh toybox)")
+    tools = tmp_path / "toybox-bin"
+    tools.mkdir()
+    for name in ("tar", "timeout", "sleep", "mkdir", "cat", "taskset"):
+        (tools / name).symlink_to(toybox)
+    return mksh, {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 def test_runner_records_status_and_output_of_every_model(tmp_path):
@@ -229,14 +256,95 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
     assert records["m001_crash.tflite"].output == "ERROR: kernel failed"
     assert (tmp_path / "calls.log").read_text().splitlines()[0] == f"--graph={batch}/models/m000_ok.tflite"
     assert (batch / "lock").read_text() == ""  # released
-    assert sorted(p.name for p in (batch / "models").glob("*.done")) == [
-        "m000_ok.tflite.done", "m001_crash.tflite.done", "m002_hang.tflite.done"]
+    names = ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"]
+    assert (batch / "done.txt").read_text().splitlines() == names
+    assert (batch / "list.txt").read_text().splitlines() == names  # the archive's order
+    assert sorted(p.name for p in (batch / "models").iterdir()) == names
+    assert (batch / "models" / "m001_crash.tflite").read_bytes() == b"model m001_crash.tflite"
+
+
+def test_runner_on_android_shell_and_toybox_tools(tmp_path):
+    shell = _android_shell(tmp_path)
+    batch = _make_batch(tmp_path, ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"])
+    run = _run_runner(batch, _canned_benchmark(tmp_path), "--num_runs=4", timeout_s="1", shell=shell)
+    assert run.stdout.splitlines() == ["PHONEFIT_BATCH_DONE"], run.stdout + run.stderr
+    records = parse_runner_records((batch / "records.txt").read_text(), "T1")
+    assert {name: r.status for name, r in records.items()} == {"m000_ok.tflite": 0, "m001_crash.tflite": 134, "m002_hang.tflite": 124}
+    assert (batch.parent / "timeout_foreground").read_text() == "--foreground\n"  # toybox timeout has it
+
+
+def _hostile_archive(kind: str) -> bytes:
+    """An archive with one fine member, then one that must not be unpacked."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, data, link in (("m000_fine.tflite", b"fine", None), *_HOSTILE_MEMBERS[kind]):
+            member = tarfile.TarInfo(name)
+            if link is not None:
+                member.type, member.linkname = link
+            else:
+                member.size = len(data)
+            archive.addfile(member, io.BytesIO(data) if link is None else None)
+    return buffer.getvalue()
+
+
+# kind -> members ((name, data, (tar type, link target) or None)) after the fine one.
+_HOSTILE_MEMBERS = {
+    "parent": [("../escape.tflite", b"x", None)],
+    "deep-parent": [("../../escape.tflite", b"x", None)],
+    "absolute": [("/tmp/phonefit-escape.tflite", b"x", None)],
+    "subdirectory": [("sub/m001.tflite", b"x", None)],
+    "hidden": [(".m001.tflite", b"x", None)],
+    "space": [("m001 ../../escape.tflite", b"x", None)],
+    "newline": [("m001\n../escape.tflite", b"x", None)],
+    "symlink": [("m001_link.tflite", b"", (tarfile.SYMTYPE, "/etc/passwd"))],
+    "hardlink": [("m001_hard.tflite", b"", (tarfile.LNKTYPE, "m000_fine.tflite"))],
+    "directory": [("m001_dir", b"", (tarfile.DIRTYPE, ""))],
+    "long-name": [("a" * 120 + "/../../escape.tflite", b"x", None)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_HOSTILE_MEMBERS))
+def test_runner_refuses_an_unsafe_archive_before_unpacking(tmp_path, kind):
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    batch = work / "batch"
+    batch.mkdir()
+    (batch / "batch.tar").write_bytes(_hostile_archive(kind))
+    bench = _canned_benchmark(work)
+    run = _run_runner(batch, bench)
+    assert run.returncode == 3
+    assert run.stdout.startswith(f"PHONEFIT_ERROR refusing {batch}/batch.tar: member "), run.stdout
+    assert "is not a plain file with a safe name" in run.stdout
+    assert not (batch / "models").exists() and not (work / "calls.log").exists()  # nothing unpacked, nothing run
+    assert not list(tmp_path.rglob("*escape*")) and not Path("/tmp/phonefit-escape.tflite").exists()
+
+
+def test_hanging_up_the_runner_hangs_up_its_benchmark(tmp_path):
+    # What a dropped connection does on a phone: SIGHUP to the shell's process group.  The
+    # benchmark must go with it, not run on beside the runner that resumes the batch.
+    batch = _make_batch(tmp_path, ["m000_hang.tflite"])
+    bench = _canned_benchmark(tmp_path)
+    runner = subprocess.Popen(["/bin/sh", str(RUNNER), str(batch), str(bench), "60", "0", "-", "T1"],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    pid_file = tmp_path / "bench.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline and runner.poll() is None, "the benchmark never started"
+        time.sleep(0.02)
+    bench_pid = int(pid_file.read_text())
+    os.killpg(runner.pid, signal.SIGHUP)
+    runner.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while _alive(bench_pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(bench_pid)
+    assert "PHONEFIT_END" not in (batch / "records.txt").read_text()  # cut off: measured again on resume
 
 
 def test_runner_rerun_measures_only_unfinished_models(tmp_path):
     bench = _canned_benchmark(tmp_path)
     batch = _make_batch(tmp_path, ["a.tflite", "b.tflite", "c.tflite"])
-    (batch / "models" / "a.tflite.done").touch()  # measured before the connection dropped
+    (batch / "done.txt").write_text("a.tflite\n")  # measured before the connection dropped
     # ... and b was cut off in the middle of its output:
     (batch / "records.txt").write_text("PHONEFIT_BEGIN T1 a.tflite\nold\nPHONEFIT_END T1 a.tflite 0\nPHONEFIT_BEGIN T1 b.tflite\ncount=")
     run = _run_runner(batch, bench)
@@ -399,8 +507,9 @@ def test_disconnect_mid_batch_resumes_without_duplicates(tmp_path, tflite_models
             device.close()
         assert daemon.connections == 2
         # The two models finished before the drop are not run again; the one running when
-        # it dropped is (its record was cut off), whether or not it got to finish.
-        assert 6 <= daemon.models_run <= 7
+        # it dropped was hung up with its runner (timeout --foreground keeps it in the
+        # shell's group) and runs again: every model completed exactly once.
+        assert daemon.models_run == 6
     assert [model_id for model_id, _ in results] == [model_id for model_id, _ in models]
     assert all(isinstance(result, Measurement) for _, result in results), results
 
@@ -534,4 +643,6 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
     assert fingerprint["model"] == "Pixel 7" and fingerprint["soc"] == "GS201"
     assert len(frame) >= 3 and (frame["status"] == "ok").all(), frame[["key", "status", "error"]]
     assert (frame["median_us"] > 0).all() and frame["key"].is_unique
-    assert daemon.models_run == len(frame)
+    assert float(meta["invoke_overhead_us"]) > 0
+    # Every LUT entry once, plus the trivial model build_lut times for the invocation overhead.
+    assert daemon.models_run == len(frame) + OVERHEAD_REPEATS
