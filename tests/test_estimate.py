@@ -17,28 +17,34 @@ def _m(us: float) -> Measurement:
     return Measurement(median_us=us, mean_us=us, min_us=us, max_us=us, std_us=0.0, count=1)
 
 
-def _bilinear_table(path):
-    """Latency = 3 + 0.5 cin + 0.25 cout + 0.01 cin cout on a step-16 grid: bilinear is exact on it."""
+def _tiled_latency(cin: int, cout: int) -> float:
+    """A conv on 16-channel output tiles: linear in cin, a staircase in cout."""
+    tiles = -(-cout // 16)
+    return 3 + 0.5 * cin + 4.0 * tiles + 0.16 * cin * tiles
+
+
+def _tiled_table(path):
+    """Latency of `_tiled_latency` on a step-16 grid: the interpolation rule is exact on it."""
     table = LatencyTable.create(path, META)
     for cin in range(16, 129, 16):
         for cout in range(16, 129, 16):
-            table.record(CONV.replace(cin=cin, cout=cout), _m(3 + 0.5 * cin + 0.25 * cout + 0.01 * cin * cout))
+            table.record(CONV.replace(cin=cin, cout=cout), _m(_tiled_latency(cin, cout)))
     for c in range(16, 129, 16):
         table.record(LayerSpec("depthwise_conv2d", 16, 16, c, c, (3, 3)), _m(2.0 * c))
     return table
 
 
-def test_interpolation_is_bilinear_between_measured_neighbours(tmp_path):
-    with _bilinear_table(tmp_path / "lut.sqlite") as table:
+def test_interpolation_is_linear_in_cin_and_takes_the_tile_top_in_cout(tmp_path):
+    with _tiled_table(tmp_path / "lut.sqlite") as table:
         estimator = LatencyEstimator(table)
         for cin, cout in [(24, 40), (100, 17), (16, 120), (128, 72)]:
-            expected = 3 + 0.5 * cin + 0.25 * cout + 0.01 * cin * cout
-            assert estimator.spec_us(CONV.replace(cin=cin, cout=cout)) == pytest.approx(expected)
-        assert estimator.spec_us(LayerSpec("depthwise_conv2d", 16, 16, 40, 40, (3, 3))) == pytest.approx(80.0)
+            assert estimator.spec_us(CONV.replace(cin=cin, cout=cout)) == pytest.approx(_tiled_latency(cin, cout))
+        # a depthwise conv's channels are tiled too: 40 costs what 48 does
+        assert estimator.spec_us(LayerSpec("depthwise_conv2d", 16, 16, 40, 40, (3, 3))) == pytest.approx(96.0)
 
 
 def test_outside_the_measured_range_raises_naming_the_spec(tmp_path):
-    with _bilinear_table(tmp_path / "lut.sqlite") as table:
+    with _tiled_table(tmp_path / "lut.sqlite") as table:
         estimator = LatencyEstimator(table)
         beyond = CONV.replace(cin=136, cout=16)
         with pytest.raises(LutError, match=beyond.key):
@@ -63,9 +69,9 @@ def test_interpolation_error_on_held_out_measured_entries(tmp_path):
     table.record_many((s, _m(us)) for s, us in measured.items() if s not in held_out)
     estimator = LatencyEstimator(table)
     errors = [abs(estimator.spec_us(s) - measured[s]) / measured[s] for s in held_out]
-    # bilinear interpolation of real latencies: the typical held-out entry within 5%
-    assert len(errors) == 81 - 25
-    assert statistics.median(errors) < 0.05, f"median error {statistics.median(errors):.1%}"
+    # measured here: median 0.5%, 90th percentile 2.5% (bilinear in cout would give 9% and 19%)
+    assert len(errors) == 121 - 36
+    assert statistics.median(errors) < 0.03, f"median error {statistics.median(errors):.1%}: {sorted(errors)}"
 
 
 def test_estimate_of_a_model_is_the_sum_of_its_entries(tmp_path, tiny_v1):

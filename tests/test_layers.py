@@ -216,10 +216,13 @@ def test_specs_that_cannot_be_built_raise_saying_why(spec, message):
         naive_single_op_model(spec)
 
 
-def test_a_spec_the_converter_does_not_turn_into_one_op_is_refused():
-    # The converter reshapes one addend of a 1x1 ADD and broadcasts (MobileNetV2 at 32 px does this).
-    with pytest.raises(ProfilerError, match=r"made the ops \['RESHAPE', 'ADD'\] of the template add:f32:1x1x2:2.*not one ADD"):
-        SingleOpFactory().build(LayerSpec("add", 1, 1, 32, 32))
+def test_a_one_pixel_add_is_built_from_a_larger_template_as_one_add():
+    # The converter would reshape one addend of a 1x1 ADD and broadcast (MobileNetV2 at 32 px
+    # does this); the template is converted at 2x2 and rewritten to one equal-shaped ADD.
+    spec = LayerSpec("add", 1, 1, 32, 32)
+    [details] = op_details(SingleOpFactory().build(spec))
+    assert details["opcode"] == "ADD"
+    assert [t["shape"] for t in details["inputs"]] == [(1, 1, 1, 32)] * 2
 
 
 def test_anything_but_a_layer_spec_is_refused():
