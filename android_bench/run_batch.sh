@@ -3,14 +3,15 @@
 #
 #   sh run_batch.sh BATCH_DIR BENCHMARK_MODEL TIMEOUT_S COOLDOWN_S CPU_MASK TAG [FLAG ...]
 #
-# BATCH_DIR holds batch.tar, the batch's models in one POSIX (ustar) archive, in the order
-# they are to be measured: pushing one file instead of one per model saves a round trip
-# per model.  The runner first checks the archive's listing: every member must be a
-# regular file whose name is of [A-Za-z0-9._-] and does not start with a dot (so no
-# directory, absolute path, `..`, link or device), else it stops with PHONEFIT_ERROR
-# before anything is unpacked.  Then it unpacks the archive into BATCH_DIR/models/ (one
-# `tar` process for the whole batch) and writes the member names to BATCH_DIR/list.txt;
-# BATCH_DIR/unpacked marks that done.  For each model, in order, it runs
+# BATCH_DIR/models/batch.tar holds the batch's models in one POSIX (ustar) archive, in the
+# order they are to be measured: pushing one file instead of one per model saves a round
+# trip per model.  The runner first checks the archive's listing: every member must be a
+# regular file named NAME.tflite, NAME of [A-Za-z0-9._-] not starting with a dot (so no
+# directory, absolute path, `..`, link or device, and never batch.tar itself), else it
+# stops with PHONEFIT_ERROR before anything is unpacked.  Then it unpacks the archive
+# next to itself, into BATCH_DIR/models/ (one `tar` process for the whole batch), and
+# writes the member names to BATCH_DIR/list.txt; BATCH_DIR/unpacked marks that done.  For
+# each model, in order, it runs
 #     timeout TIMEOUT_S [taskset CPU_MASK] BENCHMARK_MODEL --graph=BATCH_DIR/models/NAME FLAG...
 # and appends one record to BATCH_DIR/records.txt:
 #     PHONEFIT_BEGIN TAG NAME
@@ -39,8 +40,8 @@
 # timeout (and taskset), and writes records and done.txt through descriptors opened once:
 # what a batch saves over one shell per model is not spent again on bookkeeping.
 #
-# POSIX sh only (runs on Android's mksh and on dash); external commands: tar (listing and
-# unpacking) and mkdir once per batch; timeout, taskset, sleep and the benchmark per model.
+# POSIX sh only (runs on Android's mksh and on dash); external commands: tar twice per
+# batch (listing, unpacking); timeout, taskset, sleep and the benchmark per model.
 
 if [ "$#" -lt 6 ]; then
     echo "PHONEFIT_ERROR usage: run_batch.sh BATCH_DIR BENCHMARK_MODEL TIMEOUT_S COOLDOWN_S CPU_MASK TAG [FLAG ...]"
@@ -64,15 +65,19 @@ fail() {
 # One line of `tar -tvf`, split into fields: a regular file (mode starting with `-`) with
 # a safe name has exactly six (mode, owner/group, size, date, time, name) with GNU tar
 # and toybox tar alike; a link adds "-> target" or "link to target".  Sets `member`.
+# (NAME.tflite only: the archive itself, models/batch.tar, is never overwritten.)
 check_member() {
     [ "$#" -eq 6 ] || return 1
     case "$1" in -*) ;; *) return 1 ;; esac
-    case "$6" in .* | *[!A-Za-z0-9._-]*) return 1 ;; esac
-    member=$6
+    case "$6" in
+        .* | *[!A-Za-z0-9._-]*) return 1 ;;
+        *.tflite) member=$6 ;;
+        *) return 1 ;;
+    esac
 }
 
 unpack() {
-    archive=$batch/batch.tar
+    archive=$models/batch.tar
     [ -f "$archive" ] || fail "no batch archive at $archive"
     command -v tar >/dev/null 2>&1 || fail "the phone has no tar command (toybox tar)"
     tar -tvf "$archive" > "$batch/listing.txt" 2>&1 || fail "cannot list $archive: $(cat "$batch/listing.txt")"
@@ -81,11 +86,10 @@ unpack() {
     exec 5> "$batch/list.txt"
     while IFS= read -r line || [ -n "$line" ]; do
         # shellcheck disable=SC2086  # split on purpose (globbing is off)
-        check_member $line || fail "refusing $archive: member '$line' is not a plain file with a safe name"
+        check_member $line || fail "refusing $archive: member '$line' is not a plain .tflite file with a safe name"
         printf '%s\n' "$member" >&5
     done < "$batch/listing.txt"
     exec 5>&-
-    mkdir -p "$models" || fail "cannot make $models"
     # -o: no ownership from the archive; -m: no mtimes (one system call less per model)
     tar -x -o -m -f "$archive" -C "$models" || fail "cannot unpack $archive into $models"
     : > "$batch/unpacked"

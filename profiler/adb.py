@@ -241,7 +241,8 @@ class _Batch:
     directory: str
     tag: str
     entries: list[tuple[str, bytes, str]]  # (model_id, tflite, remote file name)
-    archive: bytes  # the entries' models in one ustar archive, pushed as batch.tar
+    archive: bytes  # the entries' models in one ustar archive, pushed as models/batch.tar
+    read_battery: bool  # whether the runner's shell call also reads the battery temperature
     pushed: bool = False
 
 
@@ -357,7 +358,7 @@ class AdbDevice:
         with_reference = self._reference is not None and 0 < self._settings.drift_every <= self._since_reference
         entries = batch + ([(_REFERENCE, self._reference[0])] if with_reference else [])
         for pause in itertools.count():
-            results = self._run_batch(entries)
+            results = self._run_batch(entries, read_battery=with_reference)
             if not with_reference:
                 break
             reference, _ = results.pop()
@@ -400,10 +401,10 @@ class AdbDevice:
         self._sleep(settings.drift_pause_s)
         return True
 
-    def _run_batch(self, entries: list[tuple[str, bytes]]) -> list[tuple[object, bool]]:
+    def _run_batch(self, entries: list[tuple[str, bytes]], read_battery: bool) -> list[tuple[object, bool]]:
         directory = f"{self._session}/b{next(self._batches):05d}"
         named = [(model_id, data, _remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)]
-        batch = _Batch(directory, secrets.token_hex(6), named, _batch_archive(named))
+        batch = _Batch(directory, secrets.token_hex(6), named, _batch_archive(named), read_battery)
         records = self._retrying(lambda: self._run_batch_once(batch))
         self._previous_batch = directory
         timeout_s = self._run.model_timeout_s
@@ -413,8 +414,8 @@ class AdbDevice:
         """Push the archive unless it is there, run (or resume) the runner, pull the records."""
         adb = self._adb
         if not batch.pushed:
-            # The phone makes the batch's directory as the file arrives (adbd's SEND makes parents).
-            _push_files(adb, [(f"{batch.directory}/batch.tar", batch.archive, _FILE_MODE)])
+            # The phone makes the batch's directories as the file arrives (adbd's SEND makes parents).
+            _push_files(adb, [(f"{batch.directory}/models/batch.tar", batch.archive, _FILE_MODE)])
             batch.pushed = True
         output = adb.shell(self._runner_command(batch), transport_timeout_s=self._silence_limit_s(),
                            read_timeout_s=self._silence_limit_s())
@@ -435,10 +436,12 @@ class AdbDevice:
             "sh", f"{remote}/run_batch.sh", batch.directory, f"{remote}/benchmark_model",
             f"{run.model_timeout_s:g}", f"{run.cooldown_s:g}", run.taskset or "-", batch.tag, *self._flags,
         ]
-        # The previous batch's files go, and the battery temperature after the batch (it
-        # shows throttling) comes, in this same round trip.
+        # The previous batch's files go in this same round trip.  So does the battery
+        # temperature after a batch that re-measures the drift reference (a drift event
+        # records it: it shows throttling); other batches skip dumpsys, a costly process.
         cleanup = f"rm -rf {shlex.quote(self._previous_batch)}; " if self._previous_batch else ""
-        return cleanup + " ".join(map(shlex.quote, argv)) + "; echo PHONEFIT_BATTERY; dumpsys battery 2>/dev/null"
+        battery = "; echo PHONEFIT_BATTERY; dumpsys battery 2>/dev/null" if batch.read_battery else ""
+        return cleanup + " ".join(map(shlex.quote, argv)) + battery
 
     def _silence_limit_s(self) -> float:
         """How long the runner's shell may stay silent before the link counts as dead.

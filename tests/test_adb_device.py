@@ -195,10 +195,10 @@ def test_missing_adb_key_is_generated_private(tmp_path):
 
 # ---------------------------------------------------------------- the runner, under /bin/sh
 def _make_batch(tmp_path: Path, names: list[str]) -> Path:
-    """A batch directory as AdbDevice pushes it: the models in batch.tar, nothing else."""
+    """A batch directory as AdbDevice pushes it: the models in models/batch.tar, nothing else."""
     batch = tmp_path / "batch"
-    batch.mkdir()
-    (batch / "batch.tar").write_bytes(_batch_archive([(name, f"model {name}".encode(), name) for name in names]))
+    (batch / "models").mkdir(parents=True)
+    (batch / "models" / "batch.tar").write_bytes(_batch_archive([(name, f"model {name}".encode(), name) for name in names]))
     return batch
 
 
@@ -259,7 +259,7 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
     names = ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"]
     assert (batch / "done.txt").read_text().splitlines() == names
     assert (batch / "list.txt").read_text().splitlines() == names  # the archive's order
-    assert sorted(p.name for p in (batch / "models").iterdir()) == names
+    assert sorted(p.name for p in (batch / "models").iterdir()) == ["batch.tar", *names]
     assert (batch / "models" / "m001_crash.tflite").read_bytes() == b"model m001_crash.tflite"
 
 
@@ -300,6 +300,7 @@ _HOSTILE_MEMBERS = {
     "hardlink": [("m001_hard.tflite", b"", (tarfile.LNKTYPE, "m000_fine.tflite"))],
     "directory": [("m001_dir", b"", (tarfile.DIRTYPE, ""))],
     "long-name": [("a" * 120 + "/../../escape.tflite", b"x", None)],
+    "not-a-model": [("batch.tar", b"x", None)],  # would replace the archive being read
 }
 
 
@@ -308,14 +309,15 @@ def test_runner_refuses_an_unsafe_archive_before_unpacking(tmp_path, kind):
     work = tmp_path / "deep" / "er"
     work.mkdir(parents=True)
     batch = work / "batch"
-    batch.mkdir()
-    (batch / "batch.tar").write_bytes(_hostile_archive(kind))
+    (batch / "models").mkdir(parents=True)
+    (batch / "models" / "batch.tar").write_bytes(_hostile_archive(kind))
     bench = _canned_benchmark(work)
     run = _run_runner(batch, bench)
     assert run.returncode == 3
-    assert run.stdout.startswith(f"PHONEFIT_ERROR refusing {batch}/batch.tar: member "), run.stdout
-    assert "is not a plain file with a safe name" in run.stdout
-    assert not (batch / "models").exists() and not (work / "calls.log").exists()  # nothing unpacked, nothing run
+    assert run.stdout.startswith(f"PHONEFIT_ERROR refusing {batch}/models/batch.tar: member "), run.stdout
+    assert "is not a plain .tflite file with a safe name" in run.stdout
+    assert [p.name for p in (batch / "models").iterdir()] == ["batch.tar"]  # nothing unpacked
+    assert not (work / "calls.log").exists()  # nothing run
     assert not list(tmp_path.rglob("*escape*")) and not Path("/tmp/phonefit-escape.tflite").exists()
 
 
