@@ -117,7 +117,10 @@ def _open_devices(args, meta: dict) -> tuple[object, object, str | None]:
     from profiler.errors import ProfilerError
 
     name = args.device or meta.get("device")
-    backend, threads = meta.get("backend", "cpu"), int(meta.get("threads", "1"))
+    backend, threads = meta.get("backend", "cpu"), meta.get("threads", "1")
+    if not threads.isdigit():
+        raise AdapterError(f"The LUT {args.lut} is malformed: its meta says threads={threads!r}; expected an integer.")
+    threads = int(threads)
     try:
         lut_device = open_device(name, backend=backend, threads=threads, devices_file=args.devices)
         check = lut_device if name != "host" else open_final_check_device(name, backend=backend, threads=threads)

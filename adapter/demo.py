@@ -35,7 +35,7 @@ class DemoSettings:
     base_epochs: int = 3
     lut_step: int = 16  # 1,488 LUT entries (step 8 would take 5,698, ~4× longer to measure)
     budget: str = "0.6"
-    initial_reduction: float = 0.08  # with decay 0.96: about 6 iterations to remove 40%
+    initial_reduction: float = 0.05  # with decay 0.96: about 9 iterations to remove 40%
     decay: float = 0.96
     short_term_steps: int = 20
     holdout: int = 1000

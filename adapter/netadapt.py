@@ -236,13 +236,12 @@ class _GroupLatency:
     A spec's channel fields are affine in a group's channel count (a direct consumer:
     slope 1; a Flatten before a Dense: slope H×W; a Concatenate adds an offset), so the
     specs of any count follow from the model's specs and those with the group one
-    channel smaller.
+    channel smaller, without walking the model again.
     """
 
     def __init__(self, model, groups, estimator, specs_of: Callable):
         self.estimator, self.groups = estimator, {g.id: g for g in groups}
         self.base = specs_of(model, {})
-        self._base_us: list[float] | None = None
         self._slopes: dict[str, list[tuple[int, int, int]]] = {}
         for group in groups:
             if group.size > 1:
@@ -254,28 +253,27 @@ class _GroupLatency:
                 ]
 
     @property
-    def base_us(self) -> list[float]:
-        """The LUT latency of each spec of the current model (once the LUT can estimate them)."""
-        if self._base_us is None:
-            self._base_us = [self.estimator.spec_us(spec) for spec in self.base]
-        return self._base_us
-
-    @property
     def total_ms(self) -> float:
-        return sum(self.base_us) / 1000
+        """The estimate of the current model."""
+        return self.estimator.total_us(self.base) / 1000
 
     def specs_at(self, group_id: str, count: int) -> list:
+        """The specs that change when the group has `count` channels, at that count."""
+        return [spec for _, spec in self._changed(group_id, count)]
+
+    def _changed(self, group_id: str, count: int):
         removed = self.groups[group_id].size - count
-        return [
-            self.base[i].replace(cin=self.base[i].cin - removed * d_in, cout=self.base[i].cout - removed * d_out)
-            for i, d_in, d_out in self._slopes.get(group_id, [])
-        ]
+        for i, d_in, d_out in self._slopes.get(group_id, []):
+            spec = self.base[i]
+            yield i, spec.replace(cin=spec.cin - removed * d_in, cout=spec.cout - removed * d_out)
 
     def total_ms_at(self, group_id: str, count: int) -> float:
-        slopes = self._slopes.get(group_id, [])
-        old = sum(self.base_us[i] for i, _, _ in slopes)
-        new = sum(self.estimator.spec_us(spec) for spec in self.specs_at(group_id, count))
-        return (sum(self.base_us) - old + new) / 1000
+        """The estimate of the model with the group at `count` channels (as `estimator.total_us`
+        computes it for the whole model)."""
+        specs = list(self.base)
+        for i, spec in self._changed(group_id, count):
+            specs[i] = spec
+        return self.estimator.total_us(specs) / 1000
 
     def candidates(self, group_id: str, step: int) -> list[int]:
         """Counts on the grid below the group's current size, largest first."""

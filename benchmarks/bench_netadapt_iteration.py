@@ -106,12 +106,17 @@ def main() -> int:
         previous = netadapt.IterationRecord(0, "", 0, {}, run.original_ms, run.original_ms, 0.0, 0, 0.0)
         records, current = [], model
         for iteration in (1, 2):
+            cpu, load = time.process_time(), os.getloadavg()[0]
             record, _, current_next = netadapt.run_iteration(run, iteration, current, previous)
+            cpu = time.process_time() - cpu
             records.append((record, current))
-            print(f"iteration {iteration}: {record.proposals} proposals, {record.seconds:.1f} s "
+            print(f"iteration {iteration}: {record.proposals} proposals, {record.seconds:.1f} s wall, {cpu:.1f} s CPU "
+                  f"of this process on {os.cpu_count()} cores, load average {load:.1f} → {os.getloadavg()[0]:.1f} "
                   f"(chose {record.group} → {record.count}, estimated {record.estimated_ms:.4g} ms)", flush=True)
             previous, current = record, current_next
         _report(records[1][0], args.steps, args.batch_size)
+        print(f"  (on an otherwise idle machine the wall time is about the CPU time / {os.cpu_count()}, "
+              "TensorFlow using every core)")
         steady_model = records[1][1]
         naive_lut = _naive_estimation(run, steady_model, records[1][0], records[1][0].target_ms)
         print(f"\nnaive LUT estimation (whole-model specs per candidate): {naive_lut:.2f} s "

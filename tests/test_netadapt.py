@@ -46,7 +46,8 @@ def synthetic_us(spec) -> float:
 def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=()):
     from profiler.plan import plan_specs
 
-    meta = {"device": device, "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "step": step}
+    meta = {"device": device, "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "step": step,
+            "invoke_overhead_us": 0.4}  # what a model pays once, not once per op
     with LatencyTable.create(path, meta) as table:
         rows = []
         for spec in plan_specs(models, step):
