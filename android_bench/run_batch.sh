@@ -34,14 +34,20 @@
 # found out once per session (SESSION_DIR/timeout_foreground, SESSION_DIR being the
 # parent of BATCH_DIR).
 #
+# Clean-up: once it has answered PHONEFIT_BATCH_DONE, the runner removes BATCH_DIR/models
+# in the background (immune to the hang-up that follows the shell's end), so the phone
+# deletes while the host pulls the records and sends the next batch; SESSION_DIR/sweeping
+# exists meanwhile, and the next runner waits for it to go before it measures anything.
+# The records and the other small files stay until the session directory is removed.
+#
 # Standard output: PHONEFIT_ALIVE every 10 seconds (so the host can tell a slow batch from
 # a dead link), PHONEFIT_WAIT while waiting for an older runner, PHONEFIT_BATCH_DONE at
 # the end, PHONEFIT_ERROR on a setup problem (exit 3).  Per model the loop forks only
 # timeout (and taskset), and writes records and done.txt through descriptors opened once:
 # what a batch saves over one shell per model is not spent again on bookkeeping.
 #
-# POSIX sh only (runs on Android's mksh and on dash); external commands: tar twice per
-# batch (listing, unpacking); timeout, taskset, sleep and the benchmark per model.
+# POSIX sh only (runs on Android's mksh and on dash); external commands: tar twice and rm
+# once per batch; timeout, taskset, sleep and the benchmark per model.
 
 if [ "$#" -lt 6 ]; then
     echo "PHONEFIT_ERROR usage: run_batch.sh BATCH_DIR BENCHMARK_MODEL TIMEOUT_S COOLDOWN_S CPU_MASK TAG [FLAG ...]"
@@ -55,6 +61,7 @@ mask=$5
 tag=$6
 shift 6
 models=$batch/models
+sweeping=${batch%/*}/sweeping
 set -f  # no globbing anywhere: names come from the archive
 
 fail() {
@@ -147,6 +154,13 @@ fi
 printf '' >> "$batch/records.txt" && printf '' >> "$batch/done.txt" || fail "cannot write to $batch"
 exec 3>> "$batch/records.txt" 4>> "$batch/done.txt"
 
+# The previous batch's models may still be being removed: measure nothing meanwhile.
+tries=0
+while [ -e "$sweeping" ] && [ "$tries" -lt 100 ]; do
+    sleep 0.1
+    tries=$((tries + 1))
+done
+
 measured=0
 while IFS= read -r name || [ -n "$name" ]; do
     [ -n "$name" ] || continue
@@ -170,3 +184,5 @@ while IFS= read -r name || [ -n "$name" ]; do
     measured=$((measured + 1))
 done < "$batch/list.txt"
 echo "PHONEFIT_BATCH_DONE"
+: > "$sweeping"
+(trap '' HUP; exec rm -rf "$models" "$sweeping") < /dev/null > /dev/null 2>&1 &

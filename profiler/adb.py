@@ -9,7 +9,8 @@ are measured in batches, because a round trip per entry costs more than a 50 µs
 2. ONE shell call runs `android_bench/run_batch.sh`, which checks the archive's listing
    (plain files with safe names only), unpacks it inside the batch's directory with one
    `tar`, benchmarks every model and appends a framed record per model (output + exit
-   status, since adb's shell service returns none) to the batch's `records.txt`;
+   status, since adb's shell service returns none) to the batch's `records.txt`, then
+   removes the models in the background while the host goes on;
 3. `records.txt` is pulled and each record becomes a `Measurement` or a
    `MeasurementFailure` (crash with its exit status, timeout, unreadable output, or a GPU
    delegate that did not take the whole graph — never a GPU latency).
@@ -272,7 +273,6 @@ class AdbDevice:
         self._flags = self._benchmark_flags()
         self._session = f"{settings.remote_dir}/runs/{secrets.token_hex(4)}"
         self._batches = itertools.count()
-        self._previous_batch: str | None = None
         self._reference: tuple[bytes, float] | None = None  # (model, baseline median)
         self._since_reference = 0
         self.drift_events: list[dict[str, object]] = []
@@ -406,7 +406,6 @@ class AdbDevice:
         named = [(model_id, data, _remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)]
         batch = _Batch(directory, secrets.token_hex(6), named, _batch_archive(named), read_battery)
         records = self._retrying(lambda: self._run_batch_once(batch))
-        self._previous_batch = directory
         timeout_s = self._run.model_timeout_s
         return [_result_from_record(records.get(name), self.backend, timeout_s) for _, _, name in batch.entries]
 
@@ -436,12 +435,11 @@ class AdbDevice:
             "sh", f"{remote}/run_batch.sh", batch.directory, f"{remote}/benchmark_model",
             f"{run.model_timeout_s:g}", f"{run.cooldown_s:g}", run.taskset or "-", batch.tag, *self._flags,
         ]
-        # The previous batch's files go in this same round trip.  So does the battery
-        # temperature after a batch that re-measures the drift reference (a drift event
-        # records it: it shows throttling); other batches skip dumpsys, a costly process.
-        cleanup = f"rm -rf {shlex.quote(self._previous_batch)}; " if self._previous_batch else ""
+        # The battery temperature after a batch that re-measures the drift reference comes
+        # in this same round trip (a drift event records it: it shows throttling); other
+        # batches skip dumpsys, a costly process.  (The runner removes its models itself.)
         battery = "; echo PHONEFIT_BATTERY; dumpsys battery 2>/dev/null" if batch.read_battery else ""
-        return cleanup + " ".join(map(shlex.quote, argv)) + battery
+        return " ".join(map(shlex.quote, argv)) + battery
 
     def _silence_limit_s(self) -> float:
         """How long the runner's shell may stay silent before the link counts as dead.

@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -513,6 +514,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _process_group(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[2])
+    except OSError:
+        return None
+
+
+def _ignores_hup(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(ignored, 16) & 1 << (signal.SIGHUP - 1))
+
+
 def _wait_until(condition, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition() and time.monotonic() < deadline:
@@ -539,6 +556,8 @@ def test_a_lost_connection_hangs_up_the_shells_group_and_closing_kills_its_sessi
                 break
         pids = {name: int(pid) for name, pid in (line.split() for line in text.splitlines())}
         assert all(_alive(pid) for pid in pids.values())
+        # Before hanging up: timeout has made its group, and nohup ignores SIGHUP.
+        assert _wait_until(lambda: _process_group(pids["own_group"]) == pids["own_group"] and _ignores_hup(pids["nohup"]))
         device.close()  # the connection is lost: the daemon hangs up its commands
         assert _wait_until(lambda: not _alive(pids["in_group"]) and not _alive(pids["foreground"]))
         assert _alive(pids["own_group"]) and _alive(pids["nohup"])

@@ -209,6 +209,7 @@ def _canned_benchmark(tmp_path: Path) -> Path:
         "#!/bin/sh\n"
         'echo "$1" >> "$(dirname "$0")/calls.log"\n'
         'echo "$$" > "$(dirname "$0")/bench.pid"\n'
+        '{ cat "${1#--graph=}"; echo; } >> "$(dirname "$0")/contents.log"\n'
         'case "$1" in *crash*) echo "ERROR: kernel failed"; exit 134;; *hang*) sleep 30;; esac\n'
         'echo "count=4 first=12 curr=10 min=9 max=12 avg=10.5 std=1"\n'
         'echo "Inference timings in us: Init: 5, First inference: 12, Warmup (avg): 11, Inference (avg): 10.5"\n'
@@ -238,6 +239,13 @@ def _android_shell(tmp_path: Path) -> tuple[str, dict]:
     return mksh, {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
 def _alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
     try:
@@ -259,8 +267,9 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
     names = ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"]
     assert (batch / "done.txt").read_text().splitlines() == names
     assert (batch / "list.txt").read_text().splitlines() == names  # the archive's order
-    assert sorted(p.name for p in (batch / "models").iterdir()) == ["batch.tar", *names]
-    assert (batch / "models" / "m001_crash.tflite").read_bytes() == b"model m001_crash.tflite"
+    assert (tmp_path / "contents.log").read_text().splitlines() == [f"model {name}" for name in names]
+    # Answered, the runner removes the models (in the background).
+    assert _wait_until(lambda: not (batch / "models").exists() and not (tmp_path / "sweeping").exists())
 
 
 def test_runner_on_android_shell_and_toybox_tools(tmp_path):
@@ -367,6 +376,23 @@ def test_runner_waits_for_a_live_runner_of_the_same_batch(tmp_path):
     assert time.monotonic() - start >= 1.5
     assert run.stdout.splitlines()[0] == f"PHONEFIT_WAIT {holder.pid}"
     assert run.stdout.splitlines()[-1] == "PHONEFIT_BATCH_DONE"
+
+
+def test_runner_measures_nothing_while_the_previous_batch_is_removed(tmp_path):
+    batch = _make_batch(tmp_path, ["a.tflite"])
+    sweeping = tmp_path / "sweeping"  # the previous runner's background clean-up, still going
+    sweeping.touch()
+    removed_at = []
+
+    def finish_clean_up():
+        removed_at.append(time.time())
+        sweeping.unlink()
+
+    threading.Timer(1.0, finish_clean_up).start()
+    run = _run_runner(batch, _canned_benchmark(tmp_path))
+    assert run.stdout.splitlines() == ["PHONEFIT_BATCH_DONE"]
+    # The benchmark ran after the clean-up ended (file times lag the clock by a tick at most).
+    assert (tmp_path / "calls.log").stat().st_mtime >= removed_at[0] - 0.02
 
 
 def test_runner_takes_over_the_lock_of_a_killed_runner(tmp_path):
