@@ -5,15 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from lut.latency import LatencyEstimator, specs_of  # noqa: E402
-from lut.spec import LutError  # noqa: E402
-from lut.table import LatencyTable  # noqa: E402
+from lut.latency import LatencyEstimator, specs_of
+from lut.quiet_tf import import_tensorflow_quietly
+from lut.spec import LutError
+from lut.table import LatencyTable
 
 __all__ = ["main"]
 
@@ -27,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", help="a .keras or .tflite file")
     parser.add_argument("--per-op", action="store_true", help="also print every op with its latency")
     args = parser.parse_args(argv)
+    import_tensorflow_quietly()
     try:
         with LatencyTable.open(args.lut) as table:
             estimator = LatencyEstimator(table)

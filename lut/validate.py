@@ -20,11 +20,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from lut.latency import LatencyEstimator, specs_of  # noqa: E402
-from lut.spec import LutError  # noqa: E402
-from lut.table import LatencyTable, MeasurementFailure  # noqa: E402
+from lut.latency import LatencyEstimator, specs_of
+from lut.quiet_tf import import_tensorflow_quietly
+from lut.spec import LutError
+from lut.table import LatencyTable, MeasurementFailure
 
 __all__ = ["summarize", "validate", "main"]
 
@@ -124,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    import_tensorflow_quietly()
 
     from lut.models import load_model
     from profiler.devices import open_device

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LayerSpec, LutError
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.errors import ProfilerError
@@ -145,6 +146,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    import_tensorflow_quietly()
     from lut.models import load_model
     from profiler.devices import open_device
     from profiler.plan import plan_specs
