@@ -63,6 +63,8 @@ shift 6
 models=$batch/models
 sweeping=${batch%/*}/sweeping
 set -f  # no globbing anywhere: names come from the archive
+nl='
+'
 
 fail() {
     echo "PHONEFIT_ERROR $*"
@@ -83,20 +85,23 @@ check_member() {
     esac
 }
 
+# Checks the archive, writes list.txt, unpacks; sets `names` (one per line).  Lines are
+# taken from a variable, not with `read`: dash's read costs a system call per byte.
 unpack() {
     archive=$models/batch.tar
     [ -f "$archive" ] || fail "no batch archive at $archive"
     command -v tar >/dev/null 2>&1 || fail "the phone has no tar command (toybox tar)"
-    tar -tvf "$archive" > "$batch/listing.txt" 2>&1 || fail "cannot list $archive: $(cat "$batch/listing.txt")"
-    # (A failed redirection of `exec` ends the shell: check with a plain builtin first.)
-    printf '' > "$batch/list.txt" || fail "cannot write to $batch"
-    exec 5> "$batch/list.txt"
-    while IFS= read -r line || [ -n "$line" ]; do
+    listing=$(tar -tvf "$archive" 2>&1) || fail "cannot list $archive: $listing"
+    names=
+    IFS=$nl
+    for line in $listing; do
+        IFS=' '
         # shellcheck disable=SC2086  # split on purpose (globbing is off)
         check_member $line || fail "refusing $archive: member '$line' is not a plain .tflite file with a safe name"
-        printf '%s\n' "$member" >&5
-    done < "$batch/listing.txt"
-    exec 5>&-
+        names=$names$member$nl
+    done
+    unset IFS
+    printf '%s' "$names" > "$batch/list.txt" || fail "cannot write to $batch"
     # -o: no ownership from the archive; -m: no mtimes (one system call less per model)
     tar -x -o -m -f "$archive" -C "$models" || fail "cannot unpack $archive into $models"
     : > "$batch/unpacked"
@@ -144,7 +149,12 @@ heartbeat=$!
 # Only EXIT: trapping signals makes dash wait for each child more slowly.
 trap 'kill "$heartbeat" 2>/dev/null; : > "$batch/lock"' EXIT
 
-[ -f "$batch/unpacked" ] || unpack
+if [ -f "$batch/unpacked" ]; then  # resumed: the list is there
+    names=
+    while IFS= read -r name; do names=$names$name$nl; done < "$batch/list.txt"
+else
+    unpack
+fi
 find_foreground
 # Names already measured, each between spaces (read after taking the lock: final).
 finished=
@@ -162,8 +172,9 @@ while [ -e "$sweeping" ] && [ "$tries" -lt 100 ]; do
 done
 
 measured=0
-while IFS= read -r name || [ -n "$name" ]; do
-    [ -n "$name" ] || continue
+IFS=$nl
+for name in $names; do
+    unset IFS
     if [ -n "$finished" ]; then
         case "$finished" in *" $name "*) continue ;; esac
     fi
@@ -182,7 +193,8 @@ while IFS= read -r name || [ -n "$name" ]; do
     printf '\nPHONEFIT_END %s %s %s\n' "$tag" "$name" "$status" >&3
     printf '%s\n' "$name" >&4
     measured=$((measured + 1))
-done < "$batch/list.txt"
+done
+unset IFS
 echo "PHONEFIT_BATCH_DONE"
 : > "$sweeping"
 (trap '' HUP; exec rm -rf "$models" "$sweeping") < /dev/null > /dev/null 2>&1 &

@@ -39,7 +39,6 @@ import re
 import secrets
 import shlex
 import struct
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -64,6 +63,7 @@ _FILE_MODE = 0o100644
 _EXEC_MODE = 0o100755
 _SETUP_TIMEOUT_S = 60.0
 _SYNC_DATA_MAX = 64 * 1024  # the largest DATA chunk of adb's sync protocol
+_TAR_BLOCK = 512
 # ELF e_machine -> the Android ABIs that run it.
 _ELF_MACHINES = {0xB7: ("arm64-v8a",), 0x28: ("armeabi-v7a", "armeabi"), 0x3E: ("x86_64",), 0x03: ("x86",)}
 _PROPS = {
@@ -644,17 +644,27 @@ class AdbDevice:
 
 # ---------------------------------------------------------------- helpers
 def _batch_archive(entries: list[tuple[str, bytes, str]]) -> bytes:
-    """The models of `entries` ((model_id, tflite, remote name)) as one ustar archive, in order.
+    """The models of `entries` ((model_id, tflite, remote name)) as one POSIX ustar archive,
+    in order: plain files, mode 0644, owner 0 without names (run_batch.sh accepts only plain
+    files).  Written directly: the format is fixed, and tarfile takes 25 µs a member."""
+    mtime = int(time.time())
+    parts = [_ustar_member(name, data, mtime) for _, data, name in entries]
+    return b"".join(parts) + bytes(2 * _TAR_BLOCK)  # two zero blocks end an archive
 
-    Plain files with mode 0644 and no owner names: run_batch.sh accepts nothing else.
-    """
-    buffer, mtime = io.BytesIO(), int(time.time())
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for _, data, name in entries:
-            member = tarfile.TarInfo(name)
-            member.size, member.mode, member.mtime = len(data), 0o644, mtime
-            archive.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
+
+def _ustar_member(name: str, data: bytes, mtime: int) -> bytes:
+    """A 512-byte ustar header for a regular file, then `data` padded to whole blocks."""
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"A ustar member name has at most 100 bytes. Received: {name!r} ({len(encoded)} bytes).")
+    header = bytearray(_TAR_BLOCK)
+    for offset, value in ((0, encoded), (100, b"0000644\0"), (108, b"0000000\0"), (116, b"0000000\0"),
+                          (124, b"%011o\0" % len(data)), (136, b"%011o\0" % mtime), (156, b"0"),
+                          (257, b"ustar\x0000")):
+        header[offset : offset + len(value)] = value
+    header[148:156] = b"        "  # the checksum counts its own field as spaces
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data + bytes(-len(data) % _TAR_BLOCK)
 
 
 def _push_files(adb, files: list[tuple[str, bytes, int]]) -> None:

@@ -272,6 +272,20 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
     assert _wait_until(lambda: not (batch / "models").exists() and not (tmp_path / "sweeping").exists())
 
 
+def test_batch_archive_is_a_plain_ustar_archive():
+    entries = [(f"id{i}", bytes(range(256)) * 3 + b"x" * i, f"m{i:03d}_conv2d.tflite") for i in range(3)]
+    entries.append(("empty", b"", "m003_empty.tflite"))
+    archive = _batch_archive(entries)
+    assert len(archive) % 512 == 0 and archive.endswith(bytes(1024))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as read:  # checks every header's checksum
+        members = read.getmembers()
+        assert [m.name for m in members] == [name for _, _, name in entries]
+        assert all(m.isreg() and m.mode == 0o644 and (m.uid, m.gid, m.uname, m.gname) == (0, 0, "", "") for m in members)
+        assert [read.extractfile(m).read() for m in members] == [data for _, data, _ in entries]
+    with pytest.raises(ValueError, match="at most 100 bytes"):
+        _batch_archive([("x", b"", "m" * 101)])
+
+
 def test_runner_on_android_shell_and_toybox_tools(tmp_path):
     shell = _android_shell(tmp_path)
     batch = _make_batch(tmp_path, ["m000_ok.tflite", "m001_crash.tflite", "m002_hang.tflite"])
