@@ -239,7 +239,8 @@ def _budget_fields(config, result, original: dict, adapted: dict) -> dict:
         measured_budget = budget.value * original["measured_ms"] if budget.relative else budget.value
     limit = None if measured_budget is None else measured_budget * (1 + MEASURING_TOLERANCE)
     return {
-        "spec": str(budget), "estimated_ms": result.budget_ms, "measured_ms": measured_budget,
+        "spec": str(budget), "estimated_ms": result.budget_ms, "calibrated_by_measured_ms": result.measured_original_ms,
+        "measured_ms": measured_budget,
         "tolerance": MEASURING_TOLERANCE, "measured_limit_ms": limit,
         "met_by_estimate": adapted["estimated_ms"] <= result.budget_ms + 1e-9,
         "met_measured": None if limit is None or adapted["measured_ms"] is None else adapted["measured_ms"] <= limit,
@@ -272,7 +273,10 @@ def _adapt(args) -> int:
     setup = _setup(args)
     out = Path(args.out)
     start = time.perf_counter()
-    result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device, resume=args.resume)
+    resuming = args.resume and (out / "history.csv").is_file()
+    measured = None if resuming else _measure_original(setup, out)
+    result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
+                          measured_original_ms=measured, resume=args.resume)
     search_seconds = sum(r.seconds for r in result.history)
     long_start = time.perf_counter()
     adapted, _ = _long_term(args, setup, result, config, out)
@@ -292,6 +296,21 @@ def _adapt(args) -> int:
     json_path, md_path = write_report(out, report, result.history)
     _print_summary(report, md_path)
     return 0
+
+
+def _measure_original(setup: _Setup, out: Path) -> float | None:
+    """The original's latency on the device (None without one): it calibrates the budget."""
+    from adapter.export import export_tflite, measure_models
+
+    if setup.check_device is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    tflite = export_tflite(setup.model, out / "original.tflite")
+    measured = measure_models(setup.check_device, {"original": tflite})["original"]
+    if measured.median_ms is None:
+        raise AdapterError(f"Could not measure the original model on {setup.device_name}: {measured.error}")
+    print(f"the original measures {measured.median_ms:.4g} ms on {setup.device_name}", flush=True)
+    return measured.median_ms
 
 
 def _lut_fields(path: str, table, step: int) -> dict:
@@ -317,7 +336,6 @@ def _print_summary(report: dict, md_path: Path) -> None:
 
 
 def _baseline_only(args) -> int:
-    from adapter.export import export_tflite, measure_models
     from adapter.netadapt import Budget, ensure_estimable, estimate_ms
     from lut.keras_specs import specs_of_keras
 
@@ -326,13 +344,9 @@ def _baseline_only(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget.parse(args.budget)
     ensure_estimable(setup.estimator, specs_of_keras(setup.model), setup.lut_device)
-    budget_ms = budget.ms(estimate_ms(setup.estimator, setup.model))
-    measured_budget = None
-    if setup.check_device is not None and budget.relative:
-        original = measure_models(setup.check_device, {"original": export_tflite(setup.model, out / "original.tflite")})
-        measured_budget = budget.value * original["original"].median_ms
-    elif not budget.relative:
-        measured_budget = budget.value
+    measured = _measure_original(setup, out)
+    budget_ms = budget.lut_ms(estimate_ms(setup.estimator, setup.model), measured)
+    measured_budget = None if measured is None else budget.ms(measured)
     result = _baseline_fields(args, setup, budget_ms, measured_budget, out)
     shown = "—" if result["measured_ms"] is None else f"{result['measured_ms']:.4g} ms"
     print(f"width multiplier α={result['alpha']:g}: estimated {result['estimated_ms']:.4g} ms (budget {budget_ms:.4g}), "

@@ -100,7 +100,20 @@ class Budget:
         return cls(value, relative=False) if unit == "ms" else cls(value / 100 if unit == "%" else value, relative=True)
 
     def ms(self, original_ms: float) -> float:
+        """The budget in ms for a model whose latency is `original_ms`."""
         return self.value * original_ms if self.relative else float(self.value)
+
+    def lut_ms(self, estimated_ms: float, measured_ms: float | None = None) -> float:
+        """The budget in the LUT's terms, for an original model estimated at `estimated_ms`.
+
+        With the original's latency measured on the device, the budget is the measured
+        one less the LUT's offset for this model (measured − estimated: what the whole
+        model costs beyond the sum of its ops' entries). Pruning keeps every op, so the
+        offset stays, and a pruned model estimated at the result measures at the budget.
+        """
+        if measured_ms is None:
+            return self.ms(estimated_ms)
+        return self.ms(measured_ms) - (measured_ms - estimated_ms)
 
     def __str__(self) -> str:
         return f"{self.value:g} of the original" if self.relative else f"{self.value:g} ms"
@@ -202,7 +215,8 @@ def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None
 
     Specs the LUT can neither look up nor interpolate are measured on `device` in one
     batch (`profiler.build_lut.build_lut`) and stored in the LUT; without a device, or if
-    a measurement fails, raises `AdapterError`. Returns how many were measured.
+    a measurement fails, raises `AdapterError`. The estimator keeps its per-invocation
+    overhead, so estimates before and after stay comparable. Returns how many were measured.
     """
     missing = estimator.missing(specs)
     if not missing:
@@ -217,8 +231,12 @@ def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None
     from profiler.build_lut import build_lut
 
     log(f"measuring {len(missing)} layer(s) missing from {path} on {device.name}")
+    overhead = estimator.invoke_overhead_us
     build_lut(device, missing, estimator.table, retry_failed=True, progress=False)
     estimator.refresh()
+    # build_lut re-measures the per-invocation overhead into the LUT; estimates already made
+    # (the original's, the budget) used the old one, and must stay comparable with new ones.
+    estimator.invoke_overhead_us = overhead
     still = estimator.missing(specs)
     if still:
         result = estimator.table.lookup(still[0])
@@ -538,6 +556,7 @@ class NetAdaptResult:
     history: tuple[IterationRecord, ...]
     original_ms: float
     budget_ms: float
+    measured_original_ms: float | None
     step: int
 
 
@@ -553,6 +572,7 @@ class NetAdaptRun:
     y_holdout: np.ndarray
     original_ms: float
     budget_ms: float
+    measured_original_ms: float | None
     step: int
     trainer: object
     out_dir: Path
@@ -663,16 +683,20 @@ def _check_reachable(run: NetAdaptRun, model, groups) -> None:
 def _state(run: NetAdaptRun, lut_path: str) -> dict:
     return {
         "config": run.config.to_json(), "original_ms": run.original_ms, "budget_ms": run.budget_ms,
-        "step": run.step, "lut": os.path.abspath(lut_path),
+        "measured_original_ms": run.measured_original_ms, "step": run.step, "lut": os.path.abspath(lut_path),
     }
+
+
+def _saved_state(out: Path) -> dict:
+    try:
+        return json.loads((out / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"Cannot resume in {out}: its {STATE_FILE} is missing or unreadable ({e}).") from e
 
 
 def _check_resumable(out: Path, state: dict) -> dict:
     """The saved state of the run in `out`; its configuration must be the one given now."""
-    try:
-        saved = json.loads((out / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"Cannot resume in {out}: its {STATE_FILE} is missing or unreadable ({e}).") from e
+    saved = _saved_state(out)
     changed = {k: (saved["config"].get(k), v) for k, v in state["config"].items() if saved["config"].get(k) != v}
     if saved.get("step") != state["step"]:
         changed["step"] = (saved.get("step"), state["step"])
@@ -701,8 +725,9 @@ def _start(run: NetAdaptRun, model, groups, out: Path, lut_path: str) -> Iterati
 
 def _describe(record: IterationRecord, run: NetAdaptRun) -> str:
     if record.iteration == 0:
-        return (f"iteration 0: original model, estimated {record.estimated_ms:.4g} ms, budget {run.budget_ms:.4g} ms, "
-                f"holdout accuracy {record.holdout_accuracy:.4f}")
+        measured = "" if run.measured_original_ms is None else f" (measured {run.measured_original_ms:.4g} ms)"
+        return (f"iteration 0: original model, estimated {record.estimated_ms:.4g} ms{measured}, budget "
+                f"{run.budget_ms:.4g} ms by the LUT, holdout accuracy {record.holdout_accuracy:.4f}")
     return (
         f"iteration {record.iteration}: {record.group} → {record.count} channels, estimated "
         f"{record.estimated_ms:.4g} ms (target {record.target_ms:.4g}, budget {run.budget_ms:.4g}), holdout "
@@ -713,9 +738,10 @@ def _describe(record: IterationRecord, run: NetAdaptRun) -> str:
 
 
 def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir, *, device=None,
-                log: Callable[[str], None] = print) -> NetAdaptRun:
+                measured_original_ms: float | None = None, log: Callable[[str], None] = print) -> NetAdaptRun:
     """Everything the iterations of one run share: the holdout images, the original estimate
-    and the budget (checked to be reachable), the grid step and the proposal trainer."""
+    and the budget (`Budget.lut_ms`; checked to be reachable), the grid step and the
+    proposal trainer."""
     from adapter.graph import find_groups
     from lut.keras_specs import specs_of_keras
 
@@ -726,7 +752,8 @@ def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir
     x_holdout, y_holdout = data.holdout.take(config.holdout_size).arrays()
     ensure_estimable(estimator, specs_of_keras(model), device, log=log)
     original = estimate_ms(estimator, model)
-    run = NetAdaptRun(config, estimator, device, data, x_holdout, y_holdout, original, config.budget.ms(original),
+    budget = config.budget.lut_ms(original, measured_original_ms)
+    run = NetAdaptRun(config, estimator, device, data, x_holdout, y_holdout, original, budget, measured_original_ms,
                       config.step or _lut_step(estimator.table), None, Path(out_dir), log)
     _check_reachable(run, model, find_groups(model))
     run.trainer = _proposal_trainer(model, config, log)
@@ -741,6 +768,7 @@ def run_netadapt(
     out_dir: str | os.PathLike,
     *,
     device=None,
+    measured_original_ms: float | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> NetAdaptResult:
@@ -748,8 +776,10 @@ def run_netadapt(
 
     `data.holdout` must hold at least `config.holdout_size` images (its first ones are
     used). `device` (a `profiler.devices.Device` of the LUT's conditions, or None)
-    measures the LUT entries the search needs and lacks. With `resume`, continues the run
-    recorded in `out_dir`; without it, `out_dir` must not hold one.
+    measures the LUT entries the search needs and lacks. `measured_original_ms`, the
+    original's latency measured on the LUT's device, calibrates the budget (`Budget.lut_ms`).
+    With `resume`, continues the run recorded in `out_dir` (with its budget); without it,
+    `out_dir` must not hold one.
     """
     out = Path(out_dir)
     history = read_history(out)
@@ -760,7 +790,10 @@ def run_netadapt(
         )
     from adapter.graph import find_groups
 
-    run = prepare_run(model, data, estimator, config, out, device=device, log=log)
+    if history:
+        measured_original_ms = _saved_state(out).get("measured_original_ms")
+    run = prepare_run(model, data, estimator, config, out, device=device, measured_original_ms=measured_original_ms,
+                      log=log)
     if history:
         saved = _check_resumable(out, _state(run, estimator.table.path))
         run.original_ms, run.budget_ms = saved["original_ms"], saved["budget_ms"]
@@ -778,7 +811,7 @@ def run_netadapt(
         _append_csv(out / HISTORY_FILE, _HISTORY_FIELDS, [record.row()])
         history.append(record)
         log(_describe(record, run))
-    return NetAdaptResult(model, tuple(history), run.original_ms, run.budget_ms, run.step)
+    return NetAdaptResult(model, tuple(history), run.original_ms, run.budget_ms, run.measured_original_ms, run.step)
 
 
 def _load_iteration(out: Path, iteration: int):

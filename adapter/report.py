@@ -23,6 +23,13 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
+def _calibration(budget: Mapping) -> str:
+    measured = budget.get("calibrated_by_measured_ms")
+    if measured is None:
+        return " (no device: not calibrated)"
+    return f" (calibrated by the original measured at {_ms(measured)} before the search)"
+
+
 def _verdict(met) -> str:
     return {True: "met", False: "NOT met", None: "not measured"}[met]
 
@@ -67,9 +74,9 @@ def render_markdown(report: Mapping) -> str:
         f"# NetAdapt: {report['model']} on {report['lut']['device']} ({report['lut']['backend']}, "
         f"{report['lut']['threads']} thread(s))",
         "",
-        f"- Budget: {budget['spec']} = {_ms(budget['estimated_ms'])} by the LUT; measured budget "
-        f"{_ms(budget['measured_ms'])} (+{budget['tolerance']:.0%} measuring tolerance: "
-        f"{_ms(budget['measured_limit_ms'])}).",
+        f"- Budget: {budget['spec']}: measured on the device {_ms(budget['measured_ms'])} "
+        f"(+{budget['tolerance']:.0%} measuring tolerance: {_ms(budget['measured_limit_ms'])}); "
+        f"{_ms(budget['estimated_ms'])} in the LUT's terms{_calibration(budget)}.",
         f"- By the LUT estimate: {_verdict(budget['met_by_estimate'])}. Measured on {report['device'] or 'no device'}: "
         f"{_verdict(budget['met_measured'])}.",
         f"- Search: {search['iterations']} iterations in {search['seconds']:.0f} s; long-term fine-tuning "

@@ -116,6 +116,9 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
     assert budget["met_by_estimate"] and adapted["estimated_ms"] <= budget["estimated_ms"]
     assert budget["measured_ms"] == pytest.approx(0.6 * report["original"]["measured_ms"])
     assert budget["measured_limit_ms"] == pytest.approx(1.03 * budget["measured_ms"])
+    calibration = budget["calibrated_by_measured_ms"]  # the original, measured before the search
+    original_estimate = report["original"]["estimated_ms"]
+    assert budget["estimated_ms"] == pytest.approx(0.6 * calibration - (calibration - original_estimate), rel=1e-6)
     assert adapted["measured_ms"] > 0 and adapted["int8"]["measured_ms"] > 0
     assert budget["met_measured"] == (adapted["measured_ms"] <= budget["measured_limit_ms"])
     assert sum(adapted["channels"].values()) < sum(report["original"]["channels"].values())

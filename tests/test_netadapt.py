@@ -116,6 +116,13 @@ def test_budget_parses_fractions_percentages_and_milliseconds(text, value, relat
     assert budget.ms(10.0) == pytest.approx(value * 10 if relative else value)
 
 
+def test_budget_in_lut_terms_takes_off_the_luts_offset_for_the_model_when_measured():
+    assert Budget(0.5, relative=True).lut_ms(100.0) == 50.0
+    # measured 110 ms, estimated 100: half of 110 measured is 55, i.e. 45 by this LUT
+    assert Budget(0.5, relative=True).lut_ms(100.0, 110.0) == pytest.approx(45.0)
+    assert Budget(60.0, relative=False).lut_ms(100.0, 90.0) == pytest.approx(70.0)
+
+
 @pytest.mark.parametrize("text", ["half", "1.5", "0", "-0.5", "12 s"])
 def test_budget_refuses_what_is_not_a_budget(text):
     with pytest.raises(AdapterError, match="budget"):
@@ -238,10 +245,13 @@ def test_flex_trainer_names_layers_it_cannot_train():
 
 def test_run_meets_the_budget_by_estimate_and_records_every_iteration(v1, small_data, estimator, tmp_path):
     config = _config("0.7", initial_reduction=0.1)
-    result = netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, log=lambda line: None)
+    measured = 1.1 * netadapt.estimate_ms(estimator, v1)  # as if the device measured the original 10% slower
+    result = netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, measured_original_ms=measured,
+                                   log=lambda line: None)
     history = netadapt.read_history(tmp_path)
     assert history == list(result.history) and len(history) >= 3
-    assert history[-1].estimated_ms <= result.budget_ms == pytest.approx(0.7 * result.original_ms)
+    assert result.budget_ms == pytest.approx(0.7 * measured - (measured - result.original_ms))
+    assert history[-1].estimated_ms <= result.budget_ms
     assert history[0].estimated_ms == pytest.approx(result.original_ms) and history[0].group == ""
     proposals = (tmp_path / "proposals.csv").read_text().splitlines()[1:]
     for previous, record in zip(history, history[1:]):
@@ -293,6 +303,7 @@ def test_missing_lut_entries_are_measured_on_the_device_in_one_batch(v1, tmp_pat
     lines = []
     assert netadapt.ensure_estimable(estimator, specs, device, log=lines.append) == 2
     assert estimator.missing(specs) == [] and "measuring 2 layer(s)" in lines[0]
+    assert estimator.invoke_overhead_us == 0.4  # estimates made before stay comparable
     for key in dropped:
         measured = estimator.table.lookup(next(s for s in specs if s.key == key))
         assert isinstance(measured, Measurement) and measured.median_us > 0
