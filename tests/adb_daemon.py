@@ -36,9 +36,11 @@ unchanged:
   it started, whatever group it moved to.
 * `sync:`: STAT (mode, size, mtime; all zero for a missing path, as adbd answers), LIST
   (DENT per entry, `.` and `..` included, then DONE), SEND (`path,mode`, DATA chunks of at
-  most 64 KiB, DONE carrying the mtime; parent directories are created; the mode's
-  permission bits and the mtime are applied, so a pushed executable stays executable; a
-  partial file is removed if the stream dies before DONE; symlinks are refused), RECV (DATA
+  most 64 KiB, DONE carrying the mtime; parent directories are created; an existing file
+  is replaced, unlinked and created anew, as adbd does (so a running binary is never
+  written in place); the mode's permission bits and the mtime are applied, so a pushed
+  executable stays executable; a partial file is removed if the stream dies before DONE;
+  symlinks are refused), RECV (DATA
   chunks of at most 64 KiB, then DONE), QUIT, and FAIL with a message for refused or
   failed requests.
 
@@ -812,8 +814,7 @@ class _SyncSession:
             reason = None
         if reason is None:
             try:
-                host.parent.mkdir(parents=True, exist_ok=True)
-                file = open(host, "wb")
+                file = _create_replacing(host)
             except OSError as e:
                 reason = f"couldn't create file: {e.strerror} ({path})"
         if reason is not None:
@@ -863,6 +864,14 @@ class _SyncSession:
                 self._replies.add(_SYNC_HEADER.pack(b"DATA", len(chunk)) + chunk)
         self._replies.add(_SYNC_HEADER.pack(b"DONE", 0))
         return True
+
+
+def _create_replacing(host: Path):
+    """A new file at `host` for writing, as adbd's SEND makes it: parents made, an existing
+    file unlinked first, then created exclusively."""
+    host.parent.mkdir(parents=True, exist_ok=True)
+    host.unlink(missing_ok=True)
+    return os.fdopen(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
 
 
 class _SyncAbort(Exception):

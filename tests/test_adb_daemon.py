@@ -161,6 +161,20 @@ def test_push_keeps_the_mode_and_mtime(daemon, device, tmp_path):
     assert device.shell(f"{REMOTE_DIR}/run.sh ok") == "ran ok\n"
 
 
+def test_push_over_a_file_replaces_it_as_adbd_does(daemon, device, tmp_path):
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"first version, the longer one")
+    device.push(str(source), f"{REMOTE_DIR}/model.bin")
+    on_device = daemon.root / "phonefit" / "model.bin"
+    reader = on_device.open("rb")  # e.g. a benchmark still holding the old model
+    first_inode = on_device.stat().st_ino
+    source.write_bytes(b"second")
+    device.push(str(source), f"{REMOTE_DIR}/model.bin")
+    assert on_device.read_bytes() == b"second" and on_device.stat().st_ino != first_inode  # a new file
+    assert reader.read() == b"first version, the longer one"  # the old one, untouched
+    reader.close()
+
+
 def test_stat_and_list_describe_remote_files(daemon, device):
     (daemon.root / "phonefit").mkdir()
     (daemon.root / "phonefit" / "a.tflite").write_bytes(b"x" * 1234)
