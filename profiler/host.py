@@ -60,22 +60,21 @@ def load_interpreter(model: bytes, threads: int):
     return interpreter
 
 
-def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy()) -> Measurement:
-    """Time `interpreter.invoke()` under `policy`."""
-    invoke, clock = interpreter.invoke, time.perf_counter_ns
+def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy(), clock=time.perf_counter_ns) -> Measurement:
+    """Time `interpreter.invoke()` under `policy` with `clock` (nanoseconds); deadlines are wall time."""
+    invoke, wall = interpreter.invoke, time.perf_counter_ns
     for _ in range(policy.warmup_runs):
         invoke()
     samples: list[float] = []
-    start = clock()
+    start = wall()
     deadline_min = start + policy.min_seconds * 1e9
     deadline_max = start + policy.max_seconds * 1e9
     while True:
         t0 = clock()
         invoke()
-        t1 = clock()
-        samples.append((t1 - t0) / 1e3)
-        if len(samples) >= policy.min_runs and t1 >= deadline_min:
-            if t1 >= deadline_max or _stable(samples, policy):
+        samples.append((clock() - t0) / 1e3)
+        if len(samples) >= policy.min_runs and (now := wall()) >= deadline_min:
+            if now >= deadline_max or _stable(samples, policy):
                 break
     return Measurement(
         median_us=float(statistics.median(samples)),
@@ -116,13 +115,20 @@ def _cpu_model() -> str:
 
 
 class HostDevice:
-    """This machine's CPU through LiteRT's Python interpreter (XNNPACK delegate, as shipped)."""
+    """This machine's CPU through LiteRT's Python interpreter (XNNPACK delegate, as shipped).
+
+    With one thread the op runs on the calling thread, so it is timed with that thread's
+    CPU clock: what the invocation costs, without the time other processes take the core
+    away (a shared 2-core machine otherwise doubles some wall-clock samples at random).
+    With several threads the work spreads over a thread pool, and wall time is the latency.
+    """
 
     def __init__(self, name: str = "host", threads: int = 1, policy: TimingPolicy = TimingPolicy()):
         self.name, self.backend, self.threads, self.policy = name, "cpu", threads, policy
+        self._clock, self._timer = (time.thread_time_ns, "thread-cpu") if threads == 1 else (time.perf_counter_ns, "wall")
 
     def conditions(self) -> dict[str, object]:
-        return {"device": self.name, "backend": "cpu", "threads": self.threads, "delegate": "xnnpack", "flags": ""}
+        return {"device": self.name, "backend": "cpu", "threads": self.threads, "delegate": "xnnpack", "flags": f"timer={self._timer}"}
 
     def fingerprint(self) -> dict[str, object]:
         from importlib import metadata
@@ -148,7 +154,7 @@ class HostDevice:
             except (ValueError, RuntimeError) as e:
                 yield model_id, MeasurementFailure(f"LiteRT could not load the model: {e}")
                 continue
-            yield model_id, time_interpreter(interpreter, self.policy)
+            yield model_id, time_interpreter(interpreter, self.policy, self._clock)
 
     def close(self) -> None:
         pass
