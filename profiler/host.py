@@ -72,7 +72,9 @@ def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy(), clock=t
     while True:
         t0 = clock()
         invoke()
-        samples.append((clock() - t0) / 1e3)
+        elapsed = clock() - t0
+        if elapsed > 0:  # a thread CPU clock can read equal across a migration between cores
+            samples.append(elapsed / 1e3)
         if len(samples) >= policy.min_runs and (now := wall()) >= deadline_min:
             if now >= deadline_max or _stable(samples, policy):
                 break
