@@ -34,20 +34,17 @@
 # found out once per session (SESSION_DIR/timeout_foreground, SESSION_DIR being the
 # parent of BATCH_DIR).
 #
-# Clean-up: once it has answered PHONEFIT_BATCH_DONE, the runner removes BATCH_DIR/models
-# in the background (immune to the hang-up that follows the shell's end), so the phone
-# deletes while the host pulls the records and sends the next batch; SESSION_DIR/sweeping
-# exists meanwhile, and the next runner waits for it to go before it measures anything.
-# The records and the other small files stay until the session directory is removed.
-#
 # Standard output: PHONEFIT_ALIVE every 10 seconds (so the host can tell a slow batch from
 # a dead link), PHONEFIT_WAIT while waiting for an older runner, PHONEFIT_BATCH_DONE at
 # the end, PHONEFIT_ERROR on a setup problem (exit 3).  Per model the loop forks only
 # timeout (and taskset), and writes records and done.txt through descriptors opened once:
 # what a batch saves over one shell per model is not spent again on bookkeeping.
 #
-# POSIX sh only (runs on Android's mksh and on dash); external commands: tar twice and rm
-# once per batch; timeout, taskset, sleep and the benchmark per model.
+# The runner removes nothing: the host removes the session's batches between batches,
+# never while one is measured (profiler/adb.py).
+#
+# POSIX sh only (runs on Android's mksh and on dash); external commands: tar twice per
+# batch; timeout, taskset, sleep and the benchmark per model.
 
 if [ "$#" -lt 6 ]; then
     echo "PHONEFIT_ERROR usage: run_batch.sh BATCH_DIR BENCHMARK_MODEL TIMEOUT_S COOLDOWN_S CPU_MASK TAG [FLAG ...]"
@@ -61,7 +58,6 @@ mask=$5
 tag=$6
 shift 6
 models=$batch/models
-sweeping=${batch%/*}/sweeping
 set -f  # no globbing anywhere: names come from the archive
 nl='
 '
@@ -164,13 +160,6 @@ fi
 printf '' >> "$batch/records.txt" && printf '' >> "$batch/done.txt" || fail "cannot write to $batch"
 exec 3>> "$batch/records.txt" 4>> "$batch/done.txt"
 
-# The previous batch's models may still be being removed: measure nothing meanwhile.
-tries=0
-while [ -e "$sweeping" ] && [ "$tries" -lt 100 ]; do
-    sleep 0.1
-    tries=$((tries + 1))
-done
-
 measured=0
 IFS=$nl
 for name in $names; do
@@ -196,5 +185,3 @@ for name in $names; do
 done
 unset IFS
 echo "PHONEFIT_BATCH_DONE"
-: > "$sweeping"
-(trap '' HUP; exec rm -rf "$models" "$sweeping") < /dev/null > /dev/null 2>&1 &

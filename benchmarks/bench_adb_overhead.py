@@ -10,8 +10,12 @@ over the same adb-shell connection:
   on the host;
 * batched (`AdbDevice.measure`): per batch, one push of the batch's models packed in one
   archive, one shell call running `android_bench/run_batch.sh` (which checks and unpacks
-  the archive, runs every model, and removes the models after answering), one pull of the
-  records.
+  the archive and runs every model), one pull of the records.
+
+Both create one file per model on the phone and remove none while measuring (the session
+directory goes at the end): the daemon, like adbd, replaces a pushed file by unlinking it,
+so the naive protocol pushes each round to new paths, as a LUT build pushes each model
+once.
 
 What is timed.  The daemon's `benchmark_model` here is a POSIX sh stand-in that prints a
 real-format output at once, because the LiteRT stand-in of the tests starts Python for
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import shlex
 import statistics
@@ -126,11 +131,18 @@ def _device(work: Path, daemon: _DaemonProcess, batch_size: int | None) -> AdbDe
     return AdbDevice(parse_adb_settings("loopback", entry, source=str(work / "devices.toml")), "cpu", 1)
 
 
+_NAIVE_RUNS = itertools.count()
+
+
 def _naive(device: AdbDevice, models: list[tuple[str, bytes]], remote: str) -> float:
-    """One push and one shell per model, output parsed on the host; returns the wall time."""
-    adb, start = device._adb, time.perf_counter()
+    """One push and one shell per model, output parsed on the host; returns the wall time.
+
+    Each call pushes to paths of its own, as a LUT build pushes every model once: like the
+    batched protocol, the phone creates one file per model and removes none meanwhile.
+    """
+    adb, start, run = device._adb, time.perf_counter(), next(_NAIVE_RUNS)
     for i, (_, data) in enumerate(models):
-        path = f"{remote}/naive/m{i:03d}.tflite"
+        path = f"{remote}/naive/{run}/m{i:03d}.tflite"
         adb.push(io.BytesIO(data), path)
         command = ["timeout", "--foreground", "-k", "2", str(_TIMEOUT_S), f"{device._settings.remote_dir}/benchmark_model",
                    f"--graph={path}", *_FLAGS]

@@ -9,11 +9,15 @@ are measured in batches, because a round trip per entry costs more than a 50 µs
 2. ONE shell call runs `android_bench/run_batch.sh`, which checks the archive's listing
    (plain files with safe names only), unpacks it inside the batch's directory with one
    `tar`, benchmarks every model and appends a framed record per model (output + exit
-   status, since adb's shell service returns none) to the batch's `records.txt`, then
-   removes the models in the background while the host goes on;
+   status, since adb's shell service returns none) to the batch's `records.txt`;
 3. `records.txt` is pulled and each record becomes a `Measurement` or a
    `MeasurementFailure` (crash with its exit status, timeout, unreadable output, or a GPU
    delegate that did not take the whole graph — never a GPU latency).
+
+Batches stay on the phone until they hold `_SWEEP_BYTES` (archives and unpacked models),
+then the session's earlier batches are removed in one command between two batches: every
+removal is file-system work on the phone, kept away from the measurements and done rarely.
+The session directory goes when the device is closed.
 
 `benchmark_model` and the runner are pushed once per session and checked by sha256.  The
 median stored in the LUT is benchmark_model's `median=` where the build prints
@@ -64,6 +68,7 @@ _EXEC_MODE = 0o100755
 _SETUP_TIMEOUT_S = 60.0
 _SYNC_DATA_MAX = 64 * 1024  # the largest DATA chunk of adb's sync protocol
 _TAR_BLOCK = 512
+_SWEEP_BYTES = 256 * 1024 * 1024  # earlier batches on the phone (archive + models) before they go
 # ELF e_machine -> the Android ABIs that run it.
 _ELF_MACHINES = {0xB7: ("arm64-v8a",), 0x28: ("armeabi-v7a", "armeabi"), 0x3E: ("x86_64",), 0x03: ("x86",)}
 _PROPS = {
@@ -273,6 +278,7 @@ class AdbDevice:
         self._flags = self._benchmark_flags()
         self._session = f"{settings.remote_dir}/runs/{secrets.token_hex(4)}"
         self._batches = itertools.count()
+        self._phone_bytes = 0  # what the session's batches hold on the phone
         self._reference: tuple[bytes, float] | None = None  # (model, baseline median)
         self._since_reference = 0
         self.drift_events: list[dict[str, object]] = []
@@ -413,9 +419,14 @@ class AdbDevice:
         """Push the archive unless it is there, run (or resume) the runner, pull the records."""
         adb = self._adb
         if not batch.pushed:
+            footprint = 2 * len(batch.archive)  # the archive, and the models unpacked from it
+            if self._phone_bytes and self._phone_bytes + footprint > _SWEEP_BYTES:
+                adb.shell(f"rm -rf {shlex.quote(self._session)}/b[0-9]*", transport_timeout_s=_SETUP_TIMEOUT_S)
+                self._phone_bytes = 0
             # The phone makes the batch's directories as the file arrives (adbd's SEND makes parents).
             _push_files(adb, [(f"{batch.directory}/models/batch.tar", batch.archive, _FILE_MODE)])
             batch.pushed = True
+            self._phone_bytes += footprint
         output = adb.shell(self._runner_command(batch), transport_timeout_s=self._silence_limit_s(),
                            read_timeout_s=self._silence_limit_s())
         self._note_battery(output)
