@@ -12,7 +12,7 @@
 # next to itself, into BATCH_DIR/models/ (one `tar` process for the whole batch), and
 # writes the member names to BATCH_DIR/list.txt; BATCH_DIR/unpacked marks that done.  For
 # each model, in order, it runs
-#     timeout TIMEOUT_S [taskset CPU_MASK] BENCHMARK_MODEL --graph=BATCH_DIR/models/NAME FLAG...
+#     timeout [--foreground] -k 2 TIMEOUT_S [taskset CPU_MASK] BENCHMARK_MODEL --graph=BATCH_DIR/models/NAME FLAG...
 # and appends one record to BATCH_DIR/records.txt:
 #     PHONEFIT_BEGIN TAG NAME
 #     <everything benchmark_model printed, stdout and stderr>
