@@ -21,9 +21,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapter.errors import AdapterError
+from adapter.errors import USER_ERRORS, AdapterError
 
-__all__ = ["main", "run_cli", "user_errors"]
+__all__ = ["main", "run_cli"]
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -141,7 +141,7 @@ def _open_devices(args, meta: dict) -> tuple[object, object, str | None]:
 
 def _setup(args) -> _Setup:
     from adapter.data import load_dataset
-    from adapter.models import load_model
+    from lut.models import load_model
     from adapter.train import SPLIT_SEED, TrainingRecord, record_path
 
     for what, path in (("--model", args.model), ("--lut", args.lut)):
@@ -174,7 +174,7 @@ def _config(args):
 
 def _long_term(args, setup: _Setup, result, config, out: Path):
     """adapted.keras: the search's model fine-tuned for the long-term epochs (reused on --resume)."""
-    from adapter.models import load_model
+    from lut.models import load_model
     from adapter.netadapt import long_term_finetune
 
     path = out / "adapted.keras"
@@ -354,13 +354,6 @@ def _baseline_only(args) -> int:
     return 0
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """The error roots of the packages in use: bad input, reported in one line. Read from the
-    loaded modules, so that a CLI that fails early (a missing file) never imports TensorFlow."""
-    roots = {"lut.spec": "LutError", "profiler.errors": "ProfilerError", "adapter.graph": "PruningError"}
-    return (AdapterError, *(getattr(sys.modules[m], name) for m, name in roots.items() if m in sys.modules))
-
-
 def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -> int:
     """Parse `argv` and adapt (or, `baseline_only`, train the baseline); 2 on bad input."""
     import adapter.baseline  # noqa: F401  (its docstring is the baseline CLI's description)
@@ -371,7 +364,7 @@ def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -
         args.baseline = True
     try:
         return _baseline_only(args) if baseline_only else _adapt(args)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -48,14 +48,14 @@ class ModelRecipe:
 
 def recipe_of(model, model_path: str | Path) -> ModelRecipe:
     """The recipe in the `.json` record `adapter.train` wrote next to `model_path`, or what
-    `model.name` (`mobilenet_v1_0.5_32`, as `adapter.models` names models) tells."""
+    `model.name` (`mobilenet_v1_0.5_32`, as `lut.models` names models) tells."""
     from adapter.train import TrainingRecord, record_path
 
     path = record_path(model_path)
     if path.is_file():
         r = TrainingRecord.load(path)
         return ModelRecipe(r.model, r.alpha, r.resolution, r.classes, r.epochs, r.batch_size, r.lr, r.optimizer, r.augment)
-    from adapter.models import MODELS
+    from lut.models import MODELS
 
     for name in MODELS:
         prefix = f"{name}_"
@@ -67,7 +67,7 @@ def recipe_of(model, model_path: str | Path) -> ModelRecipe:
                 break
     raise AdapterError(
         f"Cannot tell the architecture and width of {model_path}: no training record {path} and the model's name "
-        f"{model.name!r} is not one adapter.models gives. Pass --arch and --alpha."
+        f"{model.name!r} is not one lut.models gives. Pass --arch and --alpha."
     )
 
 
@@ -82,7 +82,7 @@ def alpha_for_budget(
 ) -> tuple[float, float]:
     """The largest α = recipe.alpha − k·alpha_step (k ≥ 1) whose LUT estimate is ≤ `budget_ms`,
     and that estimate. LUT entries α needs and lacks are measured on `device`."""
-    from adapter.models import build_model
+    from lut.models import build_model
     from lut.keras_specs import specs_of_keras
 
     k = 1
@@ -102,7 +102,7 @@ def alpha_for_budget(
 def _alpha_by_measurement(recipe: ModelRecipe, device, budget_ms: float, alpha_step: float, log) -> tuple[float, float]:
     """The largest α on the grid whose whole model, measured on `device`, is ≤ `budget_ms`."""
     from adapter.export import measure_models
-    from adapter.models import build_model
+    from lut.models import build_model
     from profiler.convert import keras_to_tflite
 
     k = 1
@@ -180,7 +180,7 @@ def run_baseline(
     import keras
 
     from adapter.export import export_tflite, measure_models
-    from adapter.models import build_model
+    from lut.models import build_model
     from adapter.surgery import channel_counts
     from adapter.train import evaluate, evaluate_split, fit
 

@@ -58,7 +58,7 @@ def _train_base(out: Path, s: DemoSettings) -> Path:
 
 
 def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
-    from adapter.models import load_model
+    from lut.models import load_model
     from lut.table import LatencyTable
     from profiler.build_lut import build_lut
     from profiler.devices import open_device
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where everything goes (default: %(default)s)")
     parser.add_argument("--baseline", action="store_true", help="also train the width-multiplier baseline")
     args = parser.parse_args(argv)
-    from adapter.adapt import user_errors
+    from adapter.errors import USER_ERRORS
 
     settings, out = DemoSettings(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = _train_base(out, settings)
         lut = _build_lut(out, base, settings)
         report = _adapt(out, base, lut, settings, args.baseline)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 import keras
 import numpy as np
 
+from adapter.errors import AdapterError
+
 __all__ = [
     "PruningError",
     "UnsupportedLayerError",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class PruningError(ValueError):
+class PruningError(AdapterError):
     """Root of the errors raised by `adapter` for models, groups and channels it cannot use."""
 
 

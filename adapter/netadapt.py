@@ -601,7 +601,6 @@ def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[_GroupL
 def run_iteration(run: NetAdaptRun, iteration: int, model, previous: IterationRecord):
     """Propose, fine-tune and evaluate every proposal; returns the record, the proposal rows
     and the chosen model (a pruned Keras model with the fine-tuned weights)."""
-    from adapter.flex import model_weights
     from adapter.graph import analyze
     from adapter.surgery import prune
 
@@ -609,26 +608,11 @@ def run_iteration(run: NetAdaptRun, iteration: int, model, previous: IterationRe
     times = dict.fromkeys(("estimate_s", "surgery_s", "finetune_s", "evaluate_s"), 0.0)
     target = max(previous.estimated_ms - run.config.reduction_ms(iteration, run.original_ms), run.budget_ms)
     graph = analyze(model)
-    latency, proposals = _propose(run, model, graph.groups, target)
+    _, proposals = _propose(run, model, graph.groups, target)
     times["estimate_s"] += time.perf_counter() - begin
     if not proposals:
-        raise AdapterError(
-            f"NetAdapt stopped at iteration {iteration}: no channel group can be pruned to the target "
-            f"{target:.4g} ms. It got to an estimated {previous.estimated_ms:.4g} ms "
-            f"({previous.estimated_ms / run.original_ms:.1%} of the original {run.original_ms:.4g} ms); the budget is "
-            f"{run.budget_ms:.4g} ms. The best model so far is {iteration_model_path(run.out_dir, iteration - 1)}; "
-            "a smaller --step or a larger budget may help."
-        )
-    batches = _iteration_batches(run, iteration)
-    weights = model_weights(model) if isinstance(run.trainer, _FlexProposals) else None
-    results = []
-    for proposal in proposals:
-        group = next(g for g in graph.groups if g.id == proposal.group)
-        start = time.perf_counter()
-        keep = {group.id: _kept_channels(model, group, proposal.count)}
-        times["surgery_s"] += time.perf_counter() - start
-        accuracy, loss, tuned, keras_model = run.trainer.train(model, graph, weights, keep, batches, times)
-        results.append(ProposalResult(proposal, accuracy, loss, keep, tuned, keras_model))
+        raise _stopped(run, iteration, target, previous)
+    results = _train_proposals(run, iteration, model, graph, proposals, times)
     best = _select(results, run.config.selection, previous.holdout_accuracy, previous.estimated_ms)
     start = time.perf_counter()
     chosen = best.model
@@ -648,6 +632,33 @@ def run_iteration(run: NetAdaptRun, iteration: int, model, previous: IterationRe
         for r in results
     ]
     return record, rows, chosen
+
+
+def _train_proposals(run: NetAdaptRun, iteration: int, model, graph, proposals, times: dict) -> list[ProposalResult]:
+    """Fine-tune and score every proposal on the iteration's shared training images."""
+    from adapter.flex import model_weights
+
+    batches = _iteration_batches(run, iteration)
+    weights = model_weights(model) if isinstance(run.trainer, _FlexProposals) else None
+    groups = {g.id: g for g in graph.groups}
+    results = []
+    for proposal in proposals:
+        start = time.perf_counter()
+        keep = {proposal.group: _kept_channels(model, groups[proposal.group], proposal.count)}
+        times["surgery_s"] += time.perf_counter() - start
+        accuracy, loss, tuned, keras_model = run.trainer.train(model, graph, weights, keep, batches, times)
+        results.append(ProposalResult(proposal, accuracy, loss, keep, tuned, keras_model))
+    return results
+
+
+def _stopped(run: NetAdaptRun, iteration: int, target: float, previous: IterationRecord) -> AdapterError:
+    return AdapterError(
+        f"NetAdapt stopped at iteration {iteration}: no channel group can be pruned to the target "
+        f"{target:.4g} ms. It got to an estimated {previous.estimated_ms:.4g} ms "
+        f"({previous.estimated_ms / run.original_ms:.1%} of the original {run.original_ms:.4g} ms); the budget is "
+        f"{run.budget_ms:.4g} ms. The best model so far is {iteration_model_path(run.out_dir, iteration - 1)}; "
+        "a smaller --initial-reduction or --step, or a larger budget, may help."
+    )
 
 
 def _lut_step(table) -> int:
@@ -815,7 +826,7 @@ def run_netadapt(
 
 
 def _load_iteration(out: Path, iteration: int):
-    from adapter.models import load_model
+    from lut.models import load_model
 
     path = iteration_model_path(out, iteration)
     if not path.is_file():

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from adapter.data import DEFAULT_HOLDOUT, Split, load_dataset
-from adapter.errors import AdapterError
-from adapter.models import MODELS, build_model
+from adapter.errors import USER_ERRORS, AdapterError
+from lut.models import MODELS, build_model
 
 __all__ = [
     "OPTIMIZERS",
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _train(args)
-    except AdapterError as e:
+    except USER_ERRORS as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 

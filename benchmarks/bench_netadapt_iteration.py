@@ -90,7 +90,7 @@ def main() -> int:
     args = _args()
     from adapter import netadapt
     from adapter.data import load_dataset
-    from adapter.models import build_model, load_model
+    from lut.models import build_model, load_model
 
     model = load_model(args.model) if args.model else build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)
     estimator = _lut(args.lut, model)

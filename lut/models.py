@@ -1,69 +1,174 @@
-"""The named model architectures phonefit knows, and loading users' `.keras` files.
+"""The named architectures phonefit profiles, trains and adapts: keras.applications' MobileNetV1 and V2.
 
-Profiling only needs a model's structure, so `build_model` makes untrained models
-(`weights=None`) unless asked otherwise; the adapter trains them.
+Models take (resolution, resolution, 3) float32 input scaled to [-1, 1] (what
+`adapter.data` produces; the models hold no preprocessing layer) and end in a softmax over
+`classes`. The classifier head is keras.applications' own, layer for layer and name for
+name, and is built here so that a model with ImageNet weights (whose keras.applications
+head only exists for 1000 classes) has the same head for any number of classes:
+`weights="imagenet"` loads the ImageNet backbone and adds a new, randomly initialised head.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from lut.spec import LutError
 
-__all__ = ["MODELS", "register_model", "build_model", "load_model"]
+__all__ = [
+    "MIN_RESOLUTION",
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "load_model",
+    "register_model",
+]
 
-# name -> factory(alpha, resolution, classes, weights) -> keras.Model
-MODELS: dict[str, Callable] = {}
-
-
-def register_model(name: str) -> Callable:
-    def decorator(factory: Callable) -> Callable:
-        MODELS[name] = factory
-        return factory
-
-    return decorator
+MIN_RESOLUTION = 32  # keras.applications' MobileNets refuse smaller inputs
 
 
-@register_model("mobilenet_v1")
-def _mobilenet_v1(alpha: float, resolution: int, classes: int, weights: str | None):
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture: its backbone, its head and its ImageNet widths."""
+
+    name: str
+    backbone: Callable  # (alpha, input_shape, weights) -> headless keras.Model
+    head: Callable  # (features, classes) -> softmax output tensor
+    imagenet_alphas: tuple[float, ...]
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, head: Callable, imagenet_alphas: tuple[float, ...]):
+    """Register the decorated `backbone(alpha, input_shape, weights)` as model `name`.
+
+    `head(features, classes)` puts the classifier on the backbone's output; `imagenet_alphas`
+    are the widths that have ImageNet weights.
+    """
+
+    def register(backbone: Callable) -> Callable:
+        if name in MODELS:
+            raise ValueError(f"A model named {name!r} is already registered.")
+        MODELS[name] = ModelSpec(name, backbone, head, tuple(imagenet_alphas))
+        return backbone
+
+    return register
+
+
+def _mobilenet_v1_head(features, classes: int):
+    from keras import layers
+
+    x = layers.GlobalAveragePooling2D(keepdims=True)(features)
+    x = layers.Dropout(1e-3, name="dropout")(x)
+    x = layers.Conv2D(classes, (1, 1), padding="same", name="conv_preds")(x)
+    x = layers.Reshape((classes,), name="reshape_2")(x)
+    return layers.Activation("softmax", name="predictions")(x)
+
+
+def _mobilenet_v2_head(features, classes: int):
+    from keras import layers
+
+    x = layers.GlobalAveragePooling2D()(features)
+    return layers.Dense(classes, activation="softmax", name="predictions")(x)
+
+
+@register_model("mobilenet_v1", head=_mobilenet_v1_head, imagenet_alphas=(0.25, 0.5, 0.75, 1.0))
+def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str | None):
     import keras
 
     return keras.applications.MobileNet(
-        input_shape=(resolution, resolution, 3), alpha=alpha, weights=weights, classes=classes
+        input_shape=input_shape, alpha=alpha, include_top=False, weights=weights
     )
 
 
-@register_model("mobilenet_v2")
-def _mobilenet_v2(alpha: float, resolution: int, classes: int, weights: str | None):
+@register_model(
+    "mobilenet_v2", head=_mobilenet_v2_head, imagenet_alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+)
+def _mobilenet_v2(alpha: float, input_shape: tuple[int, int, int], weights: str | None):
     import keras
 
     return keras.applications.MobileNetV2(
-        input_shape=(resolution, resolution, 3), alpha=alpha, weights=weights, classes=classes
+        input_shape=input_shape, alpha=alpha, include_top=False, weights=weights
     )
 
 
-def build_model(name: str, *, alpha: float = 1.0, resolution: int = 224, classes: int = 1000, weights: str | None = None):
-    """A registered architecture; unknown names raise `LutError` listing the known ones."""
+def build_model(
+    name: str,
+    *,
+    alpha: float = 1.0,
+    resolution: int = 224,
+    classes: int = 1000,
+    weights: str | None = None,
+):
+    """A new `name` model: width multiplier `alpha`, input (resolution, resolution, 3).
+
+    `weights`: None (random initialisation) or "imagenet" (downloads the ImageNet backbone
+    once into ~/.keras/models; `alpha` must be one keras.applications has weights for; at a
+    resolution it has no weights for, Keras warns and loads its 224 px ones, which fit any
+    size; the classifier head is always new).
+    """
+    spec = _spec(name)
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise LutError(f"alpha must be a positive number; received alpha={alpha!r}.")
+    if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+        raise LutError(
+            f"resolution must be an integer ≥ {MIN_RESOLUTION} for {name}; "
+            f"received resolution={resolution!r}."
+        )
+    if not isinstance(classes, int) or classes < 2:
+        raise LutError(f"classes must be an integer ≥ 2; received classes={classes!r}.")
+    if weights not in (None, "imagenet"):
+        raise LutError(f"weights must be None or 'imagenet'; received weights={weights!r}.")
+    if weights == "imagenet" and float(alpha) not in spec.imagenet_alphas:
+        raise LutError(
+            f"ImageNet weights for {name} exist for alpha in {list(spec.imagenet_alphas)}; "
+            f"received alpha={alpha}. Use one of those, or weights=None."
+        )
+    return _assemble(spec, float(alpha), resolution, classes, weights)
+
+
+def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weights: str | None):
+    import keras
+
+    try:
+        backbone = spec.backbone(alpha, (resolution, resolution, 3), weights)
+    except Exception as e:  # keras.utils.get_file raises a bare Exception when offline
+        if weights is None:
+            raise
+        raise LutError(
+            f"Could not load ImageNet weights for {spec.name} ({e}). They are downloaded on "
+            "first use: connect to the internet once, or use weights=None."
+        ) from e
+    outputs = spec.head(backbone.output, classes)
+    return keras.Model(backbone.input, outputs, name=f"{spec.name}_{alpha:g}_{resolution}")
+
+
+def load_model(path_or_name: str | os.PathLike, **build_kwargs):
+    """A saved model (a `.keras` file, loaded uncompiled) or a new one built by name.
+
+    `build_kwargs` (alpha, resolution, classes, weights) apply to names only; a file is
+    loaded as it was saved.
+    """
+    text = os.fspath(path_or_name)
+    if text in MODELS:
+        return build_model(text, **build_kwargs)
+    if not text.endswith(".keras"):
+        raise LutError(
+            f"Unknown model {text!r}: expected one of {sorted(MODELS)} or a path to a .keras file."
+        )
+    if not Path(text).is_file():
+        raise LutError(f"Model file {text} does not exist: train one with `python -m adapter.train`.")
+    import keras
+
+    try:
+        return keras.models.load_model(text, compile=False)
+    except (ValueError, OSError) as e:
+        raise LutError(f"Could not load {text} as a Keras model ({e}).") from e
+
+
+def _spec(name: str) -> ModelSpec:
     if name not in MODELS:
-        raise LutError(f"Unknown model {name!r}. Known models: {', '.join(sorted(MODELS))}, or a path to a .keras file.")
-    if not 0 < alpha <= 4:
-        raise LutError(f"`alpha` must be in (0, 4]. Received: alpha={alpha}.")
-    if resolution < 32:
-        raise LutError(f"`resolution` must be at least 32. Received: resolution={resolution}.")
-    if classes < 2:
-        raise LutError(f"`classes` must be at least 2. Received: classes={classes}.")
-    return MODELS[name](alpha, resolution, classes, weights)
-
-
-def load_model(name_or_path: str, *, alpha: float = 1.0, resolution: int = 224, classes: int = 1000):
-    """A `.keras` file, or a registered architecture built with the given options."""
-    if name_or_path.endswith(".keras") or os.path.sep in name_or_path:
-        if not os.path.isfile(name_or_path):
-            raise LutError(f"No model file at {name_or_path}. Pass a .keras file or one of: {', '.join(sorted(MODELS))}.")
-        import keras
-
-        try:
-            return keras.models.load_model(name_or_path, compile=False)
-        except (ValueError, OSError) as e:
-            raise LutError(f"Could not load {name_or_path} as a Keras model: {e}") from e
-    return build_model(name_or_path, alpha=alpha, resolution=resolution, classes=classes)
+        raise LutError(f"Unknown model {name!r}: expected one of {sorted(MODELS)}.")
+    return MODELS[name]

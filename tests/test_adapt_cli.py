@@ -17,7 +17,7 @@ from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
 def files(tmp_path_factory):
     """A tiny MobileNetV1 (.keras), its synthetic LUT, and a small Fashion-MNIST .npz."""
     from adapter.data import load_dataset
-    from adapter.models import build_model
+    from lut.models import build_model
 
     folder = tmp_path_factory.mktemp("cli")
     keras.utils.set_random_seed(3)

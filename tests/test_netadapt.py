@@ -60,7 +60,7 @@ def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=()):
 
 @pytest.fixture(scope="module")
 def v1():
-    from adapter.models import build_model
+    from lut.models import build_model
 
     keras.utils.set_random_seed(1)
     return build_model("mobilenet_v1", alpha=0.25, resolution=32, classes=10)
@@ -68,7 +68,7 @@ def v1():
 
 @pytest.fixture(scope="module")
 def v2():
-    from adapter.models import build_model
+    from lut.models import build_model
 
     keras.utils.set_random_seed(2)
     return build_model("mobilenet_v2", alpha=0.25, resolution=32, classes=10)
