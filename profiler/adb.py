@@ -420,9 +420,7 @@ class AdbDevice:
         adb = self._adb
         if not batch.pushed:
             footprint = 2 * len(batch.archive)  # the archive, and the models unpacked from it
-            if self._phone_bytes and self._phone_bytes + footprint > _SWEEP_BYTES:
-                adb.shell(f"rm -rf {shlex.quote(self._session)}/b[0-9]*", transport_timeout_s=_SETUP_TIMEOUT_S)
-                self._phone_bytes = 0
+            self._make_room(footprint)
             # The phone makes the batch's directories as the file arrives (adbd's SEND makes parents).
             _push_files(adb, [(f"{batch.directory}/models/batch.tar", batch.archive, _FILE_MODE)])
             batch.pushed = True
@@ -440,6 +438,14 @@ class AdbDevice:
                  read_timeout_s=_SETUP_TIMEOUT_S)
         return parse_runner_records(stream.getvalue().decode("utf-8", "replace"), batch.tag)
 
+    def _make_room(self, footprint: int) -> None:
+        """Remove the session's earlier batches once they and the next would hold more than
+        `_SWEEP_BYTES` on the phone: between two batches, never next to a measurement, and
+        rarely, since every removal is file-system work on the phone."""
+        if self._phone_bytes and self._phone_bytes + footprint > _SWEEP_BYTES:
+            self._adb.shell(f"rm -rf {shlex.quote(self._session)}/b[0-9]*", transport_timeout_s=_SETUP_TIMEOUT_S)
+            self._phone_bytes = 0
+
     def _runner_command(self, batch: _Batch) -> str:
         remote, run = self._settings.remote_dir, self._run
         argv = [
@@ -448,7 +454,7 @@ class AdbDevice:
         ]
         # The battery temperature after a batch that re-measures the drift reference comes
         # in this same round trip (a drift event records it: it shows throttling); other
-        # batches skip dumpsys, a costly process.  (The runner removes its models itself.)
+        # batches skip dumpsys, a costly process.
         battery = "; echo PHONEFIT_BATTERY; dumpsys battery 2>/dev/null" if batch.read_battery else ""
         return " ".join(map(shlex.quote, argv)) + battery
 
