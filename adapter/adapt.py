@@ -6,9 +6,10 @@
 runs NetAdapt (`adapter.netadapt`) until the LUT estimate meets the budget, fine-tunes the
 result, and writes to --out: adapted.keras, adapted.tflite (float32; --int8 adds
 adapted_int8.tflite), history.csv, proposals.csv, iter_NNN.keras, report.json, report.md
-and accuracy_latency.png. The exported model is measured whole on the device (default:
-the LUT's, when reachable) and the report says whether the budget is met there, within a
-3% measuring tolerance. `--baseline` also trains the width-multiplier model that meets
+and accuracy_latency.png. The original is measured whole on the device (default: the
+LUT's, when reachable) before the search, which calibrates the budget in the LUT's terms
+(`Budget.lut_ms`); the exported model is measured after it, and the report says whether
+the budget is met there, within a 3% measuring tolerance. `--baseline` also trains the width-multiplier model that meets
 the same budget and puts it in the report. An interrupted run goes on with `--resume`.
 """
 from __future__ import annotations
@@ -53,28 +54,28 @@ def _parser(baseline_only: bool) -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="python -m adapter.baseline" if baseline_only else "python -m adapter.adapt",
         description=(sys.modules["adapter.baseline"].__doc__ if baseline_only else __doc__).split("\n\n")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--model", required=True, help="the trained base model (.keras, e.g. from python -m adapter.train)")
     add("--lut", required=True, help="the device's LUT (python -m profiler.build_lut)")
-    add("--budget", required=True, help="latency budget: a fraction of the original's LUT estimate (0.5), a percentage (50%%) or milliseconds (12ms)")
-    add("--data", default="fashion_mnist", help="'fashion_mnist', an image folder or an .npz (as for adapter.train)")
+    add("--budget", required=True, help="latency budget: a fraction of the original's latency (0.5, or 50%%) or milliseconds (12ms); "
+        "measured on the device when it is reachable (the LUT's terms are calibrated by the original's measurement), else estimated")
+    add("--data", default="fashion_mnist", help="'fashion_mnist', an image folder or an .npz (as for adapter.train) (default: %(default)s)")
     add("--out", required=True, help="output folder")
     add("--device", help="device that measures missing LUT entries and the final model (default: the LUT's device, when reachable)")
     add("--devices", metavar="FILE", help="devices.toml registry for phones")
-    add("--holdout", type=_number(int, 0), default=d["holdout_size"].default, help="holdout images that rank proposals (from the training data)")
-    add("--seed", type=_number(int, 0, open_low=False), default=0, help="seed for sampling and initialisation")
+    add("--holdout", type=_number(int, 0), default=d["holdout_size"].default, help="holdout images that rank proposals (from the training data) (default: %(default)s)")
+    add("--seed", type=_number(int, 0, open_low=False), default=0, help="seed for sampling and initialisation (default: %(default)s)")
     if not baseline_only:
-        add("--initial-reduction", type=_number(float, 0, 1), default=d["initial_reduction"].default, help="latency removed in iteration 1, as a fraction of the original")
-        add("--decay", type=_number(float, 0, 1), default=d["decay"].default, help="each iteration removes this times the previous one's reduction")
+        add("--initial-reduction", type=_number(float, 0, 1), default=d["initial_reduction"].default, help="latency removed in iteration 1, as a fraction of the original (default: %(default)s)")
+        add("--decay", type=_number(float, 0, 1), default=d["decay"].default, help="each iteration removes this times the previous one's reduction (default: %(default)s)")
         add("--step", type=_number(int, 0), help="channel grid step (default: the LUT's)")
-        add("--short-term-steps", type=_number(int, 0), default=d["short_term_steps"].default, help="fine-tuning steps per proposal")
-        add("--batch-size", type=_number(int, 0), default=d["batch_size"].default, help="images per step")
-        add("--short-term-lr", type=_number(float, 0), default=d["short_term_lr"].default, help="learning rate of short-term fine-tuning")
-        add("--selection", choices=SELECTION_RULES, default=d["selection"].default, help="how the best proposal is picked")
-        add("--long-term-epochs", type=_number(int, 0, open_low=False), default=d["long_term_epochs"].default, help="epochs of fine-tuning after the search")
-        add("--long-term-lr", type=_number(float, 0), default=d["long_term_lr"].default, help="learning rate of long-term fine-tuning")
+        add("--short-term-steps", type=_number(int, 0), default=d["short_term_steps"].default, help="fine-tuning steps per proposal (default: %(default)s)")
+        add("--batch-size", type=_number(int, 0), default=d["batch_size"].default, help="images per step (default: %(default)s)")
+        add("--short-term-lr", type=_number(float, 0), default=d["short_term_lr"].default, help="learning rate of short-term fine-tuning (default: %(default)s)")
+        add("--selection", choices=SELECTION_RULES, default=d["selection"].default, help="how the best proposal is picked (default: %(default)s)")
+        add("--long-term-epochs", type=_number(int, 0, open_low=False), default=d["long_term_epochs"].default, help="epochs of fine-tuning after the search (default: %(default)s)")
+        add("--long-term-lr", type=_number(float, 0), default=d["long_term_lr"].default, help="learning rate of long-term fine-tuning (default: %(default)s)")
         add("--resume", action="store_true", help="continue the run in --out after its last completed iteration")
         add("--int8", action="store_true", help="also export an int8 model quantized with representative data")
         add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")

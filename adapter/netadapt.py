@@ -73,7 +73,7 @@ _EPSILON_MS = 1e-9
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """A latency budget: `value` ms, or (`relative`) a fraction of the original model's
-    LUT-estimated latency."""
+    latency: measured on the device when that is known, else estimated (see `lut_ms`)."""
 
     value: float
     relative: bool
