@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phonefit-installed
-DEBS   := dataset-fashion-mnist adb
+DEBS   := dataset-fashion-mnist adb mksh toybox
 export TF_CPP_MIN_LOG_LEVEL := 3
 
 .PHONY: demo test test-fast debs clean
