@@ -1,6 +1,10 @@
 import os
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The loopback ADB daemon's shells must hang up on SIGHUP as a phone's do, also when the
+# suite itself runs under nohup (which would pass SIG_IGN down to every child).
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 import pytest  # noqa: E402
 
