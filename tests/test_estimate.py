@@ -69,9 +69,10 @@ def test_interpolation_error_on_held_out_measured_entries(tmp_path):
     table.record_many((s, _m(us)) for s, us in measured.items() if s not in held_out)
     estimator = LatencyEstimator(table)
     errors = [abs(estimator.spec_us(s) - measured[s]) / measured[s] for s in held_out]
-    # measured here: median 0.5%, 90th percentile 2.5% (bilinear in cout would give 9% and 19%)
+    # measured here on a quiet machine: median 0.5%, 90th percentile 2.5%; bilinear in cout
+    # gives 9% and 19%, so 5% separates the rules with room for a busy CI machine
     assert len(errors) == 121 - 36
-    assert statistics.median(errors) < 0.03, f"median error {statistics.median(errors):.1%}: {sorted(errors)}"
+    assert statistics.median(errors) < 0.05, f"median error {statistics.median(errors):.1%}: {sorted(errors)}"
 
 
 def test_estimate_of_a_model_is_the_sum_of_its_entries(tmp_path, tiny_v1):
