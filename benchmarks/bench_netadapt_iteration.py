@@ -41,17 +41,18 @@ def _args():
 
 
 def _lut(path: str, model):
+    """The LUT at `path`; built first (every spec of the model, step 8) if there is none."""
     from lut.latency import LatencyEstimator
     from lut.table import LatencyTable
     from profiler.build_lut import build_lut
     from profiler.devices import open_device
     from profiler.plan import plan_specs
 
-    device = open_device("host", threads=1)
-    with LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": 8}) as table:
+    if not Path(path).is_file():
+        device = open_device("host", threads=1)
         specs = plan_specs([model], 8)
-        if not table.keys().issuperset(s.key for s in specs):
-            print(f"building the LUT {path} ({len(specs)} entries) ...", flush=True)
+        print(f"building the LUT {path} ({len(specs)} entries) ...", flush=True)
+        with LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": 8}) as table:
             print(build_lut(device, specs, table, progress=False), flush=True)
     return LatencyEstimator(LatencyTable.open(path))
 
