@@ -5,7 +5,7 @@ import_tensorflow_quietly()  # the adapter needs Keras; load it without TensorFl
 
 # ruff: noqa: E402
 from adapter.graph import ChannelGroup, PruningError, UnsupportedLayerError, find_groups
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts
+from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
 
 __all__ = [
     "ChannelGroup",
@@ -16,4 +16,5 @@ __all__ = [
     "find_groups",
     "prune",
     "prune_to_counts",
+    "pruned_weights",
 ]

@@ -16,9 +16,9 @@ on after the last completed iteration. Iteration 0 is the original model.
 Cost: estimating a proposal needs no model. The specs of the current model are found
 once per iteration, and for each group the specs its channel count changes (their channel
 fields are affine in the count), so a candidate count costs a few LUT look-ups.
-Proposals are fine-tuned by `adapter.flex.FlexTrainer` on physically sliced weights,
-with one traced training step for the whole run; only the chosen proposal is rebuilt as
-a Keras model (`adapter.surgery.prune`). Models with layers `FlexTrainer` does not know
+Proposals are fine-tuned by `adapter.flex.FlexTrainer` on physically sliced weights
+(`adapter.surgery.pruned_weights`), with one traced training step for the whole run;
+only the chosen proposal is rebuilt as a Keras model (`adapter.surgery.prune`). Models with layers `FlexTrainer` does not know
 are pruned and trained with Keras for every proposal (slower, same result).
 """
 from __future__ import annotations
@@ -338,25 +338,6 @@ def _kept_channels(model, group, count: int) -> np.ndarray:
     return np.sort(ranking[:count])
 
 
-def _sliced_weights(graph, weights, keep: Mapping[str, np.ndarray]):
-    """The weights of the model pruned to `keep`, sliced as `adapter.surgery.prune` slices them
-    (without building the model); layers that lose nothing share the original arrays."""
-    sliced = {}
-    for entry in graph.layers:
-        name, rule = entry.layer.name, entry.rule
-        values = weights.get(name, {})
-        out_positions = graph.kept_positions(entry.output, keep)
-        in_positions = graph.kept_positions(entry.inputs[0], keep) if rule.prune_in else None
-        if values and (out_positions is not None or in_positions is not None):
-            values = dict(values)
-            for positions, axes in ((in_positions, rule.prune_in), (out_positions, rule.prune_out)):
-                for weight, axis in axes if positions is not None else ():
-                    if weight in values:
-                        values[weight] = np.take(values[weight], positions, axis=axis)
-        sliced[name] = values
-    return sliced
-
-
 def _assign_weights(model, weights) -> None:
     for layer in model.layers:
         for variable in layer.weights:
@@ -396,8 +377,10 @@ class _FlexProposals:
         self.config, self.trainer = config, FlexTrainer(model, optimizer=config.optimizer)
 
     def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
+        from adapter.surgery import pruned_weights
+
         start = time.perf_counter()
-        self.trainer.load(_sliced_weights(graph, weights, keep))
+        self.trainer.load(pruned_weights(graph, weights, keep))
         times["surgery_s"] += time.perf_counter() - start
         start = time.perf_counter()
         loss = self.trainer.fit(

@@ -16,7 +16,7 @@ import numpy as np
 
 from adapter.graph import ChannelGroup, LayerChannels, ModelGraph, PruningError, analyze, rule_for
 
-__all__ = ["filter_norms", "prune", "prune_to_counts", "channel_counts"]
+__all__ = ["filter_norms", "prune", "prune_to_counts", "pruned_weights", "channel_counts"]
 
 
 def channel_counts(model: keras.Model) -> dict[str, int]:
@@ -56,6 +56,20 @@ def prune(model: keras.Model, keep: Mapping[str, Sequence[int]]) -> keras.Model:
     """
     graph = analyze(model)
     return _rebuild(model, graph, _validated_keep(graph, keep))
+
+
+def pruned_weights(
+    graph: ModelGraph,
+    weights: Mapping[str, Mapping[str, np.ndarray]],
+    keep: Mapping[str, Sequence[int]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """The weights `prune(model, keep)` would give, without building the pruned model.
+
+    `graph` is `analyze(model)`; `weights` maps layer name -> weight name -> array (as
+    `adapter.flex.model_weights` returns them); `keep` is as for `prune`.  Each array is
+    sliced exactly as `prune` slices it; layers that lose nothing share the given arrays.
+    """
+    return _sliced_weights(graph, weights, _validated_keep(graph, keep))
 
 
 def prune_to_counts(model: keras.Model, counts: Mapping[str, int]) -> keras.Model:
@@ -116,10 +130,12 @@ def _validated_keep(graph: ModelGraph, keep) -> dict[str, np.ndarray]:
 
 
 def _rebuild(model: keras.Model, graph: ModelGraph, keep: Mapping[str, np.ndarray]) -> keras.Model:
-    configs, weights = {}, {}
-    for entry in graph.layers:
-        name = entry.layer.name
-        configs[name], weights[name] = _pruned_layer(graph, entry, keep)
+    configs = {entry.layer.name: _pruned_config(graph, entry, keep) for entry in graph.layers}
+    original = {
+        entry.layer.name: {v.name: keras.ops.convert_to_numpy(v) for v in entry.layer.weights}
+        for entry in graph.layers
+    }
+    weights = _sliced_weights(graph, original, keep)
     # clone_model names a Functional model's new inputs after their tensors; keep the
     # layer names (a Sequential model keeps them by itself).
     inputs = None
@@ -140,21 +156,32 @@ def _same_input(tensor):
     return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=layer.name)
 
 
-def _pruned_layer(graph: ModelGraph, entry: LayerChannels, keep) -> tuple[dict, dict]:
-    """The layer's edited config and its sliced weights (by variable name)."""
-    layer, rule = entry.layer, entry.rule
-    config = layer.get_config()
-    values = {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
-    out_positions = graph.kept_positions(entry.output, keep)
-    in_positions = graph.kept_positions(entry.inputs[0], keep) if rule.prune_in else None
-    for positions, axes in ((in_positions, rule.prune_in), (out_positions, rule.prune_out)):
-        if positions is not None:
-            for weight, axis in axes:
-                if weight in values:
-                    values[weight] = np.take(values[weight], positions, axis=axis)
-    if out_positions is not None and rule.resize:
-        config[rule.resize] = _resized(config[rule.resize], len(out_positions))
-    return config, values
+def _pruned_config(graph: ModelGraph, entry: LayerChannels, keep) -> dict:
+    """The layer's config, edited for the channels it keeps."""
+    config = entry.layer.get_config()
+    if entry.rule.resize:
+        out_positions = graph.kept_positions(entry.output, keep)
+        if out_positions is not None:
+            config[entry.rule.resize] = _resized(config[entry.rule.resize], len(out_positions))
+    return config
+
+
+def _sliced_weights(graph: ModelGraph, weights, keep: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """`pruned_weights` for a `keep` already validated."""
+    sliced = {}
+    for entry in graph.layers:
+        name, rule = entry.layer.name, entry.rule
+        values = weights.get(name, {})
+        out_positions = graph.kept_positions(entry.output, keep)
+        in_positions = graph.kept_positions(entry.inputs[0], keep) if rule.prune_in else None
+        if values and (out_positions is not None or in_positions is not None):
+            values = dict(values)
+            for positions, axes in ((in_positions, rule.prune_in), (out_positions, rule.prune_out)):
+                for weight, axis in axes if positions is not None else ():
+                    if weight in values:
+                        values[weight] = np.take(values[weight], positions, axis=axis)
+        sliced[name] = values
+    return sliced
 
 
 def _resized(setting, width: int):

@@ -22,7 +22,7 @@ from adapter.errors import AdapterError
 from adapter.flex import FlexTrainer, model_weights, unsupported_layers
 from adapter.graph import analyze, find_groups
 from adapter.netadapt import Budget, NetAdaptConfig
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts
+from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
 from lut.keras_specs import specs_of_keras
 from lut.latency import LatencyEstimator
 from lut.table import LatencyTable, Measurement
@@ -188,7 +188,7 @@ def test_tied_residual_groups_of_mobilenet_v2_are_pruned_together(v2, estimator)
     assert channel_counts(pruned)[group.id] == count
     assert latency.total_ms_at(group.id, count) == pytest.approx(netadapt.estimate_ms(estimator, pruned))
     # Proposals are trained as sliced weights: exactly the weights surgery gives the pruned model.
-    sliced = netadapt._sliced_weights(analyze(v2), model_weights(v2), {group.id: keep})
+    sliced = pruned_weights(analyze(v2), model_weights(v2), {group.id: keep})
     for layer_name, weights in model_weights(pruned).items():
         for weight_name, value in weights.items():
             np.testing.assert_array_equal(sliced[layer_name][weight_name], value)

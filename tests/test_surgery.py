@@ -3,8 +3,8 @@ import keras
 import numpy as np
 import pytest
 
-from adapter.graph import PruningError, UnsupportedLayerError, find_groups
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts
+from adapter.graph import PruningError, UnsupportedLayerError, analyze, find_groups
+from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
 
 L = keras.layers
 
@@ -279,6 +279,29 @@ def test_explicit_keep_lists_slice_concatenation_and_flatten_consumers(small_cnn
     assert pruned.get_layer("squeeze").get_config()["target_shape"] == (2,)
     assert _outputs(pruned, _images(small_cnn)).shape == (4, 10)
     assert channel_counts(small_cnn)["tail"] == 6  # the original is left as it was
+
+
+def _weights_by_layer(model):
+    return {
+        layer.name: {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights} for layer in model.layers
+    }
+
+
+def test_pruned_weights_are_exactly_the_pruned_models_without_building_it(small_cnn):
+    keep = {"stem": [0, 5, 6, 7], "branch_a": [1, 4], "branch_b": [0, 3], "tail": [2, 5]}
+    original = _weights_by_layer(small_cnn)
+    sliced = pruned_weights(analyze(small_cnn), original, keep)
+    expected = _weights_by_layer(prune(small_cnn, keep))
+    for layer, weights in expected.items():
+        assert sliced.get(layer, {}).keys() == weights.keys(), layer
+        for name, value in weights.items():
+            assert sliced[layer][name].shape == value.shape, (layer, name)
+            np.testing.assert_array_equal(sliced[layer][name], value)
+    assert sliced["fc"]["kernel"].shape == (16 * 2 + 2, 16)  # Flatten (4×4 positions) and the squeeze
+    # A layer that loses nothing shares the given arrays: no copy per proposal in NetAdapt.
+    assert sliced["classifier"]["kernel"] is original["classifier"]["kernel"]
+    with pytest.raises(PruningError, match=r"sorted list of distinct integers from 0 to 5"):
+        pruned_weights(analyze(small_cnn), original, {"tail": [3, 1]})
 
 
 def test_a_sequential_model_is_pruned_like_a_functional_one():
