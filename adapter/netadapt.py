@@ -18,8 +18,9 @@ once per iteration, and for each group the specs its channel count changes (thei
 fields are affine in the count), so a candidate count costs a few LUT look-ups.
 Proposals are fine-tuned by `adapter.flex.FlexTrainer` on physically sliced weights
 (`adapter.surgery.pruned_weights`), with one traced training step for the whole run;
-only the chosen proposal is rebuilt as a Keras model (`adapter.surgery.prune`). Models with layers `FlexTrainer` does not know
-are pruned and trained with Keras for every proposal (slower, same result).
+only the chosen proposal is rebuilt as a Keras model (`adapter.surgery.prune`). Models
+with layers `FlexTrainer` does not know are pruned and trained with Keras for every
+proposal (slower, same result).
 """
 from __future__ import annotations
 
