@@ -215,9 +215,9 @@ def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None
     """Make every spec of `specs` estimable from `estimator`'s LUT, measuring what is missing.
 
     Specs the LUT can neither look up nor interpolate are measured on `device` in one
-    batch (`profiler.build_lut.build_lut`) and stored in the LUT; without a device, or if
-    a measurement fails, raises `AdapterError`. The estimator keeps its per-invocation
-    overhead, so estimates before and after stay comparable. Returns how many were measured.
+    batch (`profiler.build_lut.build_lut`, which keeps the LUT's per-invocation overhead, so
+    estimates before and after stay comparable) and stored in the LUT; without a device, or
+    if a measurement fails, raises `AdapterError`. Returns how many were measured.
     """
     missing = estimator.missing(specs)
     if not missing:
@@ -232,12 +232,8 @@ def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None
     from profiler.build_lut import build_lut
 
     log(f"measuring {len(missing)} layer(s) missing from {path} on {device.name}")
-    overhead = estimator.invoke_overhead_us
     build_lut(device, missing, estimator.table, retry_failed=True, progress=False)
     estimator.refresh()
-    # build_lut re-measures the per-invocation overhead into the LUT; estimates already made
-    # (the original's, the budget) used the old one, and must stay comparable with new ones.
-    estimator.invoke_overhead_us = overhead
     still = estimator.missing(specs)
     if still:
         result = estimator.table.lookup(still[0])

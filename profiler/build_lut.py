@@ -86,13 +86,15 @@ def build_lut(
 ) -> BuildSummary:
     """Measure on `device` every spec of `specs` that `table` lacks, committing each result.
 
-    Also measures the device's per-invocation overhead into the LUT's metadata (each run,
-    so a resumed LUT gets it too) and records the device fingerprint after measuring.
+    Also measures the device's per-invocation overhead into the LUT's metadata, once: a
+    resumed or extended LUT keeps the value its first entries were measured with, so its
+    estimates stay comparable. Records the device fingerprint after measuring.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
-    table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
+    if "invoke_overhead_us" not in table.meta:
+        table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
     done = table.keys(include_failed=not retry_failed)
     todo = [spec for spec in specs if spec.key not in done]

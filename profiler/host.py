@@ -19,15 +19,20 @@ __all__ = ["HostDevice", "TimingPolicy", "load_interpreter", "time_interpreter"]
 
 @dataclasses.dataclass(frozen=True)
 class TimingPolicy:
-    """How long to time one model: warm up, then timed runs until the median is stable.
+    """How long to time one model: warm up, then timed samples until the median is stable.
 
-    Runs go on until at least `min_runs` runs and `min_seconds` have passed; then until the
-    median of the first and of the second half agree within `stable_pct` percent (or
-    `resolution_us`, below which sub-microsecond ops cannot agree better), or `max_seconds`
-    is spent.
+    A sample times enough back-to-back invocations to span `sample_us` (one, for a model
+    slower than that) and is their mean: reading a clock costs time too (the thread CPU
+    clock is a system call, 0.3–1 µs here, varying with load), and an op of a few
+    microseconds would otherwise carry that cost in its LUT entry, where a whole model
+    pays it once. Samples go on until at least `min_runs` samples and `min_seconds` have
+    passed; then until the median of the first and of the second half agree within
+    `stable_pct` percent (or `resolution_us`, below which sub-microsecond ops cannot agree
+    better), or `max_seconds` is spent.
     """
 
     warmup_runs: int = 3
+    sample_us: float = 50.0
     min_runs: int = 15
     min_seconds: float = 0.02
     max_seconds: float = 0.5
@@ -63,18 +68,22 @@ def load_interpreter(model: bytes, threads: int):
 def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy(), clock=time.perf_counter_ns) -> Measurement:
     """Time `interpreter.invoke()` under `policy` with `clock` (nanoseconds); deadlines are wall time."""
     invoke, wall = interpreter.invoke, time.perf_counter_ns
+    warmup_start = wall()
     for _ in range(policy.warmup_runs):
         invoke()
+    warmup_us = (wall() - warmup_start) / 1e3 / max(policy.warmup_runs, 1)
+    repeats = range(max(1, min(1000, int(policy.sample_us / max(warmup_us, 1e-3)))))
     samples: list[float] = []
     start = wall()
     deadline_min = start + policy.min_seconds * 1e9
     deadline_max = start + policy.max_seconds * 1e9
     while True:
         t0 = clock()
-        invoke()
+        for _ in repeats:
+            invoke()
         elapsed = clock() - t0
         if elapsed > 0:  # a thread CPU clock can read equal across a migration between cores
-            samples.append(elapsed / 1e3)
+            samples.append(elapsed / 1e3 / len(repeats))
         if len(samples) >= policy.min_runs and (now := wall()) >= deadline_min:
             if now >= deadline_max or _stable(samples, policy):
                 break
@@ -130,7 +139,7 @@ class HostDevice:
         self._clock, self._timer = (time.thread_time_ns, "thread-cpu") if threads == 1 else (time.perf_counter_ns, "wall")
 
     def conditions(self) -> dict[str, object]:
-        return {"device": self.name, "backend": "cpu", "threads": self.threads, "delegate": "xnnpack", "flags": f"timer={self._timer}"}
+        return {"device": self.name, "backend": "cpu", "threads": self.threads, "delegate": "xnnpack", "flags": f"timer={self._timer},sample_us={self.policy.sample_us:g}"}
 
     def fingerprint(self) -> dict[str, object]:
         from importlib import metadata

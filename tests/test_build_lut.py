@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -94,3 +95,42 @@ def test_unsupported_layer_fails_naming_the_layer(tmp_path):
     run = _build_lut("--device", "host", "--model", str(path), "--out", str(tmp_path / "x.sqlite"))
     assert run.returncode == 2
     assert "Layer 'odd_norm' of class LayerNormalization is not supported" in run.stderr
+
+
+class _ClockedInterpreter:
+    """An interpreter whose invocation takes 1 µs on a clock that costs 0.7 µs to read."""
+
+    def __init__(self):
+        self.now_ns = 0
+
+    def invoke(self):
+        self.now_ns += 1000
+
+    def clock(self):
+        self.now_ns += 700
+        return self.now_ns
+
+
+def test_a_sample_amortizes_the_cost_of_reading_the_clock():
+    from profiler.host import TimingPolicy, time_interpreter
+
+    policy = TimingPolicy(min_runs=5, min_seconds=0.0)
+    one_per_read = _ClockedInterpreter()
+    assert time_interpreter(one_per_read, dataclasses.replace(policy, sample_us=0), one_per_read.clock).median_us == 1.7
+    amortized = _ClockedInterpreter()
+    assert 1.0 < time_interpreter(amortized, policy, amortized.clock).median_us < 1.01
+
+
+def test_extending_a_lut_keeps_the_invocation_overhead_its_entries_were_measured_with(tmp_path):
+    from lut.spec import LayerSpec
+    from profiler.build_lut import build_lut
+    from profiler.host import HostDevice, TimingPolicy
+
+    device = HostDevice(policy=TimingPolicy(min_runs=5, min_seconds=0.0, max_seconds=0.05))
+    spec = LayerSpec.from_key("conv2d:f32:8x8x8:8:k1x1:s1x1:same:relu6")
+    with LatencyTable.create(tmp_path / "lut.sqlite", device.conditions()) as table:
+        build_lut(device, [spec], table, progress=False)
+        first = table.meta["invoke_overhead_us"]
+        assert float(first) > 0
+        build_lut(device, [spec.replace(cout=16)], table, progress=False)
+        assert table.meta["invoke_overhead_us"] == first and len(table.keys()) == 2
