@@ -44,7 +44,7 @@ import secrets
 import shlex
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 
 from lut.spec import LutError
@@ -330,9 +330,8 @@ class AdbDevice:
 
     def measure(self, models: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure]]:
         """Measure `models` batch by batch; yield each batch's results once it is pulled."""
-        iterator = iter(models)
         consecutive_faults, last_fault = 0, ""
-        while batch := list(itertools.islice(iterator, self._settings.batch_size)):
+        for batch in _split_batches(models, self._settings.batch_size, int(self._settings.batch_mib * 2**20)):
             for model_id, (result, fault) in zip([m for m, _ in batch], self._measure_batch(batch)):
                 yield model_id, result
                 if fault:
@@ -660,6 +659,21 @@ class AdbDevice:
 
 
 # ---------------------------------------------------------------- helpers
+def _split_batches(models: Iterable[tuple[str, bytes]], size: int, max_bytes: int) -> Iterator[list[tuple[str, bytes]]]:
+    """`models` in batches of `size`, a batch ending early before its models pass
+    `max_bytes` (a model larger than that goes alone): what the phone and this computer
+    hold of one batch stays bounded whatever the layers' sizes."""
+    batch, held = [], 0
+    for model in models:
+        if batch and (len(batch) == size or held + len(model[1]) > max_bytes):
+            yield batch
+            batch, held = [], 0
+        batch.append(model)
+        held += len(model[1])
+    if batch:
+        yield batch
+
+
 def _batch_archive(entries: list[tuple[str, bytes, str]]) -> bytes:
     """The models of `entries` ((model_id, tflite, remote name)) as one POSIX ustar archive,
     in order: plain files, mode 0644, owner 0 without names (run_batch.sh accepts only plain

@@ -230,6 +230,8 @@ def _gpu_delegate(lines: list[str]) -> tuple[str | None, str | None]:
     verdict: tuple[str, str] | None = None
     requested: str | None = None
     for line in lines:
+        if "gpu" not in line.lower():  # every line that speaks of the GPU delegate names it
+            continue
         state = _line_verdict(line)
         # On a tie the later line wins: benchmark_model's own verdict follows TFLite's log.
         if state is not None and (verdict is None or rank[state] <= rank[verdict[0]]):

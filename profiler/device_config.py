@@ -75,7 +75,8 @@ class AdbSettings:
     remote_dir: str = DEFAULT_REMOTE_DIR
     auth_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
-    batch_size: int = 64
+    batch_size: int = 128
+    batch_mib: float = 64.0  # a batch also ends before its models pass this many MiB
     max_consecutive_failures: int = 5
     reconnect_tries: int = 5
     reconnect_backoff_s: float = 1.0
@@ -144,6 +145,7 @@ _DEVICE_FIELDS: dict[str, _Field] = {
     "auth_timeout_s": (_positive_number, "a positive number of seconds", float),
     "connect_timeout_s": (_positive_number, "a positive number of seconds", float),
     "batch_size": (_positive_int, "a positive integer", int),
+    "batch_mib": (_positive_number, "a positive number of MiB", float),
     "max_consecutive_failures": (_positive_int, "a positive integer", int),
     "reconnect_tries": (_non_negative_int, "a non-negative integer", int),
     "reconnect_backoff_s": (_non_negative_number, "a non-negative number of seconds", float),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from lut.table import Measurement, MeasurementFailure
-from profiler.adb import AdbDevice, _batch_archive, parse_runner_records, runner_script
+from profiler.adb import AdbDevice, _batch_archive, _split_batches, parse_runner_records, runner_script
 from profiler.build_lut import OVERHEAD_REPEATS
 from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
 from profiler.devices import known_devices, open_device
@@ -262,6 +262,14 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
     assert (batch / "list.txt").read_text().splitlines() == names  # the archive's order
     assert (tmp_path / "contents.log").read_text().splitlines() == [f"model {name}" for name in names]
     assert sorted(p.name for p in (batch / "models").iterdir()) == ["batch.tar", *names]  # unpacked next to it
+
+
+def test_batches_end_at_their_size_or_before_their_bytes_pass_the_cap():
+    models = [(f"m{i}", b"x" * size) for i, size in enumerate([10, 10, 10, 30, 5, 50, 1, 1])]
+    batches = list(_split_batches(iter(models), 3, 40))
+    assert [[model_id for model_id, _ in batch] for batch in batches] == [
+        ["m0", "m1", "m2"], ["m3", "m4"], ["m5"], ["m6", "m7"]]  # m5 is over the cap alone: it goes alone
+    assert list(_split_batches(iter([]), 3, 40)) == []
 
 
 def test_batch_archive_is_a_plain_ustar_archive():
