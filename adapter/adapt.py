@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapter.errors import USER_ERRORS, AdapterError
+from adapter.errors import AdapterError, exit_code_of
 
 __all__ = ["main", "run_cli"]
 
@@ -363,14 +363,11 @@ def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -
     args = parser.parse_args(argv)
     if baseline_only:
         args.baseline = True
-    try:
-        return _baseline_only(args) if baseline_only else _adapt(args)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; completed iterations are saved, rerun with --resume", file=sys.stderr)
-        return 130
+    return exit_code_of(
+        parser.prog,
+        lambda: _baseline_only(args) if baseline_only else _adapt(args),
+        on_interrupt="completed iterations are saved, rerun with --resume",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

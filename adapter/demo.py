@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, exit_code_of
 
 __all__ = ["DemoSettings", "main"]
 
@@ -103,21 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where everything goes (default: %(default)s)")
     parser.add_argument("--baseline", action="store_true", help="also train the width-multiplier baseline")
     args = parser.parse_args(argv)
-    from adapter.errors import USER_ERRORS
-
-    settings, out = DemoSettings(), Path(args.out)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    return exit_code_of(
+        parser.prog, lambda: _run(out, DemoSettings(), args.baseline), on_interrupt="run it again to finish what is left"
+    )
+
+
+def _run(out: Path, settings: DemoSettings, baseline: bool) -> int:
     start = time.perf_counter()
-    try:
-        base = _train_base(out, settings)
-        lut = _build_lut(out, base, settings)
-        report = _adapt(out, base, lut, settings, args.baseline)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; run it again to finish what is left", file=sys.stderr)
-        return 130
+    base = _train_base(out, settings)
+    lut = _build_lut(out, base, settings)
+    report = _adapt(out, base, lut, settings, baseline)
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; the report is {report}")
     return 0
 

@@ -127,3 +127,23 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
     markdown = (out / "report.md").read_text()
     assert "| measured latency (.tflite, whole model) |" in markdown and "width multiplier α=" in markdown
     assert f"report: {out / 'report.md'}" in result.stdout
+
+
+def test_cli_work_exits_2_on_bad_input_130_on_ctrl_c_and_lets_bugs_through(capsys):
+    from adapter.errors import AdapterError, exit_code_of
+    from lut.spec import LutError
+    from profiler.errors import ProfilerError
+
+    def failing(error):
+        def work():
+            raise error
+        return work
+
+    assert exit_code_of("prog", lambda: 7, on_interrupt="rerun") == 7
+    for error in (AdapterError("bad --budget"), LutError("bad LUT"), ProfilerError("no device")):
+        assert exit_code_of("prog", failing(error), on_interrupt="rerun") == 2
+        assert capsys.readouterr().err == f"prog: error: {error}\n"
+    assert exit_code_of("prog", failing(KeyboardInterrupt()), on_interrupt="run it again") == 130
+    assert capsys.readouterr().err == "prog: interrupted; run it again\n"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        exit_code_of("prog", lambda: 1 / 0, on_interrupt="rerun")
