@@ -721,6 +721,15 @@ def _push_files(adb, files: list[tuple[str, bytes, int]]) -> None:
             adb.push(io.BytesIO(data), path, st_mode=mode, transport_timeout_s=_SETUP_TIMEOUT_S,
                      read_timeout_s=_SETUP_TIMEOUT_S)
         return
+    class Message(AdbMessage):
+        """adb-shell's message, its checksum (the sum of the payload's bytes, which ADB
+        before version 0x01000001 sends and adb-shell speaks) summed by numpy: Python's
+        `sum` takes 2.7 ms for a 400 KB batch."""
+
+        @property
+        def checksum(self) -> int:
+            return _byte_sum(self.data)
+
     stream = open_stream(b"sync:", _SETUP_TIMEOUT_S, _SETUP_TIMEOUT_S, None)
     replies, confirmed = bytearray(), 0
 
@@ -747,13 +756,20 @@ def _push_files(adb, files: list[tuple[str, bytes, int]]) -> None:
     for chunk in _sync_requests(files):
         pending += chunk
         while len(pending) >= maxdata:
-            _write_stream(send, read_until, take, AdbMessage, constants, stream, bytes(pending[:maxdata]))
+            _write_stream(send, read_until, take, Message, constants, stream, bytes(pending[:maxdata]))
             del pending[:maxdata]
     if pending:
-        _write_stream(send, read_until, take, AdbMessage, constants, stream, bytes(pending))
+        _write_stream(send, read_until, take, Message, constants, stream, bytes(pending))
     while confirmed < len(files):
         take(*read_until([constants.WRTE, constants.CLSE], stream))
     close_stream(stream)
+
+
+def _byte_sum(data: bytes) -> int:
+    """The ADB checksum of `data`: the sum of its bytes, modulo 2**32."""
+    import numpy as np
+
+    return int(np.frombuffer(data, np.uint8).sum(dtype=np.uint64)) & 0xFFFFFFFF
 
 
 def _sync_requests(files: list[tuple[str, bytes, int]]) -> Iterator[bytes]:
