@@ -15,24 +15,26 @@ over the same adb-shell connection:
 Both create one file per model on the phone and remove none while measuring (the session
 directory goes at the end): the daemon, like adbd, replaces a pushed file by unlinking it,
 so the naive protocol pushes each round to new paths, as a LUT build pushes each model
-once.  What a file costs to create is the phone's file system's: `--phone-dir` says where
-the daemon keeps the phone's files (on the 2-core CI machine, writing a new 3 KB file takes
-about 0.2 ms on its ext4 disk and 0.03 ms on tmpfs, /dev/shm).
+once.
 
 What is timed.  The daemon's `benchmark_model` here is a POSIX sh stand-in that prints a
 real-format output at once, because the LiteRT stand-in of the tests starts Python for
 every model (about 0.5 s), which would bury the protocol cost being compared.  Both
-protocols run it under the same `timeout --foreground` wrapper (the runner's), so the
-device-side work per model (exec of `timeout` and of the stand-in) is the same; it is
-timed on the phone itself (the same command in a loop in one shell, by the phone's clock)
-right before, between and after the two protocols on each chunk of models, and subtracted:
+protocols run it under the same `timeout --foreground` wrapper (the runner's).  What the
+phone must do per model whatever the protocol (write the model's file, exec `timeout` and
+the stand-in) is timed on the phone itself (the same work in a loop in one shell, by the
+phone's clock) right before, between and after the two protocols on each chunk of
+models, and subtracted:
 
     overhead per entry = (wall time of the protocol) / models - device work per model
 
 so the figure is what the protocol itself costs per entry: round trips, the daemon's
-service start-up, runner bookkeeping (unpacking included), parsing.  On a phone over
-Wi-Fi each round trip costs milliseconds, which widens the gap further (the naive
-protocol makes about six round trips per entry, the batched one a few per batch).
+service start-up, runner bookkeeping (unpacking the archive included, less the files'
+writing), parsing.  On a phone over Wi-Fi each round trip costs milliseconds, which
+widens the gap further (the naive protocol makes about six round trips per entry, the
+batched one a few per batch).  Writing a file is the phone's file system's cost:
+`--phone-dir` says where the daemon keeps the phone's files (on the 2-core CI machine a
+new 3 KB file takes 0.13–0.5 ms on its ext4 disk, erratically, and 0.03 ms on tmpfs).
 
 The machine this runs on may be shared, so the timings are interleaved chunk by chunk (a
 chunk is one batch, the protocols in rotating order) and reported three ways: the median
@@ -186,17 +188,28 @@ def _message_counts(device: AdbDevice, run) -> dict[str, int]:
     return counts
 
 
-def _device_work(device: AdbDevice, remote: str, count: int) -> float:
-    """Seconds the phone spends on `count` models with no protocol at all: the same command
+_WORK_RUNS = itertools.count()
+
+
+def _device_work(device: AdbDevice, remote: str, chunk: list[tuple[str, bytes]]) -> float:
+    """Seconds the phone spends on the models of `chunk` with no protocol at all: per model,
+    writing a new file of the model's size and running the benchmark command on a model,
     in a loop in one shell on the phone, timed by the phone's clock (`date +%s%N`, GNU and
-    toybox date).  Timed there because processes started by the daemon run in conditions
-    (session, environment) that this script's own processes do not share."""
+    toybox date).  Both protocols have the phone do that much per model, whatever they
+    send: a file per model (benchmark_model reads its model from a file) and one run.
+    Timed there because processes started by the daemon run in conditions (session,
+    environment) that this script's own processes do not share."""
+    directory = shlex.quote(f"{remote}/work/{next(_WORK_RUNS)}")
     command = (
         f"timeout --foreground -k 2 {_TIMEOUT_S} {shlex.quote(device._settings.remote_dir + '/benchmark_model')} "
         f"--graph={shlex.quote(remote + '/work.tflite')} {' '.join(_FLAGS)} >> {shlex.quote(remote + '/work.out')}"
     )
+    # the builtin printf writes the file: no process but the one a model's run takes
+    sizes = " ".join(str(len(data)) for _, data in chunk)
     output = device._adb.shell(
-        f"s=$(date +%s%N); i=0; while [ $i -lt {count} ]; do {command}; i=$((i + 1)); done; e=$(date +%s%N); echo $((e - s))"
+        f"mkdir -p {directory}; s=$(date +%s%N); i=0; for size in {sizes}; do "
+        f"printf \"%${{size}}s\" '' > {directory}/m$i.tflite; {command}; i=$((i + 1)); done; "
+        "e=$(date +%s%N); echo $((e - s))"
     )
     return int(output.split()[-1]) / 1e9
 
@@ -210,11 +223,11 @@ def _chunk_timings(device: AdbDevice, chunk: list[tuple[str, bytes]], remote: st
     """
     runs = {"naive": lambda: _naive(device, chunk, remote), "batched": lambda: _batched(device, chunk)}
     order = list(runs) if turn % 2 == 0 else list(reversed(runs))
-    works = [_device_work(device, remote, len(chunk))]
+    works = [_device_work(device, remote, chunk)]
     walls = {}
     for name in order:
         walls[name] = runs[name]()
-        works.append(_device_work(device, remote, len(chunk)))
+        works.append(_device_work(device, remote, chunk))
     return {name: (walls[name], (works[i] + works[i + 1]) / 2) for i, name in enumerate(order)}
 
 
@@ -276,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.models} single-op models x {args.rounds} rounds, batch size {batch_size}, loopback ADB daemon "
           f"(own process) on 127.0.0.1, phone files in {args.phone_dir or tempfile.gettempdir()}; per entry, "
           f"median [quartiles] of {len(samples['work'])} chunks")
-    print(f"device work (timeout + benchmark_model stand-in): {_ms(median['work'], quartiles['work'])}")
+    print(f"device work (model file + timeout + stand-in): {_ms(median['work'], quartiles['work'])}")
     print(f"naive   (push + shell per model):   overhead {_ms(median['naive'], quartiles['naive'])}")
     print(f"batched (push/run/pull per batch):  overhead {_ms(median['batched'], quartiles['batched'])}")
     for name, label in (("naive", "naive  "), ("batched", "batched")):
