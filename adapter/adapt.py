@@ -241,6 +241,7 @@ def _budget_fields(config, result, original: dict, adapted: dict) -> dict:
     limit = None if measured_budget is None else measured_budget * (1 + MEASURING_TOLERANCE)
     return {
         "spec": str(budget), "estimated_ms": result.budget_ms, "calibrated_by_measured_ms": result.measured_original_ms,
+        "recalibrations": list(result.recalibrations),
         "measured_ms": measured_budget,
         "tolerance": MEASURING_TOLERANCE, "measured_limit_ms": limit,
         "met_by_estimate": adapted["estimated_ms"] <= result.budget_ms + 1e-9,
@@ -277,7 +278,7 @@ def _adapt(args) -> int:
     resuming = args.resume and (out / "history.csv").is_file()
     measured = None if resuming else _measure_original(setup, out)
     result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
-                          measured_original_ms=measured, resume=args.resume)
+                          measured_original_ms=measured, measure=_measurer(setup, out), resume=args.resume)
     search_seconds = sum(r.seconds for r in result.history)
     long_start = time.perf_counter()
     adapted, _ = _long_term(args, setup, result, config, out)
@@ -301,17 +302,31 @@ def _adapt(args) -> int:
 
 def _measure_original(setup: _Setup, out: Path) -> float | None:
     """The original's latency on the device (None without one): it calibrates the budget."""
+    measure = _measurer(setup, out)
+    if measure is None:
+        return None
+    measured = measure(setup.model, "original")
+    print(f"the original measures {measured:.4g} ms on {setup.device_name}", flush=True)
+    return measured
+
+
+def _measurer(setup: _Setup, out: Path):
+    """measure(model, name="search") → the Keras model's whole latency on the final-check
+    device in ms, its .tflite kept as OUT/NAME.tflite; None without a device."""
     from adapter.export import export_tflite, measure_models
 
     if setup.check_device is None:
         return None
-    out.mkdir(parents=True, exist_ok=True)
-    tflite = export_tflite(setup.model, out / "original.tflite")
-    measured = measure_models(setup.check_device, {"original": tflite})["original"]
-    if measured.median_ms is None:
-        raise AdapterError(f"Could not measure the original model on {setup.device_name}: {measured.error}")
-    print(f"the original measures {measured.median_ms:.4g} ms on {setup.device_name}", flush=True)
-    return measured.median_ms
+
+    def measure(model, name: str = "search") -> float:
+        out.mkdir(parents=True, exist_ok=True)
+        tflite = export_tflite(model, out / f"{name}.tflite")
+        measured = measure_models(setup.check_device, {name: tflite})[name]
+        if measured.median_ms is None:
+            raise AdapterError(f"Could not measure the {name} model on {setup.device_name}: {measured.error}")
+        return measured.median_ms
+
+    return measure
 
 
 def _lut_fields(path: str, table, step: int) -> dict:

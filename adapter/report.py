@@ -27,7 +27,11 @@ def _calibration(budget: Mapping) -> str:
     measured = budget.get("calibrated_by_measured_ms")
     if measured is None:
         return " (no device: not calibrated)"
-    return f" (calibrated by the original measured at {_ms(measured)} before the search)"
+    again = "".join(
+        f"; again after iteration {r['iteration']}, whose model measured {_ms(r['measured_ms'])} "
+        f"(estimated {_ms(r['estimated_ms'])})" for r in budget.get("recalibrations", ())
+    )
+    return f" (calibrated by the original measured at {_ms(measured)} before the search{again})"
 
 
 def _verdict(met) -> str:

@@ -271,6 +271,27 @@ def test_run_meets_the_budget_by_estimate_and_records_every_iteration(v1, small_
         netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, log=lambda line: None)
 
 
+def test_a_result_measured_over_the_budget_recalibrates_and_the_search_goes_on(v1, small_data, estimator, tmp_path):
+    config = _config("0.7", initial_reduction=0.1)
+    original = netadapt.estimate_ms(estimator, v1)
+    measured = []
+
+    def measure(model):  # pruned models run 10% slower than the LUT says; the original as it says
+        measured.append(1.1 * netadapt.estimate_ms(estimator, model))
+        return measured[-1]
+
+    result = netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, measured_original_ms=original,
+                                   measure=measure, log=lambda line: None)
+    first = result.recalibrations[0]
+    assert first["measured_ms"] == pytest.approx(measured[0]) and first["measured_ms"] > 0.7 * original
+    assert first["budget_ms"] == pytest.approx(0.7 * original - (first["measured_ms"] - first["estimated_ms"]))
+    assert result.budget_ms == result.recalibrations[-1]["budget_ms"] < 0.7 * original
+    assert measured[-1] <= 0.7 * original and len(measured) == len(result.recalibrations) + 1
+    assert result.history[-1].estimated_ms <= result.budget_ms
+    saved = json.loads((tmp_path / netadapt.STATE_FILE).read_text())
+    assert saved["budget_ms"] == result.budget_ms and saved["recalibrations"] == list(result.recalibrations)
+
+
 def test_run_stops_saying_how_far_it_got_when_no_group_reaches_the_target(v1, small_data, estimator, tmp_path):
     config = _config("0.4", initial_reduction=0.5)  # no single group removes half of the latency
     with pytest.raises(AdapterError, match=r"stopped at iteration 1: no channel group can be pruned to the target") as e:
