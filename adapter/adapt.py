@@ -174,14 +174,18 @@ def _config(args):
 
 
 def _long_term(args, setup: _Setup, result, config, out: Path):
-    """adapted.keras: the search's model fine-tuned for the long-term epochs (reused on --resume)."""
+    """adapted.keras: the search's model fine-tuned for the long-term epochs (reused on
+    --resume when it is the search's model: a resumed search may have gone further)."""
     from lut.models import load_model
     from adapter.netadapt import long_term_finetune
+    from adapter.surgery import channel_counts
 
     path = out / "adapted.keras"
     if args.resume and path.is_file():
-        print(f"reusing {path}")
-        return load_model(path), None
+        saved = load_model(path)
+        if channel_counts(saved) == channel_counts(result.model):
+            print(f"reusing {path}")
+            return saved, None
     print(f"long-term fine-tuning for {config.long_term_epochs} epochs", flush=True)
     fitted = long_term_finetune(result.model, setup.data, config)
     result.model.save(path)

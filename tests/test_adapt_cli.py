@@ -151,3 +151,21 @@ def test_cli_work_exits_2_on_bad_input_130_on_ctrl_c_and_lets_bugs_through(capsy
     assert capsys.readouterr().err == "prog: interrupted; run it again\n"
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         exit_code_of("prog", lambda: 1 / 0, on_interrupt="rerun")
+
+
+def test_resume_reuses_the_fine_tuned_model_only_if_it_is_the_searchs_model(files, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from adapter.adapt import _long_term
+    from adapter.netadapt import Budget, NetAdaptConfig
+    from adapter.surgery import channel_counts, prune_to_counts
+
+    original = keras.models.load_model(files["model"])
+    searched = SimpleNamespace(model=prune_to_counts(original, {"conv_pw_13": 64}))
+    args, config = SimpleNamespace(resume=True), NetAdaptConfig(Budget(0.5, relative=True), long_term_epochs=0)
+    original.save(tmp_path / "adapted.keras")  # fine-tuned before a resumed search went further
+    model, _ = _long_term(args, SimpleNamespace(data=None), searched, config, tmp_path)
+    assert "reusing" not in capsys.readouterr().out and channel_counts(model)["conv_pw_13"] == 64
+    assert channel_counts(keras.models.load_model(tmp_path / "adapted.keras")) == channel_counts(model)
+    again, _ = _long_term(args, SimpleNamespace(data=None), searched, config, tmp_path)
+    assert "reusing" in capsys.readouterr().out and channel_counts(again) == channel_counts(model)
