@@ -68,10 +68,10 @@ def load_interpreter(model: bytes, threads: int):
 def time_interpreter(interpreter, policy: TimingPolicy = TimingPolicy(), clock=time.perf_counter_ns) -> Measurement:
     """Time `interpreter.invoke()` under `policy` with `clock` (nanoseconds); deadlines are wall time."""
     invoke, wall = interpreter.invoke, time.perf_counter_ns
-    warmup_start = wall()
+    warmup_start = clock()
     for _ in range(policy.warmup_runs):
         invoke()
-    warmup_us = (wall() - warmup_start) / 1e3 / max(policy.warmup_runs, 1)
+    warmup_us = (clock() - warmup_start) / 1e3 / max(policy.warmup_runs, 1)
     repeats = range(max(1, min(1000, int(policy.sample_us / max(warmup_us, 1e-3)))))
     samples: list[float] = []
     start = wall()
