@@ -1,4 +1,4 @@
-"""The whole story on this machine, with small settings (`make demo`, about 8–11 minutes on 2 cores).
+"""The whole story on this machine, with small settings (`make demo`, about 7–11 minutes on 2 cores).
 
     python -m adapter.demo [--out runs/demo] [--baseline]
 
@@ -28,7 +28,7 @@ __all__ = ["DemoSettings", "main"]
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """The demo's small settings: chosen so the story fits in about 8–11 minutes on 2 cores."""
+    """The demo's small settings: chosen so the story fits in about 7–11 minutes on 2 cores."""
 
     alpha: float = 0.5
     resolution: int = 32
