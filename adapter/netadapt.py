@@ -816,14 +816,7 @@ def run_netadapt(
         log(_describe(history[0], run))
     while True:
         try:
-            while history[-1].estimated_ms > run.budget_ms + _EPSILON_MS:
-                iteration = history[-1].iteration + 1
-                record, rows, model = run_iteration(run, iteration, model, history[-1])
-                _append_csv(out / PROPOSALS_FILE, _PROPOSAL_FIELDS, rows)
-                _save_model(model, iteration_model_path(out, iteration))
-                _append_csv(out / HISTORY_FILE, _HISTORY_FIELDS, [record.row()])
-                history.append(record)
-                log(_describe(record, run))
+            model = _iterate_to_budget(run, model, history)
         except SearchStopped as e:
             if not run.recalibrations:
                 raise
@@ -834,6 +827,21 @@ def run_netadapt(
         (out / STATE_FILE).write_text(json.dumps(_state(run, estimator.table.path), indent=2) + "\n")
     return NetAdaptResult(model, tuple(history), run.original_ms, run.budget_ms, run.measured_original_ms, run.step,
                           tuple(run.recalibrations))
+
+
+def _iterate_to_budget(run: NetAdaptRun, model, history: list[IterationRecord]):
+    """Run iterations, saving each and appending it to `history`, until the estimate meets
+    the budget; returns the last chosen model."""
+    out = run.out_dir
+    while history[-1].estimated_ms > run.budget_ms + _EPSILON_MS:
+        iteration = history[-1].iteration + 1
+        record, rows, model = run_iteration(run, iteration, model, history[-1])
+        _append_csv(out / PROPOSALS_FILE, _PROPOSAL_FIELDS, rows)
+        _save_model(model, iteration_model_path(out, iteration))
+        _append_csv(out / HISTORY_FILE, _HISTORY_FIELDS, [record.row()])
+        history.append(record)
+        run.log(_describe(record, run))
+    return model
 
 
 def _recalibrated(run: NetAdaptRun, last: IterationRecord, measured_ms: float) -> bool:

@@ -47,6 +47,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 
+import numpy as np
+
 from lut.spec import LutError
 from lut.table import Measurement, MeasurementFailure
 from profiler.benchmark_output import BenchmarkOutputError, parse_benchmark_output
@@ -767,8 +769,6 @@ def _push_files(adb, files: list[tuple[str, bytes, int]]) -> None:
 
 def _byte_sum(data: bytes) -> int:
     """The ADB checksum of `data`: the sum of its bytes, modulo 2**32."""
-    import numpy as np
-
     return int(np.frombuffer(data, np.uint8).sum(dtype=np.uint64)) & 0xFFFFFFFF
 
 
