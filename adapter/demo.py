@@ -59,16 +59,14 @@ def _train_base(out: Path, s: DemoSettings) -> Path:
 
 def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
     from lut.models import load_model
-    from lut.table import LatencyTable
-    from profiler.build_lut import build_lut
+    from profiler.build_lut import build_lut, open_lut
     from profiler.devices import open_device
     from profiler.plan import plan_specs
 
     path = out / "host-cpu-1t.sqlite"
     device = open_device("host", threads=1)
     specs = plan_specs([load_model(base)], s.lut_step)
-    meta = {**device.conditions(), "fingerprint": device.fingerprint(), "step": s.lut_step}
-    with LatencyTable.create(path, meta) as table:
+    with open_lut(path, device, s.lut_step) as table:
         todo = len(specs) - len(table.keys() & {spec.key for spec in specs})
         print(f"[2/3] host LUT {path}: {len(specs)} entries, {todo} to measure", flush=True)
         if todo:

@@ -19,8 +19,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lut.models import build_model  # noqa: E402
-from lut.table import LatencyTable  # noqa: E402
-from profiler.build_lut import build_lut  # noqa: E402
+from profiler.build_lut import build_lut, open_lut  # noqa: E402
 from profiler.devices import open_device  # noqa: E402
 from profiler.layers import naive_single_op_model  # noqa: E402
 from profiler.plan import plan_specs  # noqa: E402
@@ -40,7 +39,7 @@ def main() -> None:
     device = open_device("host")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.out or os.path.join(tmp, "bench.sqlite")
-        with LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": args.step}) as table:
+        with open_lut(path, device, args.step) as table:
             summary = build_lut(device, specs, table)
     sample = random.Random(0).sample(specs, min(args.naive_sample, len(specs)))
     start = time.perf_counter()

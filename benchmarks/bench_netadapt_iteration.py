@@ -44,7 +44,7 @@ def _lut(path: str, model):
     """The LUT at `path`; built first (every spec of the model, step 8) if there is none."""
     from lut.latency import LatencyEstimator
     from lut.table import LatencyTable
-    from profiler.build_lut import build_lut
+    from profiler.build_lut import build_lut, open_lut
     from profiler.devices import open_device
     from profiler.plan import plan_specs
 
@@ -52,7 +52,7 @@ def _lut(path: str, model):
         device = open_device("host", threads=1)
         specs = plan_specs([model], 8)
         print(f"building the LUT {path} ({len(specs)} entries) ...", flush=True)
-        with LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": 8}) as table:
+        with open_lut(path, device, 8) as table:
             print(build_lut(device, specs, table, progress=False), flush=True)
     return LatencyEstimator(LatencyTable.open(path))
 

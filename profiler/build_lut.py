@@ -20,7 +20,7 @@ from lut.spec import LayerSpec, LutError
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.errors import ProfilerError
 
-__all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "main"]
+__all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "open_lut", "main"]
 
 # The cheapest op there is: what it costs is the price of one invocation.
 OVERHEAD_SPEC = LayerSpec("reshape", 1, 1, 1, 1)
@@ -62,6 +62,12 @@ def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator
         model = factory.build(spec)
         summary.generate_s += time.perf_counter() - start
         yield spec.key, model
+
+
+def open_lut(path, device, step: int) -> LatencyTable:
+    """The LUT at `path` for measuring on `device` on a `step` channel grid: created with the
+    device's conditions, fingerprint and step, or opened to resume (same conditions only)."""
+    return LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": step})
 
 
 def measure_invoke_overhead_us(device, repeats: int = OVERHEAD_REPEATS) -> float:
@@ -165,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
             try:
                 out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
-                meta = {**device.conditions(), "fingerprint": device.fingerprint(), "step": step}
-                with LatencyTable.create(out, meta) as table:
+                with open_lut(out, device, step) as table:
                     print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
                     summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress)
                     print(f"{out}: {summary}")
