@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapter.errors import AdapterError, exit_code_of
+from profiler.monitor import add_monitor_arguments, monitor_policy
 
 __all__ = ["main", "run_cli"]
 
@@ -80,6 +81,7 @@ def _parser(baseline_only: bool) -> argparse.ArgumentParser:
         add("--int8", action="store_true", help="also export an int8 model quantized with representative data")
         add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")
     add_baseline_arguments(parser)
+    add_monitor_arguments(parser)
     return parser
 
 
@@ -94,6 +96,7 @@ class _Setup:
     device_name: str | None
     model: object
     data: object
+    monitor: object = None  # the conditions monitor on lut_device, with the LUT's quiet reference
 
 
 def _open_lut(path: str):
@@ -157,9 +160,14 @@ def _setup(args) -> _Setup:
             f"was not trained on ({record}); rank proposals on unseen images: use --holdout ≤ that."
         )
     lut_device, check_device, device_name = _open_devices(args, table.meta)
+    monitor = None
+    if lut_device is not None:
+        from profiler.build_lut import open_monitor
+
+        monitor = open_monitor(lut_device, table, monitor_policy(args), log=lambda message: print(message, flush=True))
     print(f"loading {args.data} at {model.input_shape[1]} px", flush=True)
     data = load_dataset(args.data, resolution=int(model.input_shape[1]), holdout=args.holdout, seed=SPLIT_SEED)
-    return _Setup(table, estimator, lut_device, check_device, device_name, model, data)
+    return _Setup(table, estimator, lut_device, check_device, device_name, model, data, monitor)
 
 
 def _config(args):
@@ -209,9 +217,9 @@ def _model_figures(model, estimator, setup: _Setup, x_test, y_test, tflite: byte
     }
 
 
-def _final_check(args, setup: _Setup, original, adapted, out: Path) -> tuple[dict, dict]:
-    """Export, measure on the device and score the original and the adapted model."""
-    from adapter.export import export_tflite, measure_models, representative_batches, tflite_accuracy
+def _final_check(args, setup: _Setup, checker, original, adapted, out: Path) -> tuple[dict, dict, object]:
+    """Export, measure on the device (interleaved with the original) and score both models."""
+    from adapter.export import export_tflite, representative_batches, tflite_accuracy
 
     print("exporting and measuring", flush=True)
     x_test, y_test = setup.data.test.arrays()
@@ -222,35 +230,41 @@ def _final_check(args, setup: _Setup, original, adapted, out: Path) -> tuple[dic
         tflites["adapted_int8"] = export_tflite(
             adapted, out / "adapted_int8.tflite", representative_data=representative_batches(x_train)
         )
-    measured = measure_models(setup.check_device, tflites) if setup.check_device is not None else {}
+    measured = None
+    if checker is not None:
+        measured = checker.measure({name: tflite for name, tflite in tflites.items() if name != "original"})
     figures = {name: _model_figures(model, setup.estimator, setup, x_test, y_test, tflites[name])
                for name, model in (("original", original), ("adapted", adapted))}
     for name in figures:
-        figures[name]["measured_ms"] = measured[name].median_ms if name in measured else None
+        figures[name]["measured_ms"] = measured.median_ms(name) if measured else None
     if "adapted_int8" in tflites:
         figures["adapted"]["int8"] = {
-            "measured_ms": measured["adapted_int8"].median_ms if measured else None,
+            "measured_ms": measured.median_ms("adapted_int8") if measured else None,
             "tflite_test_accuracy": tflite_accuracy(tflites["adapted_int8"], x_test, y_test),
         }
-    return figures["original"], figures["adapted"]
+    return figures["original"], figures["adapted"], measured
 
 
-def _budget_fields(config, result, original: dict, adapted: dict) -> dict:
-    from adapter.export import MEASURING_TOLERANCE
+def _budget_fields(config, result, original: dict, adapted: dict, measured, checker) -> dict:
+    from adapter.final_check import budget_verdict
+    from adapter.netadapt import OVER_BUDGET_TOLERANCE, OVER_PRUNED
 
     budget = config.budget
-    measured_budget = None
-    if original["measured_ms"] is not None:
-        measured_budget = budget.value * original["measured_ms"] if budget.relative else budget.value
-    limit = None if measured_budget is None else measured_budget * (1 + MEASURING_TOLERANCE)
-    return {
-        "spec": str(budget), "estimated_ms": result.budget_ms, "calibrated_by_measured_ms": result.measured_original_ms,
-        "recalibrations": list(result.recalibrations),
-        "measured_ms": measured_budget,
-        "tolerance": MEASURING_TOLERANCE, "measured_limit_ms": limit,
+    fields = {
+        "spec": str(budget), "relative": budget.relative, "estimated_ms": result.budget_ms,
+        "measured_original_ms": result.measured_original_ms, "recalibrations": list(result.recalibrations),
+        "handed_back": result.handed_back, "tolerance": OVER_BUDGET_TOLERANCE, "over_pruned_below": OVER_PRUNED,
+        "estimated_fraction": adapted["estimated_ms"] / original["estimated_ms"],
         "met_by_estimate": adapted["estimated_ms"] <= result.budget_ms + 1e-9,
-        "met_measured": None if limit is None or adapted["measured_ms"] is None else adapted["measured_ms"] <= limit,
     }
+    if checker is None:
+        return {**fields, "status": "not measured", "met_measured": None, "requested_fraction": budget.fraction(None),
+                "measured_fraction": None, "spread": None, "reason": "no device", "conditions": {}}
+    verdict = budget_verdict(budget, measured, measured_original_ms=result.measured_original_ms, last=checker.last,
+                             over_budget=OVER_BUDGET_TOLERANCE, over_pruned=OVER_PRUNED)
+    return {**fields, "status": verdict.status, "met_measured": verdict.met,
+            "requested_fraction": verdict.requested_fraction, "measured_fraction": verdict.measured_fraction,
+            "spread": verdict.spread, "reason": verdict.reason, "conditions": dict(verdict.conditions)}
 
 
 def _baseline_fields(args, setup: _Setup, budget_ms: float, measured_budget, out: Path) -> dict | None:
@@ -272,7 +286,7 @@ def _baseline_fields(args, setup: _Setup, budget_ms: float, measured_budget, out
 
 
 def _adapt(args) -> int:
-    from adapter.netadapt import run_netadapt
+    from adapter.netadapt import estimate_ms, run_netadapt
     from adapter.report import write_report
 
     config = _config(args)
@@ -280,57 +294,48 @@ def _adapt(args) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     resuming = args.resume and (out / "history.csv").is_file()
-    measured = None if resuming else _measure_original(setup, out)
+    checker = _checker(setup, out)
+    measured = None
+    if checker is not None and not resuming:
+        measured = checker.original_ms(estimate_ms(setup.estimator, setup.model))
+        print(f"the original measures {measured:.4g} ms on {setup.device_name}", flush=True)
     result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
-                          measured_original_ms=measured, measure=_measurer(setup, out), resume=args.resume)
+                          measured_original_ms=measured, measure=checker.fraction if checker else None,
+                          resume=args.resume, policy=monitor_policy(args))
     search_seconds = sum(r.seconds for r in result.history)
     long_start = time.perf_counter()
     adapted, _ = _long_term(args, setup, result, config, out)
     long_seconds = time.perf_counter() - long_start
-    original, adapted_figures = _final_check(args, setup, setup.model, adapted, out)
-    budget = _budget_fields(config, result, original, adapted_figures)
+    original, adapted_figures, interleaved = _final_check(args, setup, checker, setup.model, adapted, out)
+    budget = _budget_fields(config, result, original, adapted_figures, interleaved, checker)
+    measured_budget = None
+    if budget["requested_fraction"] is not None and original["measured_ms"] is not None:
+        measured_budget = budget["requested_fraction"] * original["measured_ms"]
     report = {
         "model": args.model, "data": args.data, "device": setup.device_name,
         "lut": _lut_fields(args.lut, setup.table, result.step),
         "budget": budget, "original": original, "adapted": adapted_figures,
-        "baseline": _baseline_fields(args, setup, result.budget_ms, budget["measured_ms"], out),
+        "baseline": _baseline_fields(args, setup, result.budget_ms, measured_budget, out),
         "search": {"iterations": len(result.history) - 1, "seconds": search_seconds,
                    "long_term_epochs": config.long_term_epochs, "long_term_seconds": long_seconds,
                    "config": config.to_json()},
+        "monitor": setup.monitor.summary() if setup.monitor is not None else None,
         "seconds": time.perf_counter() - start,
     }
     json_path, md_path = write_report(out, report, result.history)
     _print_summary(report, md_path)
-    return 0
+    return 1 if budget["status"] in ("over budget", "not taken") else 0
 
 
-def _measure_original(setup: _Setup, out: Path) -> float | None:
-    """The original's latency on the device (None without one): it calibrates the budget."""
-    measure = _measurer(setup, out)
-    if measure is None:
-        return None
-    measured = measure(setup.model, "original")
-    print(f"the original measures {measured:.4g} ms on {setup.device_name}", flush=True)
-    return measured
-
-
-def _measurer(setup: _Setup, out: Path):
-    """measure(model, name="search") → the Keras model's whole latency on the final-check
-    device in ms, its .tflite kept as OUT/NAME.tflite; None without a device."""
-    from adapter.export import export_tflite, measure_models
+def _checker(setup: _Setup, out: Path):
+    """The final-check device's `ModelChecker` against the original (None without a device)."""
+    from adapter.export import export_tflite
+    from adapter.final_check import ModelChecker
 
     if setup.check_device is None:
         return None
-
-    def measure(model, name: str = "search") -> float:
-        out.mkdir(parents=True, exist_ok=True)
-        tflite = export_tflite(model, out / f"{name}.tflite")
-        measured = measure_models(setup.check_device, {name: tflite})[name]
-        if measured.median_ms is None:
-            raise AdapterError(f"Could not measure the {name} model on {setup.device_name}: {measured.error}")
-        return measured.median_ms
-
-    return measure
+    out.mkdir(parents=True, exist_ok=True)
+    return ModelChecker(setup.check_device, setup.monitor, export_tflite(setup.model, out / "original.tflite"), out)
 
 
 def _lut_fields(path: str, table, step: int) -> dict:
@@ -342,11 +347,9 @@ def _lut_fields(path: str, table, step: int) -> dict:
 def _print_summary(report: dict, md_path: Path) -> None:
     budget, adapted = report["budget"], report["adapted"]
     measured = "not measured" if adapted["measured_ms"] is None else f"measured {adapted['measured_ms']:.4g} ms"
-    limit = "" if budget["measured_limit_ms"] is None else f" (limit {budget['measured_limit_ms']:.4g} ms)"
-    verdict = {True: "met", False: "NOT met", None: "not checked"}[budget["met_measured"]]
     print(
-        f"adapted: estimated {adapted['estimated_ms']:.4g} ms, {measured}{limit}: budget {verdict}; "
-        f"test accuracy {adapted['test_accuracy']:.4f} (original {report['original']['test_accuracy']:.4f})"
+        f"adapted: estimated {adapted['estimated_ms']:.4g} ms, {measured}: budget {budget['status']} "
+        f"({budget['reason']}); test accuracy {adapted['test_accuracy']:.4f} (original {report['original']['test_accuracy']:.4f})"
     )
     if report.get("baseline"):
         b = report["baseline"]
@@ -363,9 +366,11 @@ def _baseline_only(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget.parse(args.budget)
-    ensure_estimable(setup.estimator, specs_of_keras(setup.model), setup.lut_device)
-    measured = _measure_original(setup, out)
-    budget_ms = budget.lut_ms(estimate_ms(setup.estimator, setup.model), measured)
+    ensure_estimable(setup.estimator, specs_of_keras(setup.model), setup.lut_device, policy=monitor_policy(args))
+    estimated = estimate_ms(setup.estimator, setup.model)
+    checker = _checker(setup, out)
+    measured = None if checker is None else checker.original_ms(estimated)
+    budget_ms = budget.lut_ms(estimated, measured)
     measured_budget = None if measured is None else budget.ms(measured)
     result = _baseline_fields(args, setup, budget_ms, measured_budget, out)
     shown = "—" if result["measured_ms"] is None else f"{result['measured_ms']:.4g} ms"

@@ -58,19 +58,23 @@ def _train_base(out: Path, s: DemoSettings) -> Path:
 
 
 def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
+    from lut.latency import CONTEXT_META_KEY
     from lut.models import load_model
-    from profiler.build_lut import build_lut, open_lut
+    from profiler.build_lut import build_lut, calibrate_cache_context, open_lut
     from profiler.devices import open_device
     from profiler.plan import plan_specs
 
     path = out / "host-cpu-1t.sqlite"
     device = open_device("host", threads=1)
-    specs = plan_specs([load_model(base)], s.lut_step)
+    model = load_model(base)
+    specs = plan_specs([model], s.lut_step)
     with open_lut(path, device, s.lut_step) as table:
         todo = len(specs) - len(table.keys() & {spec.key for spec in specs})
         print(f"[2/3] host LUT {path}: {len(specs)} entries, {todo} to measure", flush=True)
         if todo:
             print(f"      {build_lut(device, specs, table, progress=sys.stderr.isatty())}", flush=True)
+        if todo or CONTEXT_META_KEY not in table.meta:
+            calibrate_cache_context(device, table, [model], log=lambda message: print(f"      {message}", flush=True))
     return path
 
 
@@ -91,7 +95,10 @@ def _adapt(out: Path, base: Path, lut: Path, s: DemoSettings, baseline: bool) ->
         argv.append("--resume")
     if baseline:
         argv.append("--baseline")
-    if run_cli(argv) != 0:
+    code = run_cli(argv)
+    if code == 1:
+        print("[3/3] the adapted model does not meet the budget on this machine now (see above and the report)")
+    elif code != 0:
         raise AdapterError("the adaptation failed (see above)")
     return report
 

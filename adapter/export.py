@@ -16,7 +16,6 @@ import numpy as np
 from adapter.errors import AdapterError
 
 __all__ = [
-    "MEASURING_TOLERANCE",
     "ModelMeasurement",
     "export_tflite",
     "measure_models",
@@ -25,7 +24,6 @@ __all__ = [
     "tflite_accuracy",
 ]
 
-MEASURING_TOLERANCE = 0.03  # a whole-model latency within 3% above the budget meets it
 _HOST_FINAL_TIMING = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
 
 

@@ -9,12 +9,15 @@ training data; the best one (highest holdout accuracy, or least accuracy lost pe
 millisecond saved) becomes the next iteration's model. The loop ends when the estimate
 meets the budget; `long_term_finetune` then trains the result for a few epochs.
 
-The LUT's sum of single-op latencies is off by a few percent on a whole model, and not by
-the same amount on every model (at 32 px on this CPU it over-estimated MobileNetV1 α=0.5 by
-3% and under-estimated its 50% pruned result by 4%). With a device, the budget is first
-calibrated by the measured original (`Budget.lut_ms`); when the estimate meets it, the
-search measures its model, and if that is over the measured budget it calibrates again by
-this model's offset and goes on pruning (at most `MAX_RECALIBRATIONS` times).
+The LUT's estimate of a whole model is off by a few percent, and not by the same amount on
+every model. A relative budget is therefore a ratio in the LUT's terms too (`Budget.lut_ms`:
+that fraction of the original's estimate; an absolute one is scaled by the original's
+estimate over its measurement). With a device, when the estimate meets the budget the
+search measures its model interleaved with the original (`measure`: the measured
+fraction); over the budget (+`OVER_BUDGET_TOLERANCE`), the budget in the LUT's terms is
+scaled by requested / measured and the search goes on (at most `MAX_RECALIBRATIONS`
+times); far under it (`OVER_PRUNED`), the search pruned more than asked, and the
+least-pruned saved iteration that still meets the budget is handed back instead.
 
 Per iteration, `out_dir` gets `iter_NNN.keras` (the chosen model), a row of
 `history.csv` and the rows of `proposals.csv`; `run_netadapt(..., resume=True)` carries
@@ -76,6 +79,10 @@ _HISTORY_FIELDS = (
 _PROPOSAL_FIELDS = ("iteration", "group", "count", "estimated_ms", "holdout_accuracy", "train_loss", "chosen")
 _EPSILON_MS = 1e-9
 MAX_RECALIBRATIONS = 3
+OVER_BUDGET_TOLERANCE = 0.03  # a measured fraction within 3% above the budget meets it
+OVER_PRUNED = 0.10  # a measured fraction more than 10% under the budget is over-pruned
+MAX_WALK_BACK = 6
+_DEFAULT_POLICY = "default"  # the conditions monitor's default policy (profiler is imported lazily)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -117,14 +124,21 @@ class Budget:
     def lut_ms(self, estimated_ms: float, measured_ms: float | None = None) -> float:
         """The budget in the LUT's terms, for an original model estimated at `estimated_ms`.
 
-        With the original's latency measured on the device, the budget is the measured
-        one less the LUT's offset for this model (measured − estimated: what the whole
-        model costs beyond the sum of its ops' entries). Pruning keeps every op, so the
-        offset stays, and a pruned model estimated at the result measures at the budget.
+        A relative budget is a ratio, so in the LUT's terms it is that fraction of the
+        original's estimate, whatever the device measured. An absolute one is scaled by the
+        original's estimate over its measurement: a multiplicative calibration, which one
+        disturbed measurement moves by its own error, where an additive offset (measured −
+        estimated) moved a 60% budget to 28% of the estimate.
         """
-        if measured_ms is None:
+        if self.relative or measured_ms is None:
             return self.ms(estimated_ms)
-        return self.ms(measured_ms) - (measured_ms - estimated_ms)
+        return self.value * estimated_ms / measured_ms
+
+    def fraction(self, measured_original_ms: float | None) -> float | None:
+        """The budget as a fraction of the original's measured latency (None: not known)."""
+        if self.relative:
+            return self.value
+        return None if measured_original_ms is None else self.value / measured_original_ms
 
     def __str__(self) -> str:
         return f"{self.value:g} of the original" if self.relative else f"{self.value:g} ms"
@@ -221,12 +235,13 @@ def estimate_ms(estimator, model, out_channels: Mapping[str, int] | None = None)
         raise AdapterError(str(e)) from e
 
 
-def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None] = print) -> int:
+def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None] = print, policy=_DEFAULT_POLICY) -> int:
     """Make every spec of `specs` estimable from `estimator`'s LUT, measuring what is missing.
 
     Specs the LUT can neither look up nor interpolate are measured on `device` in one
     batch (`profiler.build_lut.build_lut`, which keeps the LUT's per-invocation overhead, so
-    estimates before and after stay comparable) and stored in the LUT; without a device, or
+    estimates before and after stay comparable, under the conditions monitor's `policy`:
+    "default" for its defaults, None for none) and stored in the LUT; without a device, or
     if a measurement fails, raises `AdapterError`. Returns how many were measured.
     """
     missing = estimator.missing(specs)
@@ -242,7 +257,10 @@ def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None
     from profiler.build_lut import build_lut
 
     log(f"measuring {len(missing)} layer(s) missing from {path} on {device.name}")
-    build_lut(device, missing, estimator.table, retry_failed=True, progress=False)
+    from profiler.monitor import MonitorPolicy
+
+    build_lut(device, missing, estimator.table, retry_failed=True, progress=False,
+              policy=MonitorPolicy() if policy == _DEFAULT_POLICY else policy)
     estimator.refresh()
     still = estimator.missing(specs)
     if still:
@@ -549,6 +567,7 @@ class NetAdaptResult:
     measured_original_ms: float | None
     step: int
     recalibrations: tuple[dict, ...] = ()
+    handed_back: dict | None = None  # an over-pruned result walked back to an earlier iteration
 
 
 @dataclasses.dataclass(eq=False)
@@ -569,6 +588,7 @@ class NetAdaptRun:
     out_dir: Path
     log: Callable[[str], None]
     recalibrations: list[dict] = dataclasses.field(default_factory=list)
+    policy: object = _DEFAULT_POLICY  # the conditions monitor's policy for on-demand LUT entries
 
 
 def _iteration_batches(run: NetAdaptRun, iteration: int) -> _Batches:
@@ -586,7 +606,7 @@ def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[_GroupL
     from lut.keras_specs import specs_of_keras
 
     latency = _GroupLatency(model, groups, run.estimator, specs_of_keras)
-    ensure_estimable(run.estimator, _candidate_specs(latency, run.step), run.device, log=run.log)
+    ensure_estimable(run.estimator, _candidate_specs(latency, run.step), run.device, log=run.log, policy=run.policy)
     return latency, _proposals(latency, run.step, target_ms)
 
 
@@ -678,7 +698,7 @@ def _check_reachable(run: NetAdaptRun, model, groups) -> None:
             f"{config.max_reduction():.1%}. Raise --initial-reduction or --decay (1.0 keeps every step equal)."
         )
     smallest = {name: min(run.step, g.size) for g in groups for name in g.producers}
-    ensure_estimable(run.estimator, specs_of_keras(model, smallest), run.device, log=run.log)
+    ensure_estimable(run.estimator, specs_of_keras(model, smallest), run.device, log=run.log, policy=run.policy)
     floor = estimate_ms(run.estimator, model, smallest)
     if floor > budget + _EPSILON_MS:
         raise AdapterError(
@@ -746,7 +766,8 @@ def _describe(record: IterationRecord, run: NetAdaptRun) -> str:
 
 
 def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir, *, device=None,
-                measured_original_ms: float | None = None, log: Callable[[str], None] = print) -> NetAdaptRun:
+                measured_original_ms: float | None = None, log: Callable[[str], None] = print,
+                policy=_DEFAULT_POLICY) -> NetAdaptRun:
     """Everything the iterations of one run share: the holdout images, the original estimate
     and the budget (`Budget.lut_ms`; checked to be reachable), the grid step and the
     proposal trainer."""
@@ -758,11 +779,11 @@ def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir
             f"holdout_size {config.holdout_size} needs as many holdout images; the data has {len(data.holdout)}."
         )
     x_holdout, y_holdout = data.holdout.take(config.holdout_size).arrays()
-    ensure_estimable(estimator, specs_of_keras(model), device, log=log)
+    ensure_estimable(estimator, specs_of_keras(model), device, log=log, policy=policy)
     original = estimate_ms(estimator, model)
     budget = config.budget.lut_ms(original, measured_original_ms)
     run = NetAdaptRun(config, estimator, device, data, x_holdout, y_holdout, original, budget, measured_original_ms,
-                      config.step or _lut_step(estimator.table), None, Path(out_dir), log)
+                      config.step or _lut_step(estimator.table), None, Path(out_dir), log, policy=policy)
     _check_reachable(run, model, find_groups(model))
     run.trainer = _proposal_trainer(model, config, log)
     return run
@@ -777,18 +798,20 @@ def run_netadapt(
     *,
     device=None,
     measured_original_ms: float | None = None,
-    measure: Callable[[object], float] | None = None,
+    measure: Callable[[object], float | None] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    policy=_DEFAULT_POLICY,
 ) -> NetAdaptResult:
     """Prune `model` until `estimator`'s LUT says it meets `config.budget` (see the module doc).
 
     `data.holdout` must hold at least `config.holdout_size` images (its first ones are
     used). `device` (a `profiler.devices.Device` of the LUT's conditions, or None)
     measures the LUT entries the search needs and lacks. `measured_original_ms`, the
-    original's latency measured on the LUT's device, calibrates the budget (`Budget.lut_ms`);
-    with it, `measure` (a Keras model's whole latency on that device, in ms) checks the
-    search's result and recalibrates (see the module doc). With `resume`, continues the run
+    original's latency measured on the LUT's device, calibrates an absolute budget
+    (`Budget.lut_ms`); `measure` (a Keras model's latency as a fraction of the original's,
+    measured interleaved on that device, or None when no verdict could be taken) checks
+    the search's result (see the module doc). With `resume`, continues the run
     recorded in `out_dir` (with its budget); without it, `out_dir` must not hold one.
     """
     out = Path(out_dir)
@@ -803,7 +826,7 @@ def run_netadapt(
     if history:
         measured_original_ms = _saved_state(out).get("measured_original_ms")
     run = prepare_run(model, data, estimator, config, out, device=device, measured_original_ms=measured_original_ms,
-                      log=log)
+                      log=log, policy=policy)
     if history:
         saved = _check_resumable(out, _state(run, estimator.table.path))
         run.original_ms, run.budget_ms = saved["original_ms"], saved["budget_ms"]
@@ -814,6 +837,7 @@ def run_netadapt(
     else:
         history = [_start(run, model, find_groups(model), out, estimator.table.path)]
         log(_describe(history[0], run))
+    measured_fraction = None
     while True:
         try:
             model = _iterate_to_budget(run, model, history)
@@ -822,11 +846,17 @@ def run_netadapt(
                 raise
             log(f"{e} Keeping iteration {history[-1].iteration}'s model; the final check says how far off it is.")
             break
-        if measure is None or run.measured_original_ms is None or not _recalibrated(run, history[-1], measure(model)):
+        if measure is None:
+            break
+        measured_fraction = measure(model)
+        if not _recalibrated(run, history[-1], measured_fraction):
             break
         (out / STATE_FILE).write_text(json.dumps(_state(run, estimator.table.path), indent=2) + "\n")
+    handed_back = None
+    if measure is not None:
+        model, handed_back = _least_pruned_within(run, history, model, measured_fraction, measure)
     return NetAdaptResult(model, tuple(history), run.original_ms, run.budget_ms, run.measured_original_ms, run.step,
-                          tuple(run.recalibrations))
+                          tuple(run.recalibrations), handed_back)
 
 
 def _iterate_to_budget(run: NetAdaptRun, model, history: list[IterationRecord]):
@@ -844,26 +874,58 @@ def _iterate_to_budget(run: NetAdaptRun, model, history: list[IterationRecord]):
     return model
 
 
-def _recalibrated(run: NetAdaptRun, last: IterationRecord, measured_ms: float) -> bool:
+def _recalibrated(run: NetAdaptRun, last: IterationRecord, measured_fraction: float | None) -> bool:
     """Whether the search must go on: its model, estimated to meet the budget, measures
-    over it. Then the budget in the LUT's terms is calibrated again by this model's offset
-    (measured − estimated), as `Budget.lut_ms` did by the original's."""
-    budget = run.config.budget.ms(run.measured_original_ms)
-    if measured_ms <= budget:
-        run.log(f"iteration {last.iteration}'s model measures {measured_ms:.4g} ms on the device: "
-                f"within the budget {budget:.4g} ms")
+    over it (as a fraction of the original, measured interleaved with it). Then the budget
+    in the LUT's terms is scaled by requested / measured fraction, and the search goes on."""
+    target = run.config.budget.fraction(run.measured_original_ms)
+    if measured_fraction is None or target is None:
+        run.log(f"iteration {last.iteration}'s model could not be checked on the device; keeping it")
+        return False
+    limit = target * (1 + OVER_BUDGET_TOLERANCE)
+    if measured_fraction <= limit:
+        run.log(f"iteration {last.iteration}'s model measures {measured_fraction:.1%} of the original on the device: "
+                f"within the budget {target:.1%} (+{OVER_BUDGET_TOLERANCE:.0%})")
         return False
     if len(run.recalibrations) >= MAX_RECALIBRATIONS:
-        run.log(f"iteration {last.iteration}'s model measures {measured_ms:.4g} ms, over the budget {budget:.4g} ms, "
-                f"after {MAX_RECALIBRATIONS} recalibrations; stopping the search here")
+        run.log(f"iteration {last.iteration}'s model measures {measured_fraction:.1%} of the original, over the budget "
+                f"{target:.1%}, after {MAX_RECALIBRATIONS} recalibrations; stopping the search here")
         return False
-    run.budget_ms = budget - (measured_ms - last.estimated_ms)
+    run.budget_ms *= target / measured_fraction
     run.recalibrations.append({"iteration": last.iteration, "estimated_ms": last.estimated_ms,
-                               "measured_ms": measured_ms, "budget_ms": run.budget_ms})
-    run.log(f"iteration {last.iteration}'s model measures {measured_ms:.4g} ms on the device, over the budget "
-            f"{budget:.4g} ms (estimated {last.estimated_ms:.4g} ms); going on to {run.budget_ms:.4g} ms "
-            "in the LUT's terms")
+                               "measured_fraction": measured_fraction, "budget_ms": run.budget_ms})
+    run.log(f"iteration {last.iteration}'s model measures {measured_fraction:.1%} of the original on the device, over "
+            f"the budget {target:.1%}; going on to {run.budget_ms:.4g} ms in the LUT's terms")
     return True
+
+
+def _least_pruned_within(run: NetAdaptRun, history: list[IterationRecord], model, measured_fraction: float | None,
+                         measure: Callable[[object], float | None]):
+    """The model to hand back: the search's, unless it measures far under the budget
+    (over-pruned, `OVER_PRUNED` below it); then the least-pruned saved iteration that still
+    meets it, walking back (at most `MAX_WALK_BACK` measurements). Returns (model, record
+    of the walk or None)."""
+    target = run.config.budget.fraction(run.measured_original_ms)
+    if measured_fraction is None or target is None or measured_fraction >= target * (1 - OVER_PRUNED):
+        return model, None
+    limit = target * (1 + OVER_BUDGET_TOLERANCE)
+    walk = {"from_iteration": history[-1].iteration, "from_fraction": measured_fraction, "checked": []}
+    chosen, chosen_iteration = model, history[-1].iteration
+    for record in list(reversed(history[:-1]))[:MAX_WALK_BACK]:
+        if record.iteration == 0:
+            break
+        candidate = _load_iteration(run.out_dir, record.iteration)
+        fraction = measure(candidate)
+        walk["checked"].append({"iteration": record.iteration, "measured_fraction": fraction})
+        if fraction is None or fraction > limit:
+            break
+        chosen, chosen_iteration = candidate, record.iteration
+        if fraction >= target * (1 - OVER_PRUNED):
+            break
+    walk["to_iteration"] = chosen_iteration
+    run.log(f"iteration {history[-1].iteration}'s model measures {measured_fraction:.1%} of the original, far under the "
+            f"budget {target:.1%} (over-pruned); handing back iteration {chosen_iteration}'s model")
+    return chosen, walk
 
 
 def _load_iteration(out: Path, iteration: int):

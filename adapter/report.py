@@ -23,19 +23,45 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def _calibration(budget: Mapping) -> str:
-    measured = budget.get("calibrated_by_measured_ms")
-    if measured is None:
-        return " (no device: not calibrated)"
-    again = "".join(
-        f"; again after iteration {r['iteration']}, whose model measured {_ms(r['measured_ms'])} "
-        f"(estimated {_ms(r['estimated_ms'])})" for r in budget.get("recalibrations", ())
-    )
-    return f" (calibrated by the original measured at {_ms(measured)} before the search{again})"
+def _fraction(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def _verdict(met) -> str:
-    return {True: "met", False: "NOT met", None: "not measured"}[met]
+def _look(look) -> str:
+    if not look:
+        return "not looked at"
+    text = f"reference {look['reference_us']:.1f} µs ({look['drift_pct']:+.1f}% of its quiet {look['quiet_us']:.1f} µs)" \
+        if look.get("reference_us") is not None else "reference failed"
+    if look.get("others_cores") is not None:
+        text += f", other processes {look['others_cores']:.1f} cores"
+    return text
+
+
+def _budget_lines(budget: Mapping, device: str | None) -> list[str]:
+    """The verdict, what it was taken under, and how the search got there."""
+    conditions = budget.get("conditions") or {}
+    lines = [
+        f"- Budget: {budget['spec']}; {_ms(budget['estimated_ms'])} in the LUT's terms"
+        + ("" if budget.get("measured_original_ms") is None else
+           f" (the original measured {_ms(budget['measured_original_ms'])} before the search)") + ".",
+        f"- Verdict on {device or 'no device'}: **{budget['status']}**: {budget['reason']}. Measured interleaved "
+        f"with the original ({conditions.get('rounds', '—')} rounds; ratio spread {_fraction(budget.get('spread'))}): "
+        f"adapted / original = {_fraction(budget.get('measured_fraction'))}, requested "
+        f"{_fraction(budget.get('requested_fraction'))} (+{budget['tolerance']:.0%} tolerance, over-pruned below "
+        f"−{budget['over_pruned_below']:.0%}); by the LUT {_fraction(budget.get('estimated_fraction'))} "
+        f"({'met' if budget['met_by_estimate'] else 'NOT met'}).",
+    ]
+    if conditions:
+        lines.append(f"- Conditions: before, {_look(conditions.get('before'))}; after, {_look(conditions.get('after'))}.")
+    for r in budget.get("recalibrations", ()):
+        lines.append(f"- After iteration {r['iteration']} the search's model measured {_fraction(r['measured_fraction'])} "
+                     f"of the original: the budget in the LUT's terms went to {_ms(r['budget_ms'])} and the search went on.")
+    walk = budget.get("handed_back")
+    if walk:
+        lines.append(f"- Iteration {walk['from_iteration']}'s model measured {_fraction(walk['from_fraction'])} of the "
+                     f"original (over-pruned); handed back iteration {walk['to_iteration']}'s instead (checked: "
+                     + ", ".join(f"{c['iteration']}: {_fraction(c['measured_fraction'])}" for c in walk["checked"]) + ").")
+    return lines
 
 
 _ROWS = (  # (label, key, formatter) of the side-by-side table
@@ -78,11 +104,7 @@ def render_markdown(report: Mapping) -> str:
         f"# NetAdapt: {report['model']} on {report['lut']['device']} ({report['lut']['backend']}, "
         f"{report['lut']['threads']} thread(s))",
         "",
-        f"- Budget: {budget['spec']}: measured on the device {_ms(budget['measured_ms'])} "
-        f"(+{budget['tolerance']:.0%} measuring tolerance: {_ms(budget['measured_limit_ms'])}); "
-        f"{_ms(budget['estimated_ms'])} in the LUT's terms{_calibration(budget)}.",
-        f"- By the LUT estimate: {_verdict(budget['met_by_estimate'])}. Measured on {report['device'] or 'no device'}: "
-        f"{_verdict(budget['met_measured'])}.",
+        *_budget_lines(budget, report["device"]),
         f"- Search: {search['iterations']} iterations in {search['seconds']:.0f} s; long-term fine-tuning "
         f"{search['long_term_epochs']} epochs in {search['long_term_seconds']:.0f} s. LUT {report['lut']['path']} "
         f"(step {report['lut']['step']}).",

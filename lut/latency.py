@@ -15,10 +15,22 @@ above it — the top of its tile when the LUT's step is at most the tile — and
 (and c of element-wise ops) the linear interpolation between its measured neighbours.
 `tests/test_estimate.py` checks this rule on held-out measured entries.  Outside the measured range the estimate raises, naming the spec:
 extrapolating latency across hardware tile boundaries is how LUTs go wrong.
+
+An entry is measured with the op run again and again, its weights warm in the core's
+cache; inside a whole model, every other op's weights and activations pass through that
+cache between two runs of this one. Once what one invocation touches (all weights and
+activations, W + A) outgrows the cache, each op's weights come from the next level:
+measured on this machine's CPU (2 MiB L2), whole MobileNets at 32 px ran up to 2.2× their
+entries' sum. `CacheContext` adds that cost: the bytes of the model's weights times the
+device's fetch cost per byte (both measured by `profiler.context` when the LUT is built),
+scaled by the fraction of weights that miss — 0 while W + A is below `ramp_start` times
+the cache, rising linearly to `plateau` at `ramp_end` times it.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -26,7 +38,54 @@ from collections.abc import Iterable, Sequence
 from lut.spec import CHANNEL_PRESERVING_OPS, LayerSpec, LutError
 from lut.table import LatencyTable
 
-__all__ = ["LatencyEstimator", "estimate_latency_ms", "specs_of"]
+__all__ = ["CONTEXT_META_KEY", "CacheContext", "LatencyEstimator", "estimate_latency_ms", "specs_of"]
+
+CONTEXT_META_KEY = "cache_context"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheContext:
+    """What a whole model pays for weights its ops cannot keep in the cache (see the module doc).
+
+    `fetch_ns_per_byte` and `cache_bytes` (the effective size: where half the fetch cost
+    shows) are the device's, measured; the ramp's shape (`ramp_start`, `ramp_end` in units
+    of that size, `plateau`) was fitted on ten whole MobileNetV1/V2 (α 0.25–0.75, 32 and
+    128 px) measured on this project's development CPU, and `plateau` is fitted again on the
+    LUT's own models when `build_lut` measures them whole.
+    """
+
+    fetch_ns_per_byte: float
+    cache_bytes: float
+    ramp_start: float = 0.65
+    ramp_end: float = 1.2
+    plateau: float = 0.8
+
+    def __post_init__(self):
+        values = dataclasses.astuple(self)
+        if not all(isinstance(v, (int, float)) and v == v and v >= 0 for v in values) or self.cache_bytes <= 0 \
+                or self.ramp_end <= self.ramp_start:
+            raise LutError(f"A cache context needs non-negative figures, a positive cache and ramp_start < ramp_end. "
+                           f"Received: {self!r}.")
+
+    def miss_fraction(self, specs: Sequence[LayerSpec]) -> float:
+        """The fraction of the weights a model running `specs` fetches from beyond the cache."""
+        touched = sum(s.weight_bytes + s.activation_bytes for s in specs) / self.cache_bytes
+        return self.plateau * min(1.0, max(0.0, (touched - self.ramp_start) / (self.ramp_end - self.ramp_start)))
+
+    def weight_cost_us(self, specs: Sequence[LayerSpec], miss_fraction: float | None = None) -> float:
+        """The time fetching the missed weights costs, in microseconds."""
+        fraction = self.miss_fraction(specs) if miss_fraction is None else miss_fraction
+        return fraction * self.fetch_ns_per_byte * sum(s.weight_bytes for s in specs) / 1000
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "CacheContext | None":
+        text = meta.get(CONTEXT_META_KEY)
+        if not text:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as e:
+            raise LutError(f"The LUT's {CONTEXT_META_KEY} is malformed ({e}). Received: {text!r}.") from e
 
 
 def _family(spec: LayerSpec) -> LayerSpec:
@@ -43,7 +102,9 @@ class LatencyEstimator:
 
     def refresh(self) -> None:
         """Reload the entries (after more were measured into the table)."""
-        self.invoke_overhead_us = float(self.table.meta.get("invoke_overhead_us", 0.0))
+        meta = self.table.meta
+        self.invoke_overhead_us = float(meta.get("invoke_overhead_us", 0.0))
+        self.context = CacheContext.from_meta(meta)
         self._us: dict[LayerSpec, float] = self.table.latencies_us()
         grids: dict[LayerSpec, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
         for spec, us in self._us.items():
@@ -64,7 +125,12 @@ class LatencyEstimator:
         return _interpolate(spec, grid, self.table.path)
 
     def total_us(self, specs: Iterable[LayerSpec]) -> float:
-        """Latency of a model running `specs`: their entries less all but one invocation overhead."""
+        """Latency of a model running `specs`: their entries less all but one invocation
+        overhead, plus (with a cache context) what fetching its weights costs."""
+        return self.entries_us(specs := list(specs)) + (self.context.weight_cost_us(specs) if self.context else 0.0)
+
+    def entries_us(self, specs: Sequence[LayerSpec]) -> float:
+        """The sum of the specs' entries less all but one invocation overhead (no cache context)."""
         latencies = [self.spec_us(spec) for spec in specs]
         return sum(latencies) - self.invoke_overhead_us * max(len(latencies) - 1, 0)
 

@@ -42,6 +42,7 @@ CHANNEL_PRESERVING_OPS = frozenset(
 )
 ACTIVATIONS = ("none", "relu", "relu6")
 DTYPES = {"float32": "f32", "int8": "i8"}
+_ELEMENT_BYTES = {"float32": 4, "int8": 1}
 _PADDINGS = ("same", "valid")
 
 _KEY_RE = re.compile(
@@ -152,6 +153,23 @@ class LayerSpec:
         if self.padding == "same":
             return -(-self.h // sh), -(-self.w // sw)
         return (self.h - kh) // sh + 1, (self.w - kw) // sw + 1
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the op's constant weights and bias as TFLite stores them."""
+        kh, kw = self.kernel
+        count = {
+            "conv2d": kh * kw * self.cin * self.cout + self.cout,
+            "depthwise_conv2d": kh * kw * self.cin + self.cin,
+            "fully_connected": self.cin * self.cout + self.cout,
+        }.get(self.op, 0)
+        return count * _ELEMENT_BYTES[self.dtype]
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of the op's input(s) and output: what it reads and writes besides weights."""
+        (oh, ow), inputs = self.output_hw, 2 if self.op == "add" else 1
+        return (inputs * self.h * self.w * self.cin + oh * ow * self.cout) * _ELEMENT_BYTES[self.dtype]
 
     def __str__(self) -> str:
         return self.key

@@ -7,7 +7,11 @@ Layout (schema version 1)::
                                                   -- fingerprint (JSON), created_at
     entries(key TEXT PRIMARY KEY, op, dtype, h, w, cin, cout, kernel, stride, padding,
             activation, status 'ok'|'failed', median_us, mean_us, min_us, max_us,
-            std_us, count, error, measured_at)
+            std_us, count, error, measured_at, reference_us)
+
+`reference_us` is the conditions monitor's reference model measured right after the entry
+(NULL where none was: LUTs made before the monitor, or without it); `meta.reference_us` is
+its quiet value. A LUT of before that column gets it when it is opened.
 
 Each measurement is committed as soon as it arrives, so an interrupted `build_lut` loses
 nothing and a rerun measures only what is missing.
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS entries (
     padding TEXT NOT NULL, activation TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
     median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, count INTEGER,
-    error TEXT, measured_at TEXT NOT NULL
+    error TEXT, measured_at TEXT NOT NULL,
+    reference_us REAL
 );
 """
 
@@ -87,6 +92,13 @@ class LatencyTable:
         # ~20 ms rollback journal, and it still survives the process being killed.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        if "reference_us" not in columns:
+            try:
+                with self._db:
+                    self._db.execute("ALTER TABLE entries ADD COLUMN reference_us REAL")
+            except sqlite3.OperationalError:
+                pass  # a read-only LUT of before the column: readable as it is
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -201,13 +213,15 @@ class LatencyTable:
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, _meta_text(v)) for k, v in items.items()])
 
-    def record(self, spec: LayerSpec, result: Measurement | MeasurementFailure) -> None:
-        """Store one result and commit it at once (a later result for the same spec replaces it)."""
-        self.record_many([(spec, result)])
+    def record(self, spec: LayerSpec, result: Measurement | MeasurementFailure, reference_us: float | None = None) -> None:
+        """Store one result and commit it at once (a later result for the same spec replaces it);
+        `reference_us`: the conditions monitor's reference measured with it."""
+        self.record_many([(spec, result, reference_us)])
 
-    def record_many(self, results: Iterable[tuple[LayerSpec, Measurement | MeasurementFailure]]) -> None:
+    def record_many(self, results: Iterable[tuple]) -> None:
+        """Store `(spec, result)` or `(spec, result, reference_us)` items in one commit."""
         rows = []
-        for spec, result in results:
+        for spec, result, *reference in results:
             if isinstance(result, Measurement):
                 stats, status, error = [getattr(result, f) for f in _STAT_FIELDS], "ok", None
             elif isinstance(result, MeasurementFailure):
@@ -215,11 +229,11 @@ class LatencyTable:
             else:
                 raise TypeError(f"Expected a Measurement or MeasurementFailure. Received: {result!r}.")
             spec_values = [_column_value(getattr(spec, c)) for c in _SPEC_COLUMNS]
-            rows.append([spec.key, *spec_values, status, *stats, error, _now()])
+            rows.append([spec.key, *spec_values, status, *stats, error, _now(), reference[0] if reference else None])
+        columns = ("key", *_SPEC_COLUMNS, "status", *_STAT_FIELDS, "error", "measured_at", "reference_us")
         with self._db:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO entries VALUES ({', '.join('?' * (len(_SPEC_COLUMNS) + len(_STAT_FIELDS) + 4))})",
-                rows,
+                f"INSERT OR REPLACE INTO entries ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows
             )
 
 

@@ -18,7 +18,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LayerSpec, LutError
 from lut.table import LatencyTable, Measurement, MeasurementFailure
+from lut.latency import CacheContext
 from profiler.errors import ProfilerError
+from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
 
 __all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "open_lut", "main"]
 
@@ -38,13 +40,20 @@ class BuildSummary:
     generate_s: float = 0.0
     measure_s: float = 0.0
     total_s: float = 0.0
+    monitor: dict | None = None
 
     def __str__(self) -> str:
         rate = self.measured / self.total_s * 60 if self.total_s else 0.0
+        conditions = ""
+        if self.monitor and self.monitor.get("checks"):
+            m = self.monitor
+            others = "" if m.get("max_others_cores") is None else f", other processes up to {m['max_others_cores']:.1f} cores"
+            conditions = (f"; reference within {m['max_abs_drift_pct']:.1f}% of its quiet {m['quiet_us']:.1f} µs over "
+                          f"{m['checks']} checks, {m['disturbed']} disturbed chunks measured again{others}")
         return (
             f"{self.planned} entries planned: {self.measured} measured, {self.reused} reused, "
             f"{self.failed} failed in {self.total_s:.1f} s ({rate:.0f} entries/min; "
-            f"generating {self.generate_s:.1f} s, measuring {self.measure_s:.1f} s)"
+            f"generating {self.generate_s:.1f} s, measuring {self.measure_s:.1f} s){conditions}"
         )
 
 
@@ -82,6 +91,25 @@ def measure_invoke_overhead_us(device, repeats: int = OVERHEAD_REPEATS) -> float
     return medians[len(medians) // 2]
 
 
+def open_monitor(device, table: LatencyTable, policy: MonitorPolicy | None, log=None) -> ConditionsMonitor | None:
+    """The conditions monitor for measuring into `table` (None without a policy): the
+    reference's quiet value is the LUT's, measured now when the LUT has none."""
+    if policy is None:
+        return None
+    load = device.load_probe() if hasattr(device, "load_probe") else None
+    quiet = table.meta.get("reference_us")
+    monitor = ConditionsMonitor(device, policy, quiet_us=None if quiet is None else float(quiet), load=load, log=log)
+    if quiet is None:
+        table.set_meta({"reference_us": monitor.quiet_us, "reference_model": REFERENCE_NAME})
+    return monitor
+
+
+def _measured(device, monitor: ConditionsMonitor | None, models) -> Iterator[tuple[str, object, float | None]]:
+    if monitor is None:
+        return ((model_id, result, None) for model_id, result in device.measure(models))
+    return monitor.measure(models)
+
+
 def build_lut(
     device,
     specs: Iterable[LayerSpec],
@@ -89,16 +117,22 @@ def build_lut(
     *,
     retry_failed: bool = False,
     progress: bool = True,
+    policy: MonitorPolicy | None = MonitorPolicy(),
+    log=None,
 ) -> BuildSummary:
     """Measure on `device` every spec of `specs` that `table` lacks, committing each result.
 
     Also measures the device's per-invocation overhead into the LUT's metadata, once: a
     resumed or extended LUT keeps the value its first entries were measured with, so its
-    estimates stay comparable. Records the device fingerprint after measuring.
+    estimates stay comparable. With a monitor `policy`, entries are kept only when the
+    conditions monitor finds the device quiet around them (`profiler.monitor`; a device
+    that stays disturbed raises `DriftError`, what was measured before stays), and each
+    stores the reference's value. Records the device fingerprint and what the monitor saw.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    monitor = open_monitor(device, table, policy, log or (lambda message: tqdm.write(message, file=sys.stderr)))
     if "invoke_overhead_us" not in table.meta:
         table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
@@ -108,23 +142,58 @@ def build_lut(
     by_key = {spec.key: spec for spec in todo}
     bar = tqdm(total=len(todo), unit="entry", desc=f"measuring on {device.name}", disable=not progress, smoothing=0.05)
     try:
-        results = device.measure(_timed_models(todo, summary))
+        results = _measured(device, monitor, _timed_models(todo, summary))
         while True:
             measure_start, generate_before = time.perf_counter(), summary.generate_s
             try:
-                key, result = next(results)
+                key, result, reference_us = next(results)
             except StopIteration:
                 break
             summary.measure_s += time.perf_counter() - measure_start - (summary.generate_s - generate_before)
-            table.record(by_key[key], result)
+            table.record(by_key[key], result, reference_us)
             summary.failed += isinstance(result, MeasurementFailure)
             summary.measured += not isinstance(result, MeasurementFailure)
+            if monitor is not None and monitor.checks:
+                bar.set_postfix_str(monitor.checks[-1].describe().replace(" of its quiet", ""), refresh=False)
             bar.update()
+        if monitor is not None and todo:
+            monitor.check()  # the session's end
     finally:
         bar.close()
         summary.total_s = time.perf_counter() - start
+        if monitor is not None:
+            summary.monitor = monitor.summary()
+            table.set_meta({"monitor": summary.monitor, "reference_us": monitor.quiet_us})
     table.set_meta({"fingerprint": device.fingerprint()})
     return summary
+
+
+def calibrate_cache_context(device, table: LatencyTable, models: Sequence = (), *, policy: MonitorPolicy | None = MonitorPolicy(),
+                            log=print) -> CacheContext:
+    """Measure the device's cache context into the LUT (once: the fetch sweep) and fit its
+    plateau on `models` (Keras models the LUT covers) measured whole (`profiler.context`)."""
+    from lut.latency import CONTEXT_META_KEY, LatencyEstimator
+    from lut.keras_specs import specs_of_keras
+    from profiler.context import WholeModel, fit_plateau, measure_cache_context, whole_model_us
+    from profiler.convert import keras_to_tflite
+
+    monitor = open_monitor(device, table, policy, log)
+
+    def measure(items):
+        return ((model_id, result) for model_id, result, _ in _measured(device, monitor, items))
+
+    estimator = LatencyEstimator(table)
+    context = estimator.context
+    if context is None:
+        log(f"measuring {device.name}'s cache: what a model pays for weights that do not stay in it")
+        context = measure_cache_context(measure, estimator.invoke_overhead_us)
+    wholes = [WholeModel(m.name, tuple(specs_of_keras(m)), whole_model_us(measure, m.name, keras_to_tflite(m)))
+              for m in models]
+    context = fit_plateau(context, estimator, [w for w in wholes if not estimator.missing(w.specs)])
+    table.set_meta({CONTEXT_META_KEY: dataclasses.asdict(context)})
+    log(f"cache context: {context.cache_bytes / 2**20:.2f} MiB effective, {context.fetch_ns_per_byte:.4f} ns per "
+        f"byte fetched, plateau {context.plateau:.2f}")
+    return context
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -146,6 +215,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
     parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_monitor_arguments(parser)
     args = parser.parse_args(argv)
     if args.out and args.backend == "both":
         parser.error("--out names one file; with --backend both the LUTs get their default names")
@@ -173,8 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
                 with open_lut(out, device, step) as table:
                     print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
-                    summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress)
+                    policy = monitor_policy(args)
+                    summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress,
+                                        policy=policy)
                     print(f"{out}: {summary}")
+                    calibrate_cache_context(device, table, models, policy=policy,
+                                            log=lambda message: print(f"{out}: {message}", file=sys.stderr))
                     if args.csv:
                         table.to_csv(args.csv)
             finally:

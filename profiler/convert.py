@@ -18,7 +18,8 @@ def keras_to_tflite(model, *, representative_data=None) -> bytes:
     import keras
     import tensorflow as tf
 
-    inputs = keras.Input(batch_shape=(1, *model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype)
+    inputs = [keras.Input(batch_shape=(1, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
+    inputs = inputs[0] if len(inputs) == 1 else inputs
     converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, model(inputs)))
     if representative_data is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -13,6 +13,7 @@ import numpy as np
 from lut.table import Measurement, MeasurementFailure
 from profiler.devices import register_device_kind
 from profiler.errors import ProfilerError
+from profiler.monitor import HostLoad
 
 __all__ = ["HostDevice", "TimingPolicy", "load_interpreter", "time_interpreter"]
 
@@ -134,6 +135,8 @@ class HostDevice:
     With several threads the work spreads over a thread pool, and wall time is the latency.
     """
 
+    monitor_every = 20  # entries between two looks at the conditions (about a second at 32 px)
+
     def __init__(self, name: str = "host", threads: int = 1, policy: TimingPolicy = TimingPolicy()):
         self.name, self.backend, self.threads, self.policy = name, "cpu", threads, policy
         self._clock, self._timer = (time.thread_time_ns, "thread-cpu") if threads == 1 else (time.perf_counter_ns, "wall")
@@ -166,6 +169,10 @@ class HostDevice:
                 yield model_id, MeasurementFailure(f"LiteRT could not load the model: {e}")
                 continue
             yield model_id, time_interpreter(interpreter, self.policy, self._clock)
+
+    def load_probe(self) -> HostLoad:
+        """What the conditions monitor reads to see other processes on this machine."""
+        return HostLoad()
 
     def close(self) -> None:
         pass

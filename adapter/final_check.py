@@ -1,0 +1,122 @@
+"""What the device says about a search's models: the original measured before the search
+(and checked against the LUT), candidates measured as a fraction of it, and the verdict.
+
+Every figure is taken interleaved with the original (`profiler.interleave`) under the
+conditions monitor: the reference model is measured before and after, and a look that
+finds the device disturbed (the reference off its quiet value, or, on the host, other
+processes busy) is measured again after waiting for quiet; if it stays disturbed, no
+verdict is taken, and the report says why. A relative budget's verdict is the ratio of the
+medians, adapted / original; an absolute budget's is the adapted model's median, taken only
+under conditions matching the LUT's (its reference's quiet value).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from adapter.errors import AdapterError
+
+__all__ = ["LUT_TOLERANCE", "ROUNDS", "ModelChecker", "Verdict", "budget_verdict"]
+
+LUT_TOLERANCE = 0.15  # the LUT's estimate of the original and its measurement agree this well
+ROUNDS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The budget's verdict on the adapted model, with what it was taken under."""
+
+    status: str  # "met", "over budget", "over-pruned" (met, but far under), "not taken"
+    requested_fraction: float | None
+    measured_fraction: float | None
+    spread: float | None
+    reason: str
+    conditions: Mapping
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.status == "not taken" else self.status in ("met", "over-pruned")
+
+
+class ModelChecker:
+    """Measures models against the original on the final-check device, under the monitor.
+
+    `device` measures whole models; `monitor` (a `profiler.monitor.ConditionsMonitor` on the
+    LUT's device, with the LUT's quiet reference value) checks the conditions.
+    """
+
+    def __init__(self, device, monitor, original_tflite: bytes, out_dir: str | Path, *, rounds: int = ROUNDS):
+        self.device, self.monitor, self.rounds = device, monitor, rounds
+        self.original, self.out = original_tflite, Path(out_dir)
+        self.last = None  # the latest `Interleaved`
+
+    def _measure(self, models: Mapping[str, bytes]):
+        """An interleaved measurement taken while the device was quiet, or None when it stayed
+        disturbed for the monitor's tries."""
+        from profiler.interleave import measure_interleaved
+
+        for attempt in range(self.monitor.policy.max_tries if self.monitor else 1):
+            if attempt:
+                self.monitor.wait_quiet()
+            result = measure_interleaved(self.device, models, rounds=self.rounds, monitor=self.monitor)
+            self.last = result
+            if self.monitor is None or (self.monitor.ok(result.before) and self.monitor.ok(result.after)):
+                return result
+        return None
+
+    def original_ms(self, estimated_ms: float) -> float:
+        """The original's latency, after checking that the LUT and the device agree on it."""
+        result = self._measure({"original": self.original})
+        if result is None:
+            raise AdapterError(
+                f"{self.device.name} stayed disturbed while measuring the original "
+                f"({self.last.after.describe() if self.last and self.last.after else 'no reference'}); no budget can be "
+                "trusted now. Stop what else runs (or let the phone cool down), or raise --wait-quiet, and run again."
+            )
+        measured = result.median_ms("original")
+        error = estimated_ms / measured - 1
+        if abs(error) > LUT_TOLERANCE:
+            raise AdapterError(
+                f"The LUT estimates the original at {estimated_ms:.4g} ms but it measures {measured:.4g} ms on "
+                f"{self.device.name} ({error:+.0%}; tolerance ±{LUT_TOLERANCE:.0%}), measured twice: the LUT was built "
+                f"under other conditions (another machine, runtime or load), or the device is busy "
+                f"({result.after.describe() if result.after else 'no monitor'}). Rebuild the LUT on this device with "
+                "`python -m profiler.build_lut`, or wait for a quiet machine."
+            )
+        return measured
+
+    def fraction(self, model, name: str = "search") -> float | None:
+        """`model`'s latency as a fraction of the original's (None: the device stayed disturbed)."""
+        from adapter.export import export_tflite
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        tflite = export_tflite(model, self.out / f"{name}.tflite")
+        result = self._measure({"original": self.original, name: tflite})
+        return None if result is None else result.ratio(name, "original")
+
+    def measure(self, models: Mapping[str, bytes]):
+        """The final measurement: the original and `models`, interleaved (None if disturbed)."""
+        return self._measure({"original": self.original, **models})
+
+
+def budget_verdict(budget, result, *, measured_original_ms: float | None, last=None,
+                   over_budget: float, over_pruned: float) -> Verdict:
+    """The verdict on "adapted" in `result` (an `Interleaved`, or None when the device stayed
+    disturbed: `last` is then the disturbed measurement, for the reason)."""
+    requested = budget.fraction(measured_original_ms)
+    if result is None:
+        look = last.after.describe() if last is not None and last.after is not None else "no measurement"
+        return Verdict("not taken", requested, None, None, f"the device stayed disturbed ({look})",
+                       last.conditions() if last is not None else {})
+    fraction, spread = result.ratio("adapted", "original"), result.spread("adapted", "original")
+    if not budget.relative:
+        requested = budget.value / result.median_ms("original")
+    if fraction > requested * (1 + over_budget):
+        status, reason = "over budget", f"{fraction:.1%} of the original measured, {requested:.1%} asked (+{over_budget:.0%})"
+    elif fraction < requested * (1 - over_pruned):
+        status, reason = "over-pruned", (f"{fraction:.1%} of the original measured, far under the {requested:.1%} asked "
+                                          f"(more than {over_pruned:.0%} under): the search pruned more than needed")
+    else:
+        status, reason = "met", f"{fraction:.1%} of the original measured, {requested:.1%} asked"
+    return Verdict(status, requested, fraction, spread, reason, result.conditions())

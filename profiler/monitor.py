@@ -1,0 +1,315 @@
+"""The conditions monitor: no measurement is trusted unless the device measured a fixed
+reference model at its quiet value around it.
+
+A reference model (`reference_model`) is measured when a measuring
+session starts, after every chunk of entries, and at its end. A chunk is kept only if the
+reference measured right after it is within `tolerance_pct` of its quiet value and, on a
+device that can tell (the host, from /proc), other processes did not use more than
+`busy_cores` cores meanwhile: a competing process slows an op through the caches, memory
+bandwidth and sibling threads that it shares, which the thread CPU clock cannot see. A
+disturbed chunk is measured again after waiting for the device to be quiet (at most
+`wait_s` each time, saying why); after `max_tries` the session stops with `DriftError`,
+and what was kept before stays kept. The quiet value is the LUT's (`reference_us` in its
+metadata), measured when the LUT was created; every kept entry stores the reference's
+value at the time, so a LUT can be audited later. Disturbance only ever slows the reference,
+so its quiet value is the lowest it measured while nothing else ran.
+
+The same monitor serves interleaved whole-model checks (`adapter`): `check()` measures
+the reference once and says whether a verdict taken now can be trusted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from lut.table import Measurement, MeasurementFailure
+from profiler.errors import ProfilerError
+
+__all__ = [
+    "REFERENCE_NAME",
+    "Check",
+    "ConditionsMonitor",
+    "DriftError",
+    "HostLoad",
+    "MonitorPolicy",
+    "reference_model",
+]
+
+# The reference is one model of two parts, so that both kinds of contention show in it:
+# a 3×3 convolution whose 147 KB of weights stay in the core's cache (compute, a sibling
+# thread), and 24 fully-connected 256 → 256 branches on one input whose 6.3 MB of weights
+# do not (the shared cache and memory bandwidth, which a competing process on another
+# core takes). About 300 µs on this project's development CPU, a few ms on a phone.
+REFERENCE_NAME = "reference-v1: conv2d 8x8x64:64 k3x3 + 24 x fully_connected 256:256"
+_REFERENCE_BRANCHES = 24
+_START_REPEATS = 5
+
+
+class DriftError(ProfilerError):
+    """The device stayed disturbed: its reference model kept measuring off its quiet value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorPolicy:
+    """When measurements are trusted, and what happens when they are not.
+
+    `every` None takes the device's own chunk size (`monitor_every`: a phone's batch, a
+    few seconds of host measuring).
+    """
+
+    tolerance_pct: float = 5.0
+    busy_cores: float = 0.5
+    every: int | None = None
+    wait_s: float = 30.0
+    max_tries: int = 4
+    poll_s: float = 1.0
+
+    def __post_init__(self):
+        for name in ("tolerance_pct", "busy_cores", "wait_s", "poll_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ProfilerError(f"`{name}` must be a non-negative number. Received: {name}={value!r}.")
+        for name in ("max_tries", *(("every",) if self.every is not None else ())):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ProfilerError(f"`{name}` must be a positive integer. Received: {name}={value!r}.")
+
+
+class HostLoad:
+    """How much CPU other processes use on this machine, read from /proc.
+
+    `others_cores()` is the CPU time every process but this one (and the hypervisor, as
+    steal time) took since the last call, in cores; `runnable()` the tasks ready to run now.
+    """
+
+    def __init__(self, proc: str = "/proc"):
+        self._proc = proc
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        with open(f"{self._proc}/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        busy = sum(fields[:3]) + sum(fields[5:8])
+        with open(f"{self._proc}/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        mine = int(own[11]) + int(own[12])  # utime, stime of every thread of this process
+        return time.monotonic(), busy / self._ticks, mine / self._ticks
+
+    def others_cores(self) -> float:
+        now = self._read()
+        (t0, busy0, mine0), (t1, busy1, mine1) = self._last, now
+        self._last = now
+        elapsed = t1 - t0
+        if elapsed < 0.05:  # too short for clock ticks to say anything
+            return 0.0
+        return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / elapsed
+
+    def runnable(self) -> int:
+        """Tasks running or ready to run, this process's measuring thread included."""
+        with open(f"{self._proc}/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+
+
+@functools.lru_cache(maxsize=1)
+def reference_model() -> bytes:
+    """The reference model's `.tflite` (see `REFERENCE_NAME`), the same bytes on every device."""
+    import keras
+    import numpy as np
+
+    from profiler.convert import keras_to_tflite
+
+    keras.utils.set_random_seed(0)
+    image, vector = keras.Input((8, 8, 64), batch_size=1), keras.Input((256,), batch_size=1)
+    conv = keras.layers.Conv2D(64, 3, padding="same", activation="relu6")(image)
+    branches = [keras.layers.Dense(256)(vector) for _ in range(_REFERENCE_BRANCHES)]
+    model = keras.Model([image, vector], [conv, *branches])
+    model.set_weights([np.random.default_rng(i).normal(0, 0.1, w.shape).astype("float32")
+                       for i, w in enumerate(model.get_weights())])
+    return keras_to_tflite(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One look at the conditions: the reference's latency now and what else ran."""
+
+    reference_us: float | None
+    quiet_us: float
+    others_cores: float | None
+
+    @property
+    def drift_pct(self) -> float | None:
+        return None if self.reference_us is None else 100 * (self.reference_us / self.quiet_us - 1)
+
+    def describe(self) -> str:
+        parts = ["reference failed" if self.reference_us is None else
+                 f"reference {self.reference_us:.1f} µs ({self.drift_pct:+.1f}% of its quiet {self.quiet_us:.1f} µs)"]
+        if self.others_cores is not None:
+            parts.append(f"other processes used {self.others_cores:.1f} cores")
+        return ", ".join(parts)
+
+
+class ConditionsMonitor:
+    """Measures through `device`, keeping only chunks taken while the device was quiet.
+
+    `quiet_us` is the reference's quiet value (None: measure it now, see `quiet_us`).
+    `load` (a `HostLoad`, or None where the device cannot tell) adds the busy check.
+    """
+
+    def __init__(self, device, policy: MonitorPolicy = MonitorPolicy(), *, quiet_us: float | None = None,
+                 load: HostLoad | None = None, log: Callable[[str], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.device, self.policy, self.load = device, policy, load
+        self._log = log or (lambda message: None)
+        self._sleep = sleep
+        self._model = reference_model()
+        self.events: list[dict[str, object]] = []
+        self.checks: list[Check] = []
+        self.quiet_us = quiet_us if quiet_us is not None else self._measure_quiet()
+
+    # ------------------------------------------------------------ looking
+    def _reference_us(self) -> float | None:
+        [(_, result)] = list(self.device.measure([("reference", self._model)]))
+        return result.median_us if isinstance(result, Measurement) else None
+
+    def _measure_quiet(self) -> float:
+        """The quiet value of a new LUT: after waiting for a quiet machine, the lowest of a
+        few measurements (disturbance only ever adds time to this op)."""
+        self.wait_quiet()
+        values = [v for v in (self._reference_us() for _ in range(_START_REPEATS)) if v is not None]
+        if not values:
+            raise ProfilerError(f"{self.device.name} could not run the reference model ({REFERENCE_NAME}).")
+        return min(values)
+
+    def _others(self) -> float | None:
+        return None if self.load is None else self.load.others_cores()
+
+    def busy(self) -> float | None:
+        """Cores other processes used since the last look, when it is over `busy_cores` (else None)."""
+        others = self._others()
+        return others if others is not None and others > self.policy.busy_cores else None
+
+    def wait_quiet(self) -> float:
+        """Wait (at most `wait_s`) until other processes leave the device alone; seconds waited."""
+        if self.load is None:
+            return 0.0
+        start = time.monotonic()
+        self.load.others_cores()
+        self._sleep(min(self.policy.poll_s, self.policy.wait_s))
+        while (others := self.load.others_cores()) > self.policy.busy_cores:
+            waited = time.monotonic() - start
+            if waited >= self.policy.wait_s:
+                break
+            if waited < self.policy.poll_s * 1.5:
+                self._log(f"{self.device.name} is busy: other processes use {others:.1f} cores "
+                          f"({self.load.runnable()} tasks runnable); waiting up to {self.policy.wait_s:.0f} s")
+            self._sleep(self.policy.poll_s)
+        return time.monotonic() - start
+
+    def check(self) -> Check:
+        """Measure the reference now; `ok(check)` says whether the conditions hold."""
+        others = self._others()
+        check = Check(self._reference_us(), self.quiet_us, others)
+        self.checks.append(check)
+        self._lower_quiet(check)
+        return check
+
+    def _lower_quiet(self, check: Check) -> None:
+        """A reference faster than its quiet value on an idle device: the quiet value was
+        itself disturbed (or the device got faster); the lowest idle value is the quiet one."""
+        idle = check.others_cores is None or check.others_cores <= self.policy.busy_cores
+        if idle and check.reference_us is not None and check.reference_us < self.quiet_us:
+            if check.reference_us < self.quiet_us * (1 - self.policy.tolerance_pct / 100):
+                self._log(f"{self.device.name}'s reference measures {check.reference_us:.1f} µs, faster than its quiet "
+                          f"value {self.quiet_us:.1f} µs: taking it as the quiet value")
+            self.quiet_us = check.reference_us
+
+    def ok(self, check: Check) -> bool:
+        drift = check.drift_pct
+        busy = check.others_cores is not None and check.others_cores > self.policy.busy_cores
+        return drift is not None and abs(drift) <= self.policy.tolerance_pct and not busy
+
+    # ------------------------------------------------------------ measuring
+    def measure(self, models: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure, float]]:
+        """Yield `(model_id, result, reference_us)` for every model, chunk by chunk, each chunk
+        kept only when the reference after it says the device was quiet while it ran."""
+        every = self.policy.every or getattr(self.device, "monitor_every", 32)
+        chunk: list[tuple[str, bytes]] = []
+        for item in models:
+            chunk.append(item)
+            if len(chunk) >= every:
+                yield from self._measure_chunk(chunk)
+                chunk = []
+        if chunk:
+            yield from self._measure_chunk(chunk)
+
+    def _measure_chunk(self, chunk: Sequence[tuple[str, bytes]]):
+        started = time.monotonic()
+        for attempt in range(1, self.policy.max_tries + 1):
+            self._others()  # start the busy window with the chunk
+            results = list(self.device.measure([*chunk, ("reference", self._model)]))
+            _, reference = results.pop()
+            others = self._others()
+            check = Check(reference.median_us if isinstance(reference, Measurement) else None, self.quiet_us, others)
+            self.checks.append(check)
+            self._lower_quiet(check)
+            if self.ok(check):
+                for model_id, result in results:
+                    yield model_id, result, check.reference_us
+                return
+            self.events.append({"entries": len(chunk), "attempt": attempt, "reference_us": check.reference_us,
+                                "drift_pct": None if check.drift_pct is None else round(check.drift_pct, 2),
+                                "others_cores": None if others is None else round(others, 2)})
+            if attempt < self.policy.max_tries:
+                self._log(f"{self.device.name} was disturbed ({check.describe()}); measuring "
+                          f"{len(chunk)} entries again")
+                if self.wait_quiet() == 0.0 and self.load is None:
+                    self._sleep(self.policy.wait_s)  # a phone: let it cool down
+        raise DriftError(
+            f"{self.device.name} stayed disturbed: {check.describe()} after {self.policy.max_tries} tries in "
+            f"{time.monotonic() - started:.0f} s (tolerance ±{self.policy.tolerance_pct:g}%, "
+            f"{self.policy.busy_cores:g} busy cores). Nothing measured under these conditions was kept; what was "
+            "measured before is. Stop what else runs (or let the phone cool down) and run the same command again."
+        )
+
+    def summary(self) -> dict[str, object]:
+        """What the monitor saw, for the LUT's metadata and reports."""
+        drifts = [c.drift_pct for c in self.checks if c.drift_pct is not None]
+        others = [c.others_cores for c in self.checks if c.others_cores is not None]
+        return {
+            "quiet_us": self.quiet_us, "checks": len(self.checks), "disturbed": len(self.events),
+            "max_abs_drift_pct": round(max(map(abs, drifts)), 2) if drifts else None,
+            "median_drift_pct": round(statistics.median(drifts), 2) if drifts else None,
+            "max_others_cores": round(max(others), 2) if others else None,
+            "tolerance_pct": self.policy.tolerance_pct, "busy_cores": self.policy.busy_cores,
+        }
+
+
+def add_monitor_arguments(parser) -> None:
+    """The conditions monitor's command-line options (every measuring command has them)."""
+    d = MonitorPolicy()
+    group = parser.add_argument_group("measuring conditions (the reference model and other processes)")
+    group.add_argument("--tolerance", type=float, default=d.tolerance_pct, metavar="PCT",
+                       help=f"largest drift of the reference model from its quiet value that is still trusted (default: {d.tolerance_pct:g})")
+    group.add_argument("--busy-cores", type=float, default=d.busy_cores, metavar="N",
+                       help=f"other processes using more CPU than this make the host busy (default: {d.busy_cores:g})")
+    group.add_argument("--wait-quiet", type=float, default=d.wait_s, metavar="S",
+                       help=f"how long to wait for quiet before measuring a disturbed chunk again (default: {d.wait_s:g})")
+    group.add_argument("--tries", type=int, default=d.max_tries,
+                       help=f"measurements of a chunk before giving up on a disturbed device (default: {d.max_tries})")
+    group.add_argument("--no-monitor", action="store_true",
+                       help="trust every measurement (no reference model, no busy check): for debugging only")
+
+
+def monitor_policy(args) -> MonitorPolicy | None:
+    """The policy `add_monitor_arguments`' options ask for (None with --no-monitor)."""
+    if args.no_monitor:
+        return None
+    return MonitorPolicy(tolerance_pct=args.tolerance, busy_cores=args.busy_cores, wait_s=args.wait_quiet,
+                         max_tries=args.tries)
