@@ -50,19 +50,17 @@ def _random_counts(groups, step: int, rng) -> dict[str, int]:
     return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
 
 
-def _measure_whole_us(device, name: str, model: bytes, repeats: int) -> float:
-    """Median of `repeats` separate measurements: a burst of load on the device hits one of them."""
-    medians = []
-    for _ in range(repeats):
-        [(_, result)] = list(device.measure([(name, model)]))
-        if isinstance(result, MeasurementFailure):
-            raise LutError(f"{name} could not be measured on {device.name}: {result.error}")
-        medians.append(result.median_us)
-    return sorted(medians)[len(medians) // 2]
+def validate(model, table: LatencyTable, device, *, samples: int, seed: int, repeats: int = 5, progress: bool = True,
+             monitor=None) -> list[dict]:
+    """Measure `samples` random pruned variants of `model` on `device`; one row per variant.
 
-
-def validate(model, table: LatencyTable, device, *, samples: int, seed: int, repeats: int = 3, progress: bool = True) -> list[dict]:
-    """Measure `samples` random pruned variants of `model` on `device`; one row per variant."""
+    The variants are measured interleaved, `repeats` rounds through all of them, and each
+    one's figure is its median over the rounds: the device's speed drifts over minutes (on
+    this project's shared VM, by up to ±15% for a 30 µs model between two runs), and
+    interleaving spreads that drift over every variant instead of putting it on a few.
+    With `monitor` (a `profiler.monitor.ConditionsMonitor`), every chunk of measurements is
+    kept only when the device was quiet around it.
+    """
     import numpy as np
     from tqdm import tqdm
 
@@ -74,14 +72,25 @@ def validate(model, table: LatencyTable, device, *, samples: int, seed: int, rep
     estimator = LatencyEstimator(table)
     groups = find_groups(model)
     rng = np.random.default_rng(seed)
-    rows = []
-    for i in tqdm(range(samples), desc="validating", unit="variant", disable=not progress):
+    variants = []
+    for i in tqdm(range(samples), desc="converting", unit="variant", disable=not progress):
         counts = {} if i == 0 else _random_counts(groups, step, rng)  # variant 0: the model itself
         variant = prune_to_counts(model, counts) if counts else model
-        predicted = estimator.total_us(specs_of(variant))
-        measured = _measure_whole_us(device, f"variant{i}", keras_to_tflite(variant), repeats)
-        rows.append({"variant": i, "predicted_us": predicted, "measured_us": measured, "channels": counts})
-    return rows
+        variants.append((f"variant{i}", counts, estimator.total_us(specs_of(variant)), keras_to_tflite(variant)))
+    medians: dict[str, list[float]] = {name: [] for name, *_ in variants}
+    bar = tqdm(total=samples * repeats, desc="measuring", unit="model", disable=not progress)
+    for _ in range(repeats):
+        items = [(name, tflite) for name, _, _, tflite in variants]
+        results = monitor.measure(items) if monitor is not None else ((n, r, None) for n, r in device.measure(items))
+        for name, result, _ in results:
+            if isinstance(result, MeasurementFailure):
+                raise LutError(f"{name} could not be measured on {device.name}: {result.error}")
+            medians[name].append(result.median_us)
+            bar.update()
+    bar.close()
+    return [{"variant": i, "predicted_us": predicted, "measured_us": float(np.median(medians[name])),
+             "rounds_us": medians[name], "channels": counts}
+            for i, (name, counts, predicted, _) in enumerate(variants)]
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:
@@ -119,9 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=30, help="variants to draw (the first is the unpruned model)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="separate measurements of each variant; their median counts")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds through all variants, interleaved; each variant's median over them counts")
     parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
     parser.add_argument("--no-progress", action="store_true")
+    from profiler.monitor import add_monitor_arguments, monitor_policy
+
+    add_monitor_arguments(parser)
     args = parser.parse_args(argv)
     import_tensorflow_quietly()
 
@@ -139,8 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if meta.get("device") != args.device:
                 print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
             try:
+                from profiler.build_lut import open_monitor
+
+                monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, file=sys.stderr))
                 rows = validate(
-                    model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats, progress=not args.no_progress
+                    model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats,
+                    progress=not args.no_progress, monitor=monitor,
                 )
             finally:
                 device.close()
@@ -160,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({**summary, "lut": args.lut, "device": args.device, "model": args.model, "variants": rows}, f, indent=1)
+            json.dump({**summary, "lut": args.lut, "device": args.device, "model": args.model,
+                       "monitor": monitor.summary() if monitor is not None else None, "variants": rows}, f, indent=1)
         plot = os.path.splitext(args.json)[0] + ".png"
         _plot(rows, plot, f"{args.model} on {args.device}: {100 * summary['within_5pct']:.0f}% within ±5%")
         print(f"wrote {args.json} and {plot}")
