@@ -58,7 +58,6 @@ def _train_base(out: Path, s: DemoSettings) -> Path:
 
 
 def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
-    from lut.latency import CONTEXT_META_KEY
     from lut.models import load_model
     from profiler.build_lut import build_lut, calibrate_cache_context, open_lut
     from profiler.devices import open_device
@@ -73,8 +72,7 @@ def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
         print(f"[2/3] host LUT {path}: {len(specs)} entries, {todo} to measure", flush=True)
         if todo:
             print(f"      {build_lut(device, specs, table, progress=sys.stderr.isatty())}", flush=True)
-        if todo or CONTEXT_META_KEY not in table.meta:
-            calibrate_cache_context(device, table, [model], log=lambda message: print(f"      {message}", flush=True))
+        calibrate_cache_context(device, table, log=lambda message: print(f"      {message}", flush=True))
     return path
 
 

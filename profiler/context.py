@@ -1,33 +1,31 @@
 """Measure what a whole model pays beyond the sum of its ops' entries on a device: the
 cost of fetching weights that do not stay in the cache (`lut.latency.CacheContext`).
 
-Two measurements, both of ordinary `.tflite` models, so a phone's `benchmark_model` takes
-them as the host does:
+*The fetch sweep*: models of k parallel fully-connected layers (256 → 256, 263 KB of
+weights each) on one shared input, for k = 1 … 32, ordinary `.tflite` models that a phone's
+`benchmark_model` takes as the host does. While k copies fit in the cache a branch costs
+what one alone does; beyond it, each branch pays for fetching its weights. The cold cost
+per byte is `fetch_ns_per_byte`; the total size at which half of that cost shows is the
+cache's effective size, `cache_bytes`.
 
-1. *The fetch sweep*: models of k parallel fully-connected layers (256 → 256, 263 KB of
-   weights each) on one shared input, for k = 1 … 32. While k copies fit in the cache a
-   branch costs what one alone does; beyond it, each branch pays for fetching its weights.
-   The cold cost per byte is `fetch_ns_per_byte`; the total size at which half of that
-   cost shows is the cache's effective size, `cache_bytes`.
-2. *The plateau*: the LUT's own models, measured whole, against their entries' sum; the
-   share of their weights that misses, where the ramp says it should be high.
+Fitting the ramp's plateau on the LUT's own models measured whole was tried and left out:
+one whole-model measurement on a shared machine varies by ±10%, which at 128 px (where the
+fetch cost is 12% of the model) moved the fitted plateau from 0.2 to 1.25.
 """
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from lut.latency import CacheContext, LatencyEstimator
+from lut.latency import CacheContext
 from lut.table import Measurement
 from profiler.errors import ProfilerError
 
-__all__ = ["FETCH_BRANCHES", "fit_plateau", "measure_cache_context", "whole_model_us"]
+__all__ = ["FETCH_BRANCHES", "measure_cache_context", "whole_model_us"]
 
 _FETCH_UNITS = 256
 FETCH_BRANCHES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)
 _REPEATS = 3
-_PLATEAU_RANGE = (0.2, 1.5)
 
 
 def _branch_model(branches: int, units: int = _FETCH_UNITS) -> bytes:
@@ -76,28 +74,3 @@ def _half_way_bytes(per_branch: dict[int, float], warm: float, cold: float, weig
             k = low + (0.5 - share[low]) / (share[high] - share[low]) * (high - low)
             return k * weight_bytes
     return ks[-1] * weight_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class WholeModel:
-    """A model the LUT is for, measured whole: what `fit_plateau` fits on."""
-
-    name: str
-    specs: tuple
-    measured_us: float
-
-
-def fit_plateau(context: CacheContext, estimator: LatencyEstimator, models: Sequence[WholeModel]) -> CacheContext:
-    """`context` with its plateau fitted on whole-model measurements of models far enough up
-    the ramp to tell (half of it or more); unchanged when none is."""
-    ratios = []
-    for model in models:
-        full = dataclasses.replace(context, plateau=1.0)
-        share = full.miss_fraction(model.specs)
-        cost = full.weight_cost_us(model.specs, share)
-        if share >= 0.5 and cost > 0:
-            ratios.append((model.measured_us - estimator.entries_us(model.specs)) / cost)
-    if not ratios:
-        return context
-    low, high = _PLATEAU_RANGE
-    return dataclasses.replace(context, plateau=min(high, max(low, statistics.median(ratios))))
