@@ -48,6 +48,7 @@ __all__ = [
 REFERENCE_NAME = "reference-v1: conv2d 8x8x64:64 k3x3 + 24 x fully_connected 256:256"
 _REFERENCE_BRANCHES = 24
 _START_REPEATS = 5
+_MIN_WINDOW_S = 0.1
 
 
 class DriftError(ProfilerError):
@@ -104,12 +105,12 @@ class HostLoad:
 
     def others_cores(self) -> float:
         now = self._read()
+        if now[0] - self._last[0] < _MIN_WINDOW_S:  # clock ticks are 10 ms: a shorter window says nothing
+            time.sleep(_MIN_WINDOW_S - (now[0] - self._last[0]))
+            now = self._read()
         (t0, busy0, mine0), (t1, busy1, mine1) = self._last, now
         self._last = now
-        elapsed = t1 - t0
-        if elapsed < 0.05:  # too short for clock ticks to say anything
-            return 0.0
-        return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / elapsed
+        return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (t1 - t0)
 
     def runnable(self) -> int:
         """Tasks running or ready to run, this process's measuring thread included."""
@@ -202,11 +203,12 @@ class ConditionsMonitor:
         start = time.monotonic()
         self.load.others_cores()
         self._sleep(min(self.policy.poll_s, self.policy.wait_s))
+        told = False
         while (others := self.load.others_cores()) > self.policy.busy_cores:
-            waited = time.monotonic() - start
-            if waited >= self.policy.wait_s:
+            if time.monotonic() - start >= self.policy.wait_s:
                 break
-            if waited < self.policy.poll_s * 1.5:
+            if not told:
+                told = True
                 self._log(f"{self.device.name} is busy: other processes use {others:.1f} cores "
                           f"({self.load.runnable()} tasks runnable); waiting up to {self.policy.wait_s:.0f} s")
             self._sleep(self.policy.poll_s)
