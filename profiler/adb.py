@@ -297,6 +297,11 @@ class AdbDevice:
         self._battery_before = self._phone.get("battery_temp_c")
         self._battery_last = self._battery_before
 
+    @property
+    def monitor_every(self) -> int:
+        """The conditions monitor's chunk: a batch with the reference model as its last entry."""
+        return max(1, self._settings.batch_size - 1)
+
     # ------------------------------------------------------------ the protocol
     def conditions(self) -> dict[str, object]:
         if self.backend == "gpu":

@@ -247,7 +247,7 @@ def test_connections_are_served_concurrently(daemon, adb_key):
     for thread in threads:
         thread.join()
     assert outputs == {0: "0\n", 1: "1\n", 2: "2\n"}
-    assert time.monotonic() - started < 2.5  # three 1 s commands overlapped
+    assert time.monotonic() - started < 2.95  # three 1 s commands overlapped (in turn: 3 s or more)
     assert daemon.connections == 3
 
 
@@ -352,7 +352,7 @@ def test_streams_on_one_connection_run_concurrently(open_daemon):
             client.send(b"CLSE", remote_id, local_id)
     assert output == {n: f"stream {n}\n".encode() for n in (11, 12, 13)}
     assert sorted(local_ids.values()) == [1, 2, 3]
-    assert time.monotonic() - started < 2.5  # the three streams overlapped
+    assert time.monotonic() - started < 2.95  # the three streams overlapped (in turn: 3 s or more)
 
 
 def test_bad_packets_and_unknown_services(open_daemon, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from profiler.context import _REPEATS, FETCH_BRANCHES
+from profiler.monitor import _START_REPEATS
 from tests.conftest import LENIENT_FLAGS
 
 from lut.table import Measurement, MeasurementFailure
@@ -690,5 +693,11 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
     assert len(frame) >= 3 and (frame["status"] == "ok").all(), frame[["key", "status", "error"]]
     assert (frame["median_us"] > 0).all() and frame["key"].is_unique
     assert float(meta["invoke_overhead_us"]) > 0
-    # Every LUT entry once, plus the trivial model build_lut times for the invocation overhead.
-    assert daemon.models_run == len(frame) + OVERHEAD_REPEATS
+    assert frame["reference_us"].notna().all() and float(meta["reference_us"]) > 0
+    # Every LUT entry once, plus the trivial model build_lut times for the invocation overhead,
+    # the conditions monitor's reference (its quiet value, then once a chunk), and the cache
+    # context's fetch sweep (each model measured alone, each with its reference).
+    monitor = json.loads(meta["monitor"])
+    sweep = _REPEATS * len(FETCH_BRANCHES)
+    assert daemon.models_run == len(frame) + OVERHEAD_REPEATS + _START_REPEATS + monitor["checks"] + 2 * sweep
+    assert json.loads(meta["cache_context"])["cache_bytes"] > 0

@@ -4,6 +4,7 @@ The machine running the tests may be busy already (CI, a developer's other work,
 issue's competing process on the other core), so every threshold here is relative to the
 load measured before the test's own competitor starts.
 """
+import os
 import subprocess
 import sys
 import threading
@@ -35,9 +36,13 @@ def _stop(processes) -> None:
 
 
 def _background_load() -> float:
+    """What other processes use now; the test skips when they leave no room for its competitor."""
     load = HostLoad()
     time.sleep(1.0)
-    return load.others_cores()
+    others = load.others_cores()
+    if others > os.cpu_count() - 0.5:
+        pytest.skip(f"other processes use {others:.1f} of {os.cpu_count()} cores: no room to start a competitor")
+    return others
 
 
 @pytest.mark.timeout(120)
@@ -49,14 +54,14 @@ def test_host_load_sees_a_competing_process():
         during = _background_load()
     finally:
         _stop(processes)
-    assert during > before + 0.5, (before, during)
+    assert during > before + 0.25, (before, during)
     assert HostLoad().runnable() >= 1
 
 
 @pytest.mark.timeout(300)
 def test_chunks_measured_while_another_process_competes_are_measured_again_once_it_stops(tmp_path):
     device, factory = HostDevice(policy=FAST), SingleOpFactory()
-    policy = MonitorPolicy(tolerance_pct=1000.0, busy_cores=_background_load() + 0.5, every=4, wait_s=20.0,
+    policy = MonitorPolicy(tolerance_pct=1000.0, busy_cores=_background_load() + 0.25, every=4, wait_s=20.0,
                            poll_s=0.2, max_tries=4)
     messages = []
     monitor = ConditionsMonitor(device, policy, load=device.load_probe(), log=messages.append)
@@ -78,7 +83,7 @@ def test_chunks_measured_while_another_process_competes_are_measured_again_once_
 @pytest.mark.timeout(300)
 def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tmp_path):
     device = HostDevice(policy=FAST)
-    busy = MonitorPolicy(tolerance_pct=1000.0, busy_cores=_background_load() + 0.5, every=4, wait_s=0.5,
+    busy = MonitorPolicy(tolerance_pct=1000.0, busy_cores=_background_load() + 0.25, every=4, wait_s=0.5,
                          poll_s=0.2, max_tries=2)
     path = tmp_path / "lut.sqlite"
     with LatencyTable.create(path, device.conditions()) as table:
