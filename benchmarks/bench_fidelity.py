@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--step", type=int, default=16)
     parser.add_argument("--variants", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", help="keep the three LUTs here (default: a temporary folder)")
     args = parser.parse_args()
 
     import numpy as np
@@ -91,7 +92,9 @@ def main() -> int:
     from lut.table import LatencyTable
     from profiler.plan import channel_grid
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.dir or scratch
+        os.makedirs(tmp, exist_ok=True)
         paths = {name: f"{tmp}/{name}.sqlite" for name in ("quiet", "monitored", "unmonitored")}
         print("1. quiet build", flush=True)
         seconds = {"quiet": _build(paths["quiet"], args)}
@@ -106,17 +109,23 @@ def main() -> int:
             specs_of(prune_to_counts(model, {g.id: int(rng.choice(channel_grid(g.size, args.step))) for g in groups}))
             for _ in range(args.variants - 1)
         ]
-        estimates = {}
+        estimates, entries = {}, {}
         for name, path in paths.items():
             with LatencyTable.open(path) as table:
                 estimator = LatencyEstimator(table)
                 estimates[name] = [estimator.total_us(specs) for specs in variants]
+                entries[name] = [estimator.entries_us(specs) for specs in variants]
+                context = estimator.context
+                print(f"{name:>12}: cache {context.cache_bytes / 2**20:.2f} MiB, {context.fetch_ns_per_byte:.4f} ns/byte; "
+                      f"invocation {float(table.meta['invoke_overhead_us']):.3f} µs")
     quiet = estimates["quiet"]
     for name in ("monitored", "unmonitored"):
         errors = [abs(e / q - 1) for e, q in zip(estimates[name], quiet)]
+        entry_errors = [abs(e / q - 1) for e, q in zip(entries[name], entries["quiet"])]
         estimates[name + "_errors"] = errors
         print(f"{name:>12}: median disagreement with the quiet LUT {statistics.median(errors):.2%}, "
-              f"largest {max(errors):.2%} over {len(errors)} variants; build {seconds[name]:.0f} s")
+              f"largest {max(errors):.2%} over {len(errors)} variants (entries alone: median "
+              f"{statistics.median(entry_errors):.2%}); build {seconds[name]:.0f} s")
     ratio = statistics.median(estimates["unmonitored_errors"]) / max(statistics.median(estimates["monitored_errors"]), 1e-9)
     print(f"the unmonitored LUT disagrees {ratio:.1f}x as much as the monitored one (median); quiet build {seconds['quiet']:.0f} s")
     return 0

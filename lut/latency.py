@@ -18,13 +18,14 @@ extrapolating latency across hardware tile boundaries is how LUTs go wrong.
 
 An entry is measured with the op run again and again, its weights warm in the core's
 cache; inside a whole model, every other op's weights and activations pass through that
-cache between two runs of this one. Once what one invocation touches (all weights and
-activations, W + A) outgrows the cache, each op's weights come from the next level:
-measured on this machine's CPU (2 MiB L2), whole MobileNets at 32 px ran up to 2.2× their
-entries' sum. `CacheContext` adds that cost: the bytes of the model's weights times the
-device's fetch cost per byte (both measured by `profiler.context` when the LUT is built),
-scaled by the fraction of weights that miss — 0 while W + A is below `ramp_start` times
-the cache, rising linearly to `plateau` at `ramp_end` times it.
+cache between two runs of this one. Once what one invocation touches (its weights W and
+part of its activations A) outgrows the cache, each op's weights come from the next level,
+and some of the activation traffic too: measured on this project's development CPU (2 MiB
+L2), whole MobileNets at 32 px ran up to 2.2× their entries' sum. `CacheContext` adds that
+cost: the bytes fetched (W and a share of A) times the device's fetch cost per byte (both
+the cost and the cache's effective size are measured by `profiler.context` when the LUT is
+built), scaled by the fraction that misses: 0 while what is touched is below `ramp_start`
+times the cache, rising linearly to `plateau` at `ramp_end` times it.
 """
 from __future__ import annotations
 
@@ -48,17 +49,20 @@ class CacheContext:
     """What a whole model pays for weights its ops cannot keep in the cache (see the module doc).
 
     `fetch_ns_per_byte` and `cache_bytes` (the effective size: where half the fetch cost
-    shows) are the device's, measured; the ramp's shape (`ramp_start`, `ramp_end` in units
-    of that size, `plateau`) was fitted on whole MobileNetV1/V2 (α 0.25–0.75, 32 and 128 px,
-    and 30 random prunings of V1 α=0.5 at 32 px, measured interleaved) on this project's
-    development CPU.
+    shows) are the device's, measured; the shape (`ramp_start`, `ramp_end` in units of that
+    size, `plateau`, and the activations' shares) was fitted on 90 random prunings of
+    MobileNetV1 α=0.5 at 32 and 128 px and V2 α=0.5 at 128 px, measured whole and
+    interleaved on this project's development CPU (`lut.validate`, seed 0); other devices
+    may need other shapes, which `lut.validate` shows.
     """
 
     fetch_ns_per_byte: float
     cache_bytes: float
-    ramp_start: float = 0.7
-    ramp_end: float = 1.3
-    plateau: float = 0.75
+    ramp_start: float = 0.5
+    ramp_end: float = 1.6
+    plateau: float = 0.65
+    activation_reach: float = 0.5  # the share of activation bytes counted in what an invocation touches
+    activation_miss: float = 0.1  # the share of activation bytes fetched like missed weights
 
     def __post_init__(self):
         values = dataclasses.astuple(self)
@@ -69,13 +73,13 @@ class CacheContext:
 
     def miss_fraction(self, specs: Sequence[LayerSpec]) -> float:
         """The fraction of the weights a model running `specs` fetches from beyond the cache."""
-        touched = sum(s.weight_bytes + s.activation_bytes for s in specs) / self.cache_bytes
+        touched = sum(s.weight_bytes + self.activation_reach * s.activation_bytes for s in specs) / self.cache_bytes
         return self.plateau * min(1.0, max(0.0, (touched - self.ramp_start) / (self.ramp_end - self.ramp_start)))
 
-    def weight_cost_us(self, specs: Sequence[LayerSpec], miss_fraction: float | None = None) -> float:
-        """The time fetching the missed weights costs, in microseconds."""
-        fraction = self.miss_fraction(specs) if miss_fraction is None else miss_fraction
-        return fraction * self.fetch_ns_per_byte * sum(s.weight_bytes for s in specs) / 1000
+    def weight_cost_us(self, specs: Sequence[LayerSpec]) -> float:
+        """The time fetching what misses the cache costs, in microseconds."""
+        fetched = sum(s.weight_bytes + self.activation_miss * s.activation_bytes for s in specs)
+        return self.miss_fraction(specs) * self.fetch_ns_per_byte * fetched / 1000
 
     @classmethod
     def from_meta(cls, meta: dict) -> "CacheContext | None":

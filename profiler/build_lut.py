@@ -186,7 +186,8 @@ def calibrate_cache_context(device, table: LatencyTable, *, policy: MonitorPolic
 
     log(f"measuring {device.name}'s cache: what a model pays for weights that do not stay in it")
     context = measure_cache_context(measure, estimator.invoke_overhead_us)
-    table.set_meta({CONTEXT_META_KEY: dataclasses.asdict(context)})
+    # what was measured; the ramp's shape is the estimator's rule, as interpolation is
+    table.set_meta({CONTEXT_META_KEY: {"fetch_ns_per_byte": context.fetch_ns_per_byte, "cache_bytes": context.cache_bytes}})
     log(f"cache context: {context.cache_bytes / 2**20:.2f} MiB effective, {context.fetch_ns_per_byte:.4f} ns per "
         "byte fetched")
     return context

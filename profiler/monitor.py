@@ -49,6 +49,7 @@ REFERENCE_NAME = "reference-v1: conv2d 8x8x64:64 k3x3 + 24 x fully_connected 256
 _REFERENCE_BRANCHES = 24
 _START_REPEATS = 5
 _MIN_WINDOW_S = 0.1
+_BACKOFF_PARTS = 6  # waits of wait_s/6, 2·wait_s/6, 3·wait_s/6: wait_s in all over 4 tries
 
 
 class DriftError(ProfilerError):
@@ -63,7 +64,7 @@ class MonitorPolicy:
     few seconds of host measuring).
     """
 
-    tolerance_pct: float = 5.0
+    tolerance_pct: float = 8.0
     busy_cores: float = 0.5
     every: int | None = None
     wait_s: float = 30.0
@@ -191,11 +192,6 @@ class ConditionsMonitor:
     def _others(self) -> float | None:
         return None if self.load is None else self.load.others_cores()
 
-    def busy(self) -> float | None:
-        """Cores other processes used since the last look, when it is over `busy_cores` (else None)."""
-        others = self._others()
-        return others if others is not None and others > self.policy.busy_cores else None
-
     def wait_quiet(self) -> float:
         """Wait (at most `wait_s`) until other processes leave the device alone; seconds waited."""
         if self.load is None:
@@ -271,8 +267,10 @@ class ConditionsMonitor:
             if attempt < self.policy.max_tries:
                 self._log(f"{self.device.name} was disturbed ({check.describe()}); measuring "
                           f"{len(chunk)} entries again")
-                if self.wait_quiet() == 0.0 and self.load is None:
-                    self._sleep(self.policy.wait_s)  # a phone: let it cool down
+                if self.load is None or self.wait_quiet() < self.policy.poll_s * 2:
+                    # nothing to see here slows the device (a phone's heat, a VM's neighbours):
+                    # give it time, longer with every try, within `wait_s` in all
+                    self._sleep(min(self.policy.wait_s * attempt / _BACKOFF_PARTS, self.policy.wait_s))
         raise DriftError(
             f"{self.device.name} stayed disturbed: {check.describe()} after {self.policy.max_tries} tries in "
             f"{time.monotonic() - started:.0f} s (tolerance ±{self.policy.tolerance_pct:g}%, "
