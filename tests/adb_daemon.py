@@ -205,8 +205,15 @@ class Faults:
     garbage_models: tuple[str, ...] = ()  # benchmark_model prints garbage instead of timings
     crash_models: tuple[str, ...] = ()  # benchmark_model prints an error and exits with 134
     partial_gpu_models: tuple[str, ...] = ()  # with --use_gpu=true the delegate takes part of the graph
+    slow_runs: tuple[int, int] | None = None  # models started while [first, end) models had run are slowed
+    slow_factor: float = 2.0  # ... by this factor (a throttled phone)
 
     def __post_init__(self) -> None:
+        if self.slow_runs is not None:
+            first, end = self.slow_runs
+            if not 0 <= first < end or not self.slow_factor > 0:
+                raise ValueError(f"`slow_runs` must be [first, end) with 0 <= first < end and `slow_factor` positive. "
+                                 f"Received: slow_runs={self.slow_runs!r}, slow_factor={self.slow_factor!r}.")
         n = self.drop_after_models
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"`drop_after_models` must be a positive integer or None. Received: drop_after_models={n!r}.")

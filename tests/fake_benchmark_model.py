@@ -28,8 +28,10 @@ sleep until killed), `garbage_models` (print garbage instead of timings, exit 0)
 `crash_models` (print a kernel error, exit 134 as after SIGABRT) and `partial_gpu_models`
 (with `--use_gpu=true`, the delegate takes all nodes but one extra unsupported node it
 reports: `Replacing N out of N+1 node(s) … yielding 1 partitions`, `… partially executed by
-the delegate w/ 1 delegate kernels.`).  Without that variable it runs with no faults and
-counts nothing.  It imports nothing from the project, so it runs wherever it is pushed.
+the delegate w/ 1 delegate kernels.`), and the slow-down switch `slow_runs` = [first, end)
+with `slow_factor` (models started while the models-run counter is in the window report
+their timings that many times slower, as a throttled phone does).  Without that variable
+it runs with no faults and counts nothing.  It imports nothing from the project, so it runs wherever it is pushed.
 """
 from __future__ import annotations
 
@@ -167,6 +169,16 @@ def _count_model_run(faults: dict) -> None:
         _update_counter(Path(faults["state_dir"]), lambda n: n + 1)
 
 
+def _slow_factor(faults: dict) -> float:
+    """The phone's slow-down switch: models started while the models-run counter is in
+    `slow_runs` ([first, end)) report their timings times `slow_factor` (a throttled phone)."""
+    window = faults.get("slow_runs")
+    if window is None:
+        return 1.0
+    ran = _update_counter(Path(faults["state_dir"]), lambda n: n)
+    return float(faults.get("slow_factor", 2.0)) if window[0] <= ran < window[1] else 1.0
+
+
 def _sleep_forever() -> None:
     while True:
         time.sleep(3600)
@@ -252,6 +264,8 @@ def _phase(interpreter, runs: int, min_secs: float, values: dict) -> list[int]:
         f" but terminate if exceeding {_fmt(values['max_secs'])} seconds."
     )
     durations = _run_phase(interpreter, runs, min_secs, values["max_secs"], values["run_delay"])
+    factor = values.get("slow_factor", 1.0)
+    durations = [max(int(d * factor), 1) for d in durations]
     _log(_stats_line(durations))
     _log()
     return durations
@@ -327,6 +341,7 @@ def main(argv: list[str]) -> int:
         _print_garbage(graph)
         _count_model_run(faults)
         return 0
+    values = {**values, "slow_factor": _slow_factor(faults)}
     warmup = _phase(interpreter, values["warmup_runs"], values["warmup_min_secs"], values)
     measured = _phase(interpreter, values["num_runs"], values["min_secs"], values)
     _log(

@@ -22,9 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from profiler.context import _REPEATS, FETCH_BRANCHES
-from profiler.monitor import _START_REPEATS
-from tests.conftest import LENIENT_FLAGS
 
 from lut.table import Measurement, MeasurementFailure
 from profiler.adb import AdbDevice, _batch_archive, _split_batches, parse_runner_records, runner_script
@@ -32,7 +29,10 @@ from profiler.build_lut import OVERHEAD_REPEATS
 from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
 from profiler.devices import known_devices, open_device
 from profiler.errors import ProfilerError
+from profiler.context import _REPEATS, FETCH_BRANCHES
+from profiler.monitor import _START_REPEATS, ConditionsMonitor, DriftError, MonitorPolicy
 from tests.adb_daemon import Faults, LoopbackAdbDaemon
+from tests.conftest import LENIENT_FLAGS
 
 FAKE_BENCHMARK = Path(__file__).with_name("fake_benchmark_model.py")
 RUNNER = Path(__file__).parents[1] / "android_bench" / "run_batch.sh"
@@ -701,3 +701,47 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
     sweep = _REPEATS * len(FETCH_BRANCHES)
     assert daemon.models_run == len(frame) + OVERHEAD_REPEATS + _START_REPEATS + monitor["checks"] + 2 * sweep
     assert json.loads(meta["cache_context"])["cache_bytes"] > 0
+
+
+# --------------------------------------------------------------------------- the conditions monitor
+
+
+def _monitored(tmp_path, daemon, messages, **policy):
+    device = open_loop(tmp_path, daemon, batch_size=8)
+    sleeps = []
+    monitor = ConditionsMonitor(device, MonitorPolicy(every=3, **policy), log=messages.append, sleep=sleeps.append)
+    return device, monitor, sleeps
+
+
+@pytest.mark.timeout(300)
+def test_a_phone_that_slows_down_has_its_chunk_measured_again_after_a_pause(tmp_path, tflite_models):
+    # runs 0–4: the reference's quiet value; 5–8: the first chunk and its reference, slowed 3×
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(slow_runs=(5, 9), slow_factor=3.0)) as daemon:
+        messages = []
+        device, monitor, sleeps = _monitored(tmp_path, daemon, messages, tolerance_pct=50.0, wait_s=30.0)
+        try:
+            models = [(f"m{i}", tflite_models["dense"]) for i in range(6)]
+            results = list(monitor.measure(models))
+        finally:
+            device.close()
+        assert daemon.models_run == _START_REPEATS + 4 + 4 + 4  # the first chunk twice, the second once
+    assert [name for name, _, _ in results] == [name for name, _ in models]
+    [event] = monitor.events
+    assert event["drift_pct"] > 100 and event["others_cores"] is None  # 3x slower: +200%
+    assert sleeps == [30.0 / 6]  # a phone shows no cause: it gets a pause to cool down
+    assert any("was disturbed (reference" in m and "measuring 3 entries again" in m for m in messages)
+    quiet = monitor.quiet_us
+    assert all(abs(reference / quiet - 1) <= 0.5 for _, _, reference in results)
+
+
+@pytest.mark.timeout(300)
+def test_a_phone_that_stays_slow_stops_with_drift_error(tmp_path, tflite_models):
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(slow_runs=(5, 1000), slow_factor=3.0)) as daemon:
+        messages = []
+        device, monitor, sleeps = _monitored(tmp_path, daemon, messages, tolerance_pct=50.0, wait_s=6.0, max_tries=3)
+        try:
+            with pytest.raises(DriftError, match=r"loop stayed disturbed: reference .*\(\+\d+\.\d% of its quiet .* after 3 tries"):
+                list(monitor.measure([(f"m{i}", tflite_models["dense"]) for i in range(3)]))
+        finally:
+            device.close()
+    assert sleeps == [1.0, 2.0] and len(monitor.events) == 3
