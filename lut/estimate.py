@@ -4,20 +4,19 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
+from lut.cli import ArgumentParser, run_command
 from lut.latency import LatencyEstimator, specs_of
 from lut.quiet_tf import import_tensorflow_quietly
-from lut.spec import LutError
 from lut.table import LatencyTable
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lut.estimate",
         description="Estimate a model's latency on the LUT's device as the sum of its ops' LUT entries.",
     )
@@ -25,18 +24,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", help="a .keras or .tflite file")
     parser.add_argument("--per-op", action="store_true", help="also print every op with its latency")
     args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: _estimate(args), on_interrupt="nothing was measured or written")
+
+
+def _estimate(args) -> int:
     import_tensorflow_quietly()
-    try:
-        with LatencyTable.open(args.lut) as table:
-            estimator = LatencyEstimator(table)
-            specs = specs_of(args.model)
-            if args.per_op:
-                for spec in specs:
-                    print(f"{estimator.spec_us(spec):10.1f} us  {spec.key}")
-            print(f"{estimator.total_us(specs) / 1000:.3f} ms  {args.model} on {table.meta.get('device')} ({len(specs)} ops)")
-    except LutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with LatencyTable.open(args.lut) as table:
+        estimator = LatencyEstimator(table)
+        specs = specs_of(args.model)
+        if args.per_op:
+            for spec in specs:
+                print(f"{estimator.spec_us(spec):10.1f} us  {spec.key}")
+        print(f"{estimator.total_us(specs) / 1000:.3f} ms  {args.model} on {table.meta.get('device')} ({len(specs)} ops)")
     return 0
 
 
