@@ -271,8 +271,13 @@ def _adapt(args) -> int:
     setup = _setup(args)
     start = time.perf_counter()
     measured = None if resuming else _measure_original(setup, out)
-    result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
-                          measured_original_ms=measured, measure=_measurer(setup, out), resume=args.resume)
+    try:
+        result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
+                              measured_original_ms=measured, measure=_measurer(setup, out), resume=args.resume)
+    except AdapterError as e:
+        if not str(e).startswith("The budget "):
+            raise
+        raise AdapterError(f"--budget {args.budget} asks for {_requested(config.budget, measured)}: {e}") from e
     search_seconds = sum(r.seconds for r in result.history)
     long_start = time.perf_counter()
     adapted, _ = _long_term(args, setup, result, config, out)
@@ -292,6 +297,13 @@ def _adapt(args) -> int:
     json_path, md_path = write_report(out, report, result.history)
     _print_summary(report, md_path)
     return EXIT_OK if _budget_met(budget) else EXIT_NOT_MET
+
+
+def _requested(budget, measured_ms: float | None) -> str:
+    """The budget as the user asked for it (errors in the LUT's calibrated terms name it too)."""
+    if budget.relative and measured_ms is not None:
+        return f"{budget} = {budget.ms(measured_ms):.4g} ms of the original's measured {measured_ms:.4g} ms"
+    return str(budget)
 
 
 def _budget_met(budget: dict) -> bool:
