@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from lut.cli import ArgumentParser, run_command
+from lut.errors import LutError
 from lut.latency import LatencyEstimator, specs_of
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.table import LatencyTable
@@ -27,7 +28,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(parser.prog, lambda: _estimate(args), on_interrupt="nothing was measured or written")
 
 
+def _check_tflite(path: str) -> None:
+    """A `.tflite` is a TFLite flatbuffer, whose identifier "TFL3" sits at byte 4: say what it is when not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return  # specs_of says what is wrong with the path
+    if head[4:8] != b"TFL3":
+        raise LutError(
+            f"{path} is not a TFLite model (it starts {head!r}); expected a .tflite flatbuffer "
+            "as the TFLite converter writes it (identifier TFL3). Convert the model again, or pass its .keras file."
+        )
+
+
 def _estimate(args) -> int:
+    if str(args.model).endswith(".tflite"):
+        _check_tflite(args.model)
     import_tensorflow_quietly()
     with LatencyTable.open(args.lut) as table:
         estimator = LatencyEstimator(table)
