@@ -182,6 +182,11 @@ def _sqlite_message(e: sqlite3.Error) -> str:
             f"cannot write to a LUT: it is read-only (SQLite: {text}); expected a LUT file and folder this user can "
             "write. Make both writable (chmod u+w) or write into another --out file."
         )
+    if "locked" in text:
+        return (
+            f"a LUT or run file is locked (SQLite: {text}): another phonefit command is writing it. "
+            "Wait for that command to end, or write into another --out file."
+        )
     if "disk" in text and "full" in text:
         return f"the disk is full (SQLite: {text}). Free some space and run the same command again."
     return f"SQLite could not use a LUT or run file (SQLite: {text}). Check the file is a phonefit file, or rebuild it."
