@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.phonefit-installed
 DEBS   := dataset-fashion-mnist adb mksh toybox
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: demo test test-fast debs clean
+.PHONY: install demo test test-fast debs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,8 @@ debs:
 	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	else echo "not root: install the Debian packages $(DEBS) yourself if they are missing"; fi
+
+install: $(STAMP) debs
 
 demo: $(STAMP) debs
 	$(PY) -m adapter.demo

@@ -1,11 +1,11 @@
-"""Prune Keras CNNs to a device's latency budget, NetAdapt-style."""
-from lut.quiet_tf import import_tensorflow_quietly
+"""Prune Keras CNNs to a device's latency budget, NetAdapt-style.
 
-import_tensorflow_quietly()  # the adapter needs Keras; load it without TensorFlow's chatter
+The names below load on first use (PEP 562), so `python -m adapter.X --help` and argument
+errors answer before TensorFlow loads; the first use loads it without its chatter.
+"""
+from __future__ import annotations
 
-# ruff: noqa: E402
-from adapter.graph import ChannelGroup, PruningError, UnsupportedLayerError, find_groups
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
+import importlib
 
 __all__ = [
     "ChannelGroup",
@@ -18,3 +18,26 @@ __all__ = [
     "prune_to_counts",
     "pruned_weights",
 ]
+
+_HOMES = {
+    "ChannelGroup": "adapter.graph",
+    "PruningError": "adapter.graph",
+    "UnsupportedLayerError": "adapter.graph",
+    "find_groups": "adapter.graph",
+    "channel_counts": "adapter.surgery",
+    "filter_norms": "adapter.surgery",
+    "prune": "adapter.surgery",
+    "prune_to_counts": "adapter.surgery",
+    "pruned_weights": "adapter.surgery",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'adapter' has no attribute {name!r}")
+    from lut.quiet_tf import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # the adapter needs Keras; load it without TensorFlow's chatter
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value

@@ -10,41 +10,25 @@ and accuracy_latency.png. The original is measured whole on the device (default:
 LUT's, when reachable) before the search, which calibrates the budget in the LUT's terms
 (`Budget.lut_ms`); the exported model is measured after it, and the report says whether
 the budget is met there, within a 3% measuring tolerance. `--baseline` also trains the width-multiplier model that meets
-the same budget and puts it in the report. An interrupted run goes on with `--resume`.
+the same budget and puts it in the report. Running the same command again resumes an interrupted
+run (a run in --out started with other settings is refused, naming them).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapter.errors import AdapterError, exit_code_of
+from adapter.errors import AdapterError
+from lut.cli import EXIT_NOT_MET, EXIT_OK, ArgumentParser, check_output_folder, non_negative_int, number, positive_float, positive_int, quiet_litert_notice, run_command
 from profiler.monitor import add_monitor_arguments, monitor_policy
 
 __all__ = ["main", "run_cli"]
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _number(kind: type, low: float, high: float = math.inf, *, open_low: bool = True):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}; received {text!r}") from None
-        if not (low < value if open_low else low <= value) or not value <= high:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} in {'(' if open_low else '['}{low:g}, {high:g}]; received {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def _parser(baseline_only: bool) -> argparse.ArgumentParser:
@@ -52,7 +36,7 @@ def _parser(baseline_only: bool) -> argparse.ArgumentParser:
     from adapter.netadapt import SELECTION_RULES, NetAdaptConfig
 
     d = NetAdaptConfig.__dataclass_fields__
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m adapter.baseline" if baseline_only else "python -m adapter.adapt",
         description=(sys.modules["adapter.baseline"].__doc__ if baseline_only else __doc__).split("\n\n")[0].strip(),
     )
@@ -65,19 +49,20 @@ def _parser(baseline_only: bool) -> argparse.ArgumentParser:
     add("--out", required=True, help="output folder")
     add("--device", help="device that measures missing LUT entries and the final model (default: the LUT's device, when reachable)")
     add("--devices", metavar="FILE", help="devices.toml registry for phones")
-    add("--holdout", type=_number(int, 0), default=d["holdout_size"].default, help="holdout images that rank proposals (from the training data) (default: %(default)s)")
-    add("--seed", type=_number(int, 0, open_low=False), default=0, help="seed for sampling and initialisation (default: %(default)s)")
+    add("--holdout", type=positive_int, default=d["holdout_size"].default, help="holdout images that rank proposals (from the training data) (default: %(default)s)")
+    add("--seed", type=non_negative_int, default=0, help="seed for sampling and initialisation (default: %(default)s)")
     if not baseline_only:
-        add("--initial-reduction", type=_number(float, 0, 1), default=d["initial_reduction"].default, help="latency removed in iteration 1, as a fraction of the original (default: %(default)s)")
-        add("--decay", type=_number(float, 0, 1), default=d["decay"].default, help="each iteration removes this times the previous one's reduction (default: %(default)s)")
-        add("--step", type=_number(int, 0), help="channel grid step (default: the LUT's)")
-        add("--short-term-steps", type=_number(int, 0), default=d["short_term_steps"].default, help="fine-tuning steps per proposal (default: %(default)s)")
-        add("--batch-size", type=_number(int, 0), default=d["batch_size"].default, help="images per step (default: %(default)s)")
-        add("--short-term-lr", type=_number(float, 0), default=d["short_term_lr"].default, help="learning rate of short-term fine-tuning (default: %(default)s)")
+        add("--initial-reduction", type=number(float, 0, 1), default=d["initial_reduction"].default, help="latency removed in iteration 1, as a fraction of the original (default: %(default)s)")
+        add("--decay", type=number(float, 0, 1), default=d["decay"].default, help="each iteration removes this times the previous one's reduction (default: %(default)s)")
+        add("--step", type=positive_int, help="channel grid step (default: the LUT's)")
+        add("--short-term-steps", type=positive_int, default=d["short_term_steps"].default, help="fine-tuning steps per proposal (default: %(default)s)")
+        add("--batch-size", type=positive_int, default=d["batch_size"].default, help="images per step (default: %(default)s)")
+        add("--short-term-lr", type=positive_float, default=d["short_term_lr"].default, help="learning rate of short-term fine-tuning (default: %(default)s)")
         add("--selection", choices=SELECTION_RULES, default=d["selection"].default, help="how the best proposal is picked (default: %(default)s)")
-        add("--long-term-epochs", type=_number(int, 0, open_low=False), default=d["long_term_epochs"].default, help="epochs of fine-tuning after the search (default: %(default)s)")
-        add("--long-term-lr", type=_number(float, 0), default=d["long_term_lr"].default, help="learning rate of long-term fine-tuning (default: %(default)s)")
-        add("--resume", action="store_true", help="continue the run in --out after its last completed iteration")
+        add("--long-term-epochs", type=non_negative_int, default=d["long_term_epochs"].default, help="epochs of fine-tuning after the search (default: %(default)s)")
+        add("--long-term-lr", type=positive_float, default=d["long_term_lr"].default, help="learning rate of long-term fine-tuning (default: %(default)s)")
+        add("--resume", action="store_true", help="continue the run in --out after its last completed iteration "
+            "(rerunning the same command does this by itself; kept for scripts that pass it)")
         add("--int8", action="store_true", help="also export an int8 model quantized with representative data")
         add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")
     add_baseline_arguments(parser)
@@ -153,6 +138,10 @@ def _setup(args) -> _Setup:
             raise AdapterError(f"{what} {path} does not exist.")
     table, estimator = _open_lut(args.lut)
     model = load_model(args.model)
+    if getattr(args, "baseline", False):  # what the baseline needs is checked now, not after the search
+        from adapter.baseline import alpha_grid, recipe_of
+
+        alpha_grid(recipe_of(model, args.model).alpha, args.alpha_step)
     record = record_path(args.model)
     if record.is_file() and args.holdout > TrainingRecord.load(record).holdout:
         raise AdapterError(
@@ -276,7 +265,7 @@ def _baseline_fields(args, setup: _Setup, budget_ms: float, measured_budget, out
     if getattr(args, "resume", False) and saved.is_file():
         return dataclasses.asdict(BaselineResult.load(saved))
     recipe = recipe_of(setup.model, args.model)
-    epochs = args.baseline_epochs or matched_epochs(recipe, out, len(setup.data.train)) or recipe.epochs
+    epochs = args.baseline_epochs if args.baseline_epochs is not None else (matched_epochs(recipe, out, len(setup.data.train)) or recipe.epochs)
     result = run_baseline(
         recipe, setup.data, setup.estimator, budget_ms, out, epochs=epochs, device=setup.check_device,
         select_by=args.select_by, measured_budget_ms=measured_budget, alpha_step=args.alpha_step,
@@ -290,18 +279,24 @@ def _adapt(args) -> int:
     from adapter.report import write_report
 
     config = _config(args)
-    setup = _setup(args)
     out = Path(args.out)
+    resuming = _resuming(args, config, out)  # decided before anything is loaded, measured or written
+    args.resume = resuming
+    setup = _setup(args)
     start = time.perf_counter()
-    resuming = args.resume and (out / "history.csv").is_file()
     checker = _checker(setup, out)
     measured = None
     if checker is not None and not resuming:
         measured = checker.original_ms(estimate_ms(setup.estimator, setup.model))
         print(f"the original measures {measured:.4g} ms on {setup.device_name}", flush=True)
-    result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
-                          measured_original_ms=measured, measure=checker.fraction if checker else None,
-                          resume=args.resume, policy=monitor_policy(args))
+    try:
+        result = run_netadapt(setup.model, setup.data, setup.estimator, config, out, device=setup.lut_device,
+                              measured_original_ms=measured, measure=checker.fraction if checker else None,
+                              resume=args.resume, policy=monitor_policy(args))
+    except AdapterError as e:
+        if not str(e).startswith("The budget "):
+            raise
+        raise AdapterError(f"--budget {args.budget} asks for {_requested(config.budget, measured)}: {e}") from e
     search_seconds = sum(r.seconds for r in result.history)
     long_start = time.perf_counter()
     adapted, _ = _long_term(args, setup, result, config, out)
@@ -324,7 +319,57 @@ def _adapt(args) -> int:
     }
     json_path, md_path = write_report(out, report, result.history)
     _print_summary(report, md_path)
-    return 1 if budget["status"] in ("over budget", "not taken") else 0
+    not_met = budget["status"] in ("over budget", "not taken") or (
+        budget["status"] == "not measured" and not budget["met_by_estimate"])
+    return EXIT_NOT_MET if not_met else EXIT_OK
+
+
+def _requested(budget, measured_ms: float | None) -> str:
+    """The budget as the user asked for it (errors in the LUT's calibrated terms name it too)."""
+    if budget.relative and measured_ms is not None:
+        return f"{budget} = {budget.ms(measured_ms):.4g} ms of the original's measured {measured_ms:.4g} ms"
+    return str(budget)
+
+
+# NetAdaptConfig fields → the options that set them (for "started with other settings" errors)
+_OPTIONS = {"holdout_size": "--holdout"}
+
+
+def _resuming(args, config, out: Path) -> bool:
+    """Whether the run in `out` is this command's, to go on with: a rerun of the same command
+    resumes it (as `--resume` does); a run started with other settings is refused, naming them."""
+    from adapter.netadapt import STATE_FILE, Budget, read_history
+
+    check_output_folder(out, "--out")
+    if not read_history(out):
+        return False
+    try:
+        saved = json.loads((out / STATE_FILE).read_text())
+        then = saved["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AdapterError(
+            f"--out {out} holds a NetAdapt run whose {STATE_FILE} is missing or unreadable ({e}); expected the "
+            "state adapter.adapt writes. Choose another --out, or remove that folder to start over."
+        ) from e
+    now = config.to_json()
+    changed = {key: (then.get(key), value) for key, value in now.items() if then.get(key) != value}
+    if saved.get("lut") not in (None, os.path.abspath(args.lut)):
+        changed["lut"] = (saved["lut"], os.path.abspath(args.lut))
+
+    def shown(key, value):
+        return str(Budget(**value)) if key == "budget" and isinstance(value, dict) else repr(value)
+
+    if changed:
+        described = "; ".join(
+            f"{_OPTIONS.get(key, '--' + key.replace('_', '-'))} {shown(key, old)} then, {shown(key, new)} now"
+            for key, (old, new) in changed.items()
+        )
+        raise AdapterError(
+            f"--out {out} holds a NetAdapt run started with other settings ({described}); expected the same "
+            "settings to resume it. Rerun with the settings it was started with, or choose another --out."
+        )
+    print(f"resuming the NetAdapt run in {out} (started with the same settings)", flush=True)
+    return True
 
 
 def _checker(setup: _Setup, out: Path):
@@ -362,10 +407,10 @@ def _baseline_only(args) -> int:
     from adapter.netadapt import Budget, ensure_estimable, estimate_ms
     from lut.keras_specs import specs_of_keras
 
+    out = check_output_folder(args.out, "--out")
+    budget = Budget.parse(args.budget)  # bad input fails before anything loads
     setup = _setup(args)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = Budget.parse(args.budget)
     ensure_estimable(setup.estimator, specs_of_keras(setup.model), setup.lut_device, policy=monitor_policy(args))
     estimated = estimate_ms(setup.estimator, setup.model)
     checker = _checker(setup, out)
@@ -387,10 +432,18 @@ def run_cli(argv: Sequence[str] | None = None, *, baseline_only: bool = False) -
     args = parser.parse_args(argv)
     if baseline_only:
         args.baseline = True
-    return exit_code_of(
-        parser.prog,
-        lambda: _baseline_only(args) if baseline_only else _adapt(args),
-        on_interrupt="completed iterations are saved, rerun with --resume",
+
+    def work() -> int:
+        from lut.quiet_tf import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+        quiet_litert_notice()
+        return _baseline_only(args) if baseline_only else _adapt(args)
+
+    return run_command(
+        parser.prog, work,
+        on_interrupt="the trained baseline is not saved; run the same command again" if baseline_only
+        else "completed iterations are saved; run the same command again to resume",
     )
 
 

@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from adapter.errors import AdapterError
+from lut.cli import number, positive_int
 from adapter.netadapt import ensure_estimable, estimate_ms
 
-__all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "main", "matched_epochs", "recipe_of", "run_baseline"]
+__all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "alpha_grid", "main", "matched_epochs", "recipe_of", "run_baseline"]
 
 BASELINE_DIR = "baseline"
 
@@ -71,6 +72,30 @@ def recipe_of(model, model_path: str | Path) -> ModelRecipe:
     )
 
 
+MAX_ALPHAS = 1000  # widths one search may try: a finer grid is a typo, not a plan
+
+
+def alpha_grid(base_alpha: float, alpha_step: float) -> list[float]:
+    """The widths below `base_alpha` on the `alpha_step` grid, largest first: base − k·step > 0, k ≥ 1.
+
+    Finite by construction: the step must be a positive finite number below `base_alpha`,
+    giving at most `MAX_ALPHAS` widths.
+    """
+    if not (isinstance(alpha_step, (int, float)) and math.isfinite(alpha_step) and 0 < alpha_step < base_alpha):
+        raise AdapterError(
+            f"--alpha-step must be a positive number below the base model's α={base_alpha:g}. "
+            f"Received: alpha_step={alpha_step!r}."
+        )
+    count = math.ceil(round(base_alpha / alpha_step, 6)) - 1
+    if count > MAX_ALPHAS:
+        raise AdapterError(
+            f"--alpha-step {alpha_step:g} gives {count} widths below α={base_alpha:g}; expected at most {MAX_ALPHAS}. "
+            f"Use --alpha-step {base_alpha / (MAX_ALPHAS + 1):.2g} or more."
+        )
+    alphas = (round(base_alpha - k * alpha_step, 6) for k in range(1, count + 1))
+    return list(dict.fromkeys(a for a in alphas if a > 0))
+
+
 def alpha_for_budget(
     recipe: ModelRecipe,
     estimator,
@@ -85,15 +110,13 @@ def alpha_for_budget(
     from lut.models import build_model
     from lut.keras_specs import specs_of_keras
 
-    k = 1
-    while (alpha := round(recipe.alpha - k * alpha_step, 6)) > 0:
+    for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
         ensure_estimable(estimator, specs_of_keras(model), device, log=log)
         estimated = estimate_ms(estimator, model)
         log(f"α = {alpha:g}: estimated {estimated:.4g} ms (budget {budget_ms:.4g} ms)")
         if estimated <= budget_ms:
             return alpha, estimated
-        k += 1
     raise AdapterError(
         f"No width multiplier of {recipe.model} down to {alpha_step:g} meets the budget {budget_ms:.4g} ms."
     )
@@ -105,8 +128,7 @@ def _alpha_by_measurement(recipe: ModelRecipe, device, budget_ms: float, alpha_s
     from lut.models import build_model
     from profiler.convert import keras_to_tflite
 
-    k = 1
-    while (alpha := round(recipe.alpha - k * alpha_step, 6)) > 0:
+    for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
         measured = measure_models(device, {"alpha": keras_to_tflite(model)})["alpha"]
         if measured.median_ms is None:
@@ -114,7 +136,6 @@ def _alpha_by_measurement(recipe: ModelRecipe, device, budget_ms: float, alpha_s
         log(f"α = {alpha:g}: measured {measured.median_ms:.4g} ms (budget {budget_ms:.4g} ms)")
         if measured.median_ms <= budget_ms:
             return alpha, measured.median_ms
-        k += 1
     raise AdapterError(f"No width multiplier of {recipe.model} down to {alpha_step:g} meets {budget_ms:.4g} ms on {device.name}.")
 
 
@@ -224,10 +245,11 @@ def run_baseline(
 def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `adapter.baseline` and `adapter.adapt --baseline` share."""
     add = parser.add_argument
-    add("--alpha-step", type=float, default=0.025, help="grid of width multipliers tried below the base model's (default: %(default)s)")
+    add("--alpha-step", type=number(float, 0, 1, open_high=True), default=0.025,
+        help="grid of width multipliers tried below the base model's (default: %(default)s)")
     add("--select-by", choices=("estimate", "measured"), default="estimate",
         help="pick α by the LUT estimate (as NetAdapt is) or by measuring whole models on the device (default: %(default)s)")
-    add("--baseline-epochs", type=int, help="epochs to train the baseline (default: as many as the NetAdapt model saw)")
+    add("--baseline-epochs", type=positive_int, help="epochs to train the baseline (default: as many as the NetAdapt model saw)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,8 @@ import gzip
 import math
 import os
 import struct
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -311,23 +313,45 @@ def _load_fashion_mnist(resolution: int, seed: int, test_fraction: float) -> Raw
     )
 
 
+def _open_npz(path: Path):
+    """`np.load` of an .npz, or `AdapterError` saying what the file is instead."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(6)
+        what = "a single .npy array" if head.startswith(b"\x93NUMPY") else f"not a zip archive ({head!r}…)"
+        raise AdapterError(
+            f"{path} is {what}; expected an .npz, the zip of arrays np.savez writes "
+            "(x_train, y_train, x_test, y_test, or x, y). Save the arrays with np.savez."
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise AdapterError(f"{path} is a damaged .npz ({type(e).__name__}: {e}); save the arrays again with np.savez.") from e
+
+
 def _load_npz(path: Path, seed: int, test_fraction: float) -> RawDataset:
     """x_train/y_train/x_test/y_test, or x/y split into train and test here."""
     positions = {}
-    with np.load(path, allow_pickle=False) as npz:
-        keys = set(npz.files)
-        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-        elif {"x", "y"} <= keys:
-            x, y = _images(npz["x"], f"{path}:x"), _labels(npz["y"], f"{path}:y", len(npz["x"]))
-            train, test = _train_test_indices(len(y), test_fraction, seed)
-            arrays = {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
-            positions = {"train_indices": train, "test_indices": test}
-        else:
-            raise AdapterError(
-                f"{path} should hold arrays x_train, y_train, x_test, y_test (or x, y); "
-                f"received {sorted(keys)}."
-            )
+    try:
+        with _open_npz(path) as npz:
+            keys = set(npz.files)
+            if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+                arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            elif {"x", "y"} <= keys:
+                x, y = _images(npz["x"], f"{path}:x"), _labels(npz["y"], f"{path}:y", len(npz["x"]))
+                train, test = _train_test_indices(len(y), test_fraction, seed)
+                arrays = {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+                positions = {"train_indices": train, "test_indices": test}
+            else:
+                raise AdapterError(
+                    f"{path} should hold arrays x_train, y_train, x_test, y_test (or x, y); "
+                    f"received {sorted(keys)}."
+                )
+    except AdapterError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # object arrays, damaged members
+        raise AdapterError(f"{path} holds arrays that cannot be read ({type(e).__name__}: {e}); expected plain numeric "
+                           "arrays as np.savez writes them. Save them again.") from e
     x_train, x_test = (_images(arrays[k], f"{path}:{k}") for k in ("x_train", "x_test"))
     y_train = _labels(arrays["y_train"], f"{path}:y_train", len(x_train))
     y_test = _labels(arrays["y_test"], f"{path}:y_test", len(x_test))

@@ -14,14 +14,14 @@ baseline to the report (a few minutes more).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapter.errors import AdapterError, exit_code_of
+from adapter.errors import AdapterError
+from lut.cli import EXIT_NOT_MET, ArgumentParser, check_output_folder, quiet_litert_notice, run_command
 
 __all__ = ["DemoSettings", "main"]
 
@@ -89,35 +89,46 @@ def _adapt(out: Path, base: Path, lut: Path, s: DemoSettings, baseline: bool) ->
             "--out", str(adapt_dir), "--initial-reduction", str(s.initial_reduction), "--decay", str(s.decay),
             "--short-term-steps", str(s.short_term_steps), "--holdout", str(s.holdout),
             "--long-term-epochs", str(s.long_term_epochs)]
-    if (adapt_dir / "history.csv").is_file():
-        argv.append("--resume")
     if baseline:
         argv.append("--baseline")
     code = run_cli(argv)
-    if code == 1:
-        print("[3/3] the adapted model does not meet the budget on this machine now (see above and the report)")
-    elif code != 0:
+    if code == EXIT_NOT_MET:
+        raise _BudgetNotMet(report)
+    if code != 0:
         raise AdapterError("the adaptation failed (see above)")
     return report
 
 
+class _BudgetNotMet(Exception):
+    """The adaptation ran but its model is over the budget (the report says by how much)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapter.demo", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m adapter.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="where everything goes (default: %(default)s)")
     parser.add_argument("--baseline", action="store_true", help="also train the width-multiplier baseline")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return exit_code_of(
-        parser.prog, lambda: _run(out, DemoSettings(), args.baseline), on_interrupt="run it again to finish what is left"
+    return run_command(
+        parser.prog, lambda: _run(Path(args.out), DemoSettings(), args.baseline),
+        on_interrupt="run it again to finish what is left",
     )
 
 
 def _run(out: Path, settings: DemoSettings, baseline: bool) -> int:
+    from lut.quiet_tf import import_tensorflow_quietly
+
+    check_output_folder(out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    import_tensorflow_quietly()
+    quiet_litert_notice()
     start = time.perf_counter()
     base = _train_base(out, settings)
     lut = _build_lut(out, base, settings)
-    report = _adapt(out, base, lut, settings, baseline)
+    try:
+        report = _adapt(out, base, lut, settings, baseline)
+    except _BudgetNotMet as e:
+        print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min, over the budget; the report is {e}")
+        return EXIT_NOT_MET
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; the report is {report}")
     return 0
 

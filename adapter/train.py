@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from adapter.data import DEFAULT_HOLDOUT, Split, load_dataset
-from adapter.errors import USER_ERRORS, AdapterError
+from adapter.errors import AdapterError
+from lut.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, run_command
 from lut.models import MODELS, build_model
 
 __all__ = [
@@ -289,35 +289,8 @@ def record_path(model_path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- CLI
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a positive {kind.__name__}; received {text!r}"
-            ) from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}; received {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0; received {text!r}")
-    return int(text)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m adapter.train",
         description="Train a base MobileNet classifier (the model NetAdapt will adapt) and save it "
         "as .keras with a .json record of how it was trained and its test accuracy.",
@@ -325,28 +298,28 @@ def _parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", default="mobilenet_v1",
         help=f"architecture: one of {', '.join(sorted(MODELS))} (default: %(default)s)")
-    add("--alpha", type=_positive(float), default=0.5, help="width multiplier (default: %(default)s)")
-    add("--resolution", type=_positive(int), default=32,
+    add("--alpha", type=positive_float, default=0.5, help="width multiplier (default: %(default)s)")
+    add("--resolution", type=positive_int, default=32,
         help="input side in pixels, ≥ 32 (default: %(default)s)")
     add("--data", default="fashion_mnist",
         help="'fashion_mnist' (Debian's dataset-fashion-mnist), an image folder (one subfolder per "
         "class) or an .npz with x_train/y_train/x_test/y_test or x/y (default: %(default)s)")
-    add("--classes", type=_positive(int), help="number of output classes (default: inferred from the data)")
+    add("--classes", type=positive_int, help="number of output classes (default: inferred from the data)")
     add("--weights", choices=("none", "imagenet"), default="none",
         help="initial weights: 'none' (random) or 'imagenet' (downloads the backbone once; the "
         "classifier head is new) (default: %(default)s)")
-    add("--epochs", type=_positive(int), default=8,
+    add("--epochs", type=positive_int, default=8,
         help="passes over the training images (default: %(default)s)")
-    add("--batch-size", type=_positive(int), default=128, help="images per step (default: %(default)s)")
-    add("--lr", type=_positive(float), default=5e-3,
+    add("--batch-size", type=positive_int, default=128, help="images per step (default: %(default)s)")
+    add("--lr", type=positive_float, default=5e-3,
         help="initial learning rate, decayed by a cosine to 0 (default: %(default)s)")
     add("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="(default: %(default)s)")
     add("--augment", action=argparse.BooleanOptionalAction, default=True,
         help="mirror training images left-right at random (default: on)")
-    add("--holdout", type=_non_negative_int, default=DEFAULT_HOLDOUT,
+    add("--holdout", type=non_negative_int, default=DEFAULT_HOLDOUT,
         help="training images kept out of training, for NetAdapt's holdout (default: %(default)s)")
-    add("--limit", type=_positive(int), help="train on only this many training images (quick runs)")
-    add("--seed", type=_non_negative_int, default=0,
+    add("--limit", type=positive_int, help="train on only this many training images (quick runs)")
+    add("--seed", type=non_negative_int, default=0,
         help="seed for initialisation and shuffling (default: %(default)s)")
     add("--out", required=True, help="where to save the model (.keras); the record goes next to it (.json)")
     return parser
@@ -355,11 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        return _train(args)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(parser.prog, lambda: _train(args), on_interrupt="nothing was saved; run the same command again")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -368,6 +337,11 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".keras":
         raise AdapterError(f"--out must name a .keras file; received {args.out!r}.")
+    check_output_file(out, "--out")  # before the data loads and the epochs run, not after
+    check_output_file(record_path(out), "--out's record")
+    from lut.quiet_tf import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     print(f"loading {args.data} at {args.resolution} px", flush=True)
     data = load_dataset(args.data, resolution=args.resolution, holdout=args.holdout, seed=SPLIT_SEED)
     classes = args.classes or data.num_classes

@@ -168,14 +168,17 @@ _TILED_OPS = frozenset({"depthwise_conv2d"})
 
 
 def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) -> float:
-    outside = LutError(
-        f"{spec.key} is outside the channels measured in {path} (cin {min(grid)}..{max(grid)}); "
-        "extend the LUT with `python -m profiler.build_lut` for the model it belongs to."
-    )
+    def outside(name: str, value: int, measured) -> LutError:
+        return LutError(
+            f"{spec.key} is outside the channels measured in {path}: {name} {value}, measured {name} "
+            f"{min(measured)}..{max(measured)}; extend the LUT with `python -m profiler.build_lut` for the model it "
+            "belongs to (same resolution and classes)."
+        )
+
     if spec.op in CHANNEL_PRESERVING_OPS:
         around = _bracket(sorted(grid), spec.cin)
         if around is None:
-            raise outside
+            raise outside("c", spec.cin, grid)
         c0, c1 = around
         if spec.op in _TILED_OPS:
             return grid[c1][c1]
@@ -183,13 +186,13 @@ def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) 
     cins = sorted(grid)
     around_in = _bracket(cins, spec.cin)
     if around_in is None:
-        raise outside
+        raise outside("cin", spec.cin, cins)
     rows = []
     for cin in dict.fromkeys(around_in):
         couts = sorted(grid[cin])
         around_out = _bracket(couts, spec.cout)
         if around_out is None:
-            raise outside
+            raise outside("cout", spec.cout, couts)
         rows.append((cin, grid[cin][around_out[1]]))  # the top of the output-channel tile
     if len(rows) == 1:
         return rows[0][1]

@@ -20,6 +20,7 @@ __all__ = [
     "MIN_RESOLUTION",
     "MODELS",
     "ModelSpec",
+    "as_functional",
     "build_model",
     "load_model",
     "register_model",
@@ -158,14 +159,84 @@ def load_model(path_or_name: str | os.PathLike, **build_kwargs):
         raise LutError(
             f"Unknown model {text!r}: expected one of {sorted(MODELS)} or a path to a .keras file."
         )
-    if not Path(text).is_file():
+    path = Path(text)
+    if path.is_dir():
+        raise LutError(f"Model file {text} is a folder; expected a .keras file (model.save('x.keras')).")
+    if not path.is_file():
         raise LutError(f"Model file {text} does not exist: train one with `python -m adapter.train`.")
+    _check_keras_archive(path)
     import keras
 
     try:
-        return keras.models.load_model(text, compile=False)
-    except (ValueError, OSError) as e:
-        raise LutError(f"Could not load {text} as a Keras model ({e}).") from e
+        model = keras.models.load_model(text, compile=False)
+    except Exception as e:  # Keras raises ValueError, KeyError, TypeError, OSError… for a damaged archive
+        reason = " ".join(str(e).split())[:300]
+        raise LutError(
+            f"Could not load {text} as a Keras model: {type(e).__name__}: {reason}. Expected a model saved by "
+            "model.save('x.keras') with this Keras; save it again (custom layers must be importable)."
+        ) from e
+    return as_functional(model, text)
+
+
+def _check_keras_archive(path: Path) -> None:
+    """A `.keras` file is a zip archive holding config.json: say what the file is when it is not."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        size = path.stat().st_size
+    except OSError as e:
+        raise LutError(f"Cannot read the model file {path}: {e.strerror}. Check its permissions.") from e
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise LutError(
+                    f"{path} is a zip archive without config.json; expected a Keras model saved by model.save('x.keras')."
+                )
+        return
+    if head.startswith(b"PK"):
+        what = f"a damaged or truncated zip archive ({size} bytes)"
+    elif head.startswith(b"\x89HDF"):
+        what = "an HDF5 file (Keras 2's .h5 format)"
+    elif size == 0:
+        what = "an empty file"
+    else:
+        what = f"not a zip archive ({size} bytes starting {head!r})"
+    raise LutError(
+        f"{path} is {what}; expected a .keras model, the zip archive model.save('x.keras') writes. "
+        "Save the model again (a truncated file: copy it again)."
+    )
+
+
+def as_functional(model, source: str = "the model"):
+    """`model` as a functional Keras model, the graph phonefit reads; a Sequential is rebuilt as one.
+
+    Refuses what has no layer graph (a subclassed model), no fixed image input, or several inputs.
+    """
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        if not model.built or not getattr(model, "inputs", None):
+            raise LutError(
+                f"{source} is a keras.Sequential without an input shape; expected a model that knows its input: "
+                "start it with keras.Input((H, W, C)) and save it again."
+            )
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    elif not hasattr(model, "operations") or not getattr(model, "inputs", None):
+        raise LutError(
+            f"{source} is a subclassed {type(model).__name__}; expected a functional or Sequential Keras model, "
+            "whose layer graph phonefit can read. Build it with keras.Model(inputs, outputs)."
+        )
+    if len(model.inputs) != 1:
+        raise LutError(f"{source} has {len(model.inputs)} inputs; expected one image input.")
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise LutError(
+            f"{source} takes inputs of shape {tuple(model.inputs[0].shape)}; expected images of a fixed size "
+            "(batch, H, W, C). Give keras.Input a fixed shape, e.g. keras.Input((224, 224, 3))."
+        )
+    return model
 
 
 def _spec(name: str) -> ModelSpec:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from lut.errors import LutError
+
 __all__ = ["LayerSpec", "OPS", "CHANNEL_PRESERVING_OPS", "ACTIVATIONS", "DTYPES", "LutError", "UnsupportedLayerError"]
-
-
-class LutError(ValueError):
-    """Root of the errors raised by `lut` for bad input (files, models, specs)."""
 
 
 class UnsupportedLayerError(LutError):

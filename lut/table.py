@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping
@@ -85,9 +86,12 @@ def _now() -> str:
 class LatencyTable:
     """A per-device latency LUT stored in SQLite.  Use `create` or `open`, not the constructor."""
 
-    def __init__(self, path: str, connection: sqlite3.Connection):
+    def __init__(self, path: str, connection: sqlite3.Connection, *, read_only: bool = False):
         self.path = path
         self._db = connection
+        self.read_only = read_only
+        if read_only:
+            return
         # A commit per measurement: with WAL each costs ~0.1 ms instead of an fsync'd
         # ~20 ms rollback journal, and it still survives the process being killed.
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -132,12 +136,29 @@ class LatencyTable:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "LatencyTable":
-        """Open an existing LUT; a file that is not a phonefit LUT (of this schema) raises `LutError`."""
+        """Open an existing LUT; a file that is not a phonefit LUT (of this schema), or whose
+        latencies are not positive finite numbers, raises `LutError`.
+
+        A LUT this user cannot write (the file, or its folder, where SQLite keeps its
+        journal) opens read-only: it can be read, and writing to it raises `LutError`.
+        """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise LutError(f"{path} is a folder; expected a LUT file (an .sqlite file made by `python -m profiler.build_lut`).")
         if not os.path.isfile(path):
             raise LutError(f"No LUT file at {path}. Build one with `python -m profiler.build_lut --out {path}`.")
+        if not os.access(path, os.R_OK):
+            raise LutError(f"Cannot read the LUT {path}: permission denied. Make it readable (chmod u+r) or copy it.")
+        folder = os.path.dirname(os.path.abspath(path))
+        read_only = not (os.access(path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK))
+        wal = path + "-wal"
+        if read_only and os.path.exists(wal) and os.path.getsize(wal) > 0:
+            raise LutError(
+                f"Cannot read the LUT {path}: it is read-only for this user and its last entries are still in "
+                f"{path}-wal, which only a writer can merge. Make the file and {folder} writable once, or copy both files."
+            )
         try:
-            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
+            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1" if read_only else f"file:{path}?mode=rw", uri=True)
             meta = dict(db.execute("SELECT key, value FROM meta"))
             db.execute("SELECT key, status, median_us FROM entries LIMIT 1").fetchall()
         except sqlite3.DatabaseError as e:
@@ -151,7 +172,12 @@ class LatencyTable:
                 f"{path} is a phonefit LUT of schema version {meta.get('schema_version')}, "
                 f"this phonefit reads version {SCHEMA_VERSION}. Rebuild it with `python -m profiler.build_lut`."
             )
-        return cls(path, db)
+        try:
+            _check_latencies(path, db, meta)
+        except LutError:
+            db.close()
+            raise
+        return cls(path, db, read_only=read_only)
 
     def close(self) -> None:
         self._db.close()
@@ -208,8 +234,17 @@ class LatencyTable:
         self.to_dataframe().to_csv(path, index=False)
 
     # ---------------------------------------------------------------- writing
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise LutError(
+                f"Cannot write to the LUT {self.path}: it is read-only for this user (the file or its folder, "
+                "where SQLite keeps its journal); expected a LUT phonefit can write. Make both writable "
+                "(chmod u+w), or measure into another --out file."
+            )
+
     def set_meta(self, items: Mapping[str, object]) -> None:
         """Add or replace metadata entries (JSON for anything but text)."""
+        self._check_writable()
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, _meta_text(v)) for k, v in items.items()])
 
@@ -220,6 +255,7 @@ class LatencyTable:
 
     def record_many(self, results: Iterable[tuple]) -> None:
         """Store `(spec, result)` or `(spec, result, reference_us)` items in one commit."""
+        self._check_writable()
         rows = []
         for spec, result, *reference in results:
             if isinstance(result, Measurement):
@@ -234,6 +270,35 @@ class LatencyTable:
         with self._db:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO entries ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows
+            )
+
+
+def _check_latencies(path: str, db: sqlite3.Connection, meta: Mapping[str, str]) -> None:
+    """Refuse a LUT whose 'ok' entries or invocation overhead are not positive finite
+    microseconds (a tampered or damaged file): an estimate from them would be nonsense."""
+    # SQLite stores NaN as NULL; 9e999 is +inf.
+    bad = db.execute(
+        "SELECT key, median_us, COUNT(*) OVER () FROM entries WHERE status = 'ok' AND "
+        "(median_us IS NULL OR NOT (median_us > 0) OR median_us >= 9e999) LIMIT 1"
+    ).fetchone()
+    if bad is not None:
+        key, value, count = bad
+        shown = "missing or NaN" if value is None else f"{value!r} us"
+        raise LutError(
+            f"{path} holds {count} entries whose latency is not a positive finite number (e.g. {key}: {shown}); "
+            "expected microseconds > 0 as build_lut measures them. The file was altered or damaged: rebuild it "
+            "with `python -m profiler.build_lut` into a new --out."
+        )
+    overhead = meta.get("invoke_overhead_us")
+    if overhead is not None:
+        try:
+            value = float(overhead)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise LutError(
+                f"{path} says invoke_overhead_us={overhead!r}; expected a finite number ≥ 0 of microseconds. "
+                "The file was altered or damaged: rebuild it with `python -m profiler.build_lut` into a new --out."
             )
 
 

@@ -13,16 +13,17 @@ prune): it checks the whole chain the adapter relies on.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 
+from lut.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, quiet_litert_notice, run_command
 from lut.latency import LatencyEstimator, specs_of
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LutError
+from profiler.monitor import add_monitor_arguments, monitor_policy  # the measuring half (issue 10 moves it up)
 from lut.table import LatencyTable, MeasurementFailure
 
 __all__ = ["summarize", "validate", "main"]
@@ -114,55 +115,53 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lut.validate",
         description="Compare a LUT's estimates with whole-model measurements of random pruned variants.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--lut", required=True, help="LUT file made by profiler.build_lut")
     parser.add_argument("--device", default="host", help="device to measure on (the LUT's device)")
     parser.add_argument("--devices", metavar="FILE", help="devices.toml registry")
     parser.add_argument("--model", default="mobilenet_v1", help="mobilenet_v1, mobilenet_v2 or a .keras file")
-    parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--samples", type=int, default=30, help="variants to draw (the first is the unpruned model)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=5, help="rounds through all variants, interleaved; each variant's median over them counts")
+    parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of a named model")
+    parser.add_argument("--resolution", type=positive_int, default=224, help="input size of a named model (pixels)")
+    parser.add_argument("--classes", type=positive_int, default=1000, help="classes of a named model")
+    parser.add_argument("--samples", type=positive_int, default=30, help="variants to draw (the first is the unpruned model)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random channel counts")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="rounds through all variants, interleaved; each variant's median over them counts")
     parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
-    parser.add_argument("--no-progress", action="store_true")
-    from profiler.monitor import add_monitor_arguments, monitor_policy
-
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_monitor_arguments(parser)
     args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: _main(args), on_interrupt="nothing was written; run the same command again")
+
+
+def _main(args) -> int:
+    if args.json:  # before measuring every variant, not after
+        check_output_file(args.json, "--json")
+        check_output_file(os.path.splitext(args.json)[0] + ".png", "--json's plot")
     import_tensorflow_quietly()
+    quiet_litert_notice()
 
     from lut.models import load_model
     from profiler.devices import open_device
-    from profiler.errors import ProfilerError
 
-    try:
-        if args.samples < 1 or args.repeats < 1:
-            raise LutError(f"`--samples` and `--repeats` must be positive integers. Received: {args.samples}, {args.repeats}.")
-        with LatencyTable.open(args.lut) as table:
-            meta = table.meta
-            model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
-            device = open_device(args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices)
-            if meta.get("device") != args.device:
-                print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
-            try:
-                from profiler.build_lut import open_monitor
+    with LatencyTable.open(args.lut) as table:
+        meta = table.meta
+        model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
+        device = open_device(args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices)
+        if meta.get("device") != args.device:
+            print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
+        try:
+            from profiler.build_lut import open_monitor
 
-                monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, file=sys.stderr))
-                rows = validate(
-                    model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats,
-                    progress=not args.no_progress, monitor=monitor,
-                )
-            finally:
-                device.close()
-    except (LutError, ProfilerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, file=sys.stderr))
+            rows = validate(
+                model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats,
+                progress=not args.no_progress, monitor=monitor,
+            )
+        finally:
+            device.close()
 
     print(f"{'variant':>7} {'measured ms':>12} {'estimate ms':>12} {'error':>8}")
     for r in rows:

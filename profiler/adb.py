@@ -17,7 +17,10 @@ are measured in batches, because a round trip per entry costs more than a 50 µs
 Batches stay on the phone until they hold `_SWEEP_BYTES` (archives and unpacked models),
 then the session's earlier batches are removed in one command between two batches: every
 removal is file-system work on the phone, kept away from the measurements and done rarely.
-The session directory goes when the device is closed.
+The session directory goes when the device is closed.  Ctrl-C during a batch pulls the
+records the runner had finished (over a fresh connection) and yields them before the
+interrupt goes on, so the caller commits them and a rerun measures only the rest; those
+results miss the drift check at the batch's end.
 
 `benchmark_model` and the runner are pushed once per session and checked by sha256.  The
 median stored in the LUT is benchmark_model's `median=` where the build prints
@@ -91,6 +94,14 @@ _PROPS = {
 
 class _RunnerInterrupted(Exception):
     """The runner's shell ended without finishing the batch (the phone killed it)."""
+
+
+class _BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a batch, with what the phone had finished: {entry index: (result, fault)}."""
+
+    def __init__(self, finished: dict[int, tuple[object, bool]]):
+        super().__init__()
+        self.finished = finished
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -339,7 +350,16 @@ class AdbDevice:
         """Measure `models` batch by batch; yield each batch's results once it is pulled."""
         consecutive_faults, last_fault = 0, ""
         for batch in _split_batches(models, self._settings.batch_size, int(self._settings.batch_mib * 2**20)):
-            for model_id, (result, fault) in zip([m for m, _ in batch], self._measure_batch(batch)):
+            try:
+                results = self._measure_batch(batch)
+            except _BatchInterrupted as interrupted:
+                # What the phone finished before Ctrl-C is handed on before the interrupt goes on,
+                # so the caller commits it and a rerun measures only the rest.
+                for index, (model_id, _) in enumerate(batch):
+                    if index in interrupted.finished:
+                        yield model_id, interrupted.finished[index][0]
+                raise
+            for model_id, (result, fault) in zip([m for m, _ in batch], results):
                 yield model_id, result
                 if fault:
                     consecutive_faults, last_fault = consecutive_faults + 1, result.error
@@ -417,9 +437,36 @@ class AdbDevice:
         directory = f"{self._session}/b{next(self._batches):05d}"
         named = [(model_id, data, _remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)]
         batch = _Batch(directory, secrets.token_hex(6), named, _batch_archive(named), read_battery)
-        records = self._retrying(lambda: self._run_batch_once(batch))
         timeout_s = self._run.model_timeout_s
+        try:
+            records = self._retrying(lambda: self._run_batch_once(batch))
+        except KeyboardInterrupt:
+            records = self._records_after_interrupt(batch)
+            raise _BatchInterrupted({
+                index: _result_from_record(records[name], self.backend, timeout_s)
+                for index, (_, _, name) in enumerate(batch.entries) if name in records
+            }) from None
         return [_result_from_record(records.get(name), self.backend, timeout_s) for _, _, name in batch.entries]
+
+    def _records_after_interrupt(self, batch: _Batch) -> dict[str, RunnerRecord]:
+        """The records the runner had appended when Ctrl-C came (one per finished model), pulled
+        over a fresh connection (the interrupted shell stream cannot be trusted); {} when none
+        can be had. The hung-up runner stops, and its model's cut record is ignored."""
+        if not batch.pushed:
+            return {}
+        try:
+            if self._adb is not None:
+                self._adb.close()
+            self._connect()
+            stream = io.BytesIO()
+            self._adb.pull(f"{batch.directory}/records.txt", stream, transport_timeout_s=_SETUP_TIMEOUT_S,
+                           read_timeout_s=_SETUP_TIMEOUT_S)
+        except KeyboardInterrupt:
+            return {}  # a second Ctrl-C: the user wants out now
+        except Exception as e:  # noqa: BLE001 - best effort: an interrupt must not turn into another error
+            _LOG.warning("%s: could not pull the interrupted batch's finished records (%s)", self.name, _reason(e))
+            return {}
+        return parse_runner_records(stream.getvalue().decode("utf-8", "replace"), batch.tag)
 
     def _run_batch_once(self, batch: _Batch) -> dict[str, RunnerRecord]:
         """Push the archive unless it is there, run (or resume) the runner, pull the records."""

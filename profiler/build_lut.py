@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+from lut.cli import ArgumentParser, check_output_file, positive_float, positive_int, quiet_litert_notice, run_command
 from lut.quiet_tf import import_tensorflow_quietly
-from lut.spec import LayerSpec, LutError
+from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 from lut.latency import CacheContext
 from profiler.errors import ProfilerError
@@ -194,23 +196,22 @@ def calibrate_cache_context(device, table: LatencyTable, *, policy: MonitorPolic
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m profiler.build_lut",
-        description=__doc__.split("\n\n")[0] + ". Resumable: rerun the same command to finish an interrupted run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0].rstrip(".") + ". Resumable: rerun the same command to finish an interrupted run.",
     )
     parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
     parser.add_argument("--devices", metavar="FILE", help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
     parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu", help="which processor of the device to measure; 'both' writes one LUT each")
     parser.add_argument("--model", action="append", metavar="NAME|FILE.keras", help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT (default: mobilenet_v1)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="width multiplier of named models")
-    parser.add_argument("--resolution", type=int, default=224, help="input size of named models (pixels)")
-    parser.add_argument("--classes", type=int, default=1000, help="classes of named models")
-    parser.add_argument("--step", type=int, help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
+    parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of named models")
+    parser.add_argument("--resolution", type=positive_int, default=224, help="input size of named models (pixels)")
+    parser.add_argument("--classes", type=positive_int, default=1000, help="classes of named models")
+    parser.add_argument("--step", type=positive_int, help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
     parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
-    parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV")
+    parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV (its folder is created)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_monitor_arguments(parser)
     args = parser.parse_args(argv)
@@ -221,41 +222,47 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    return run_command(
+        "python -m profiler.build_lut", lambda: _main(args),
+        on_interrupt="every entry measured so far is saved; run the same command to resume",
+    )
+
+
+def _main(args: argparse.Namespace) -> int:
+    for path, option in ((args.out, "--out"), (args.csv, "--csv")):
+        if path:
+            check_output_file(path, option)  # before hours of measuring, not after
     import_tensorflow_quietly()
+    quiet_litert_notice()
     from lut.models import load_model
     from profiler.devices import open_device
     from profiler.plan import plan_specs
 
     backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
-    try:
-        models = [
-            load_model(name, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
-            for name in args.model or ["mobilenet_v1"]
-        ]
-        for backend in backends:
-            step = args.step or (4 if backend == "gpu" else 8)
-            specs = plan_specs(models, step)
-            device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
-            try:
-                out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
-                with open_lut(out, device, step) as table:
-                    print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
-                    policy = monitor_policy(args)
-                    summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress,
-                                        policy=policy)
-                    print(f"{out}: {summary}")
-                    calibrate_cache_context(device, table, policy=policy,
-                                            log=lambda message: print(f"{out}: {message}", file=sys.stderr))
-                    if args.csv:
-                        table.to_csv(args.csv)
-            finally:
-                device.close()
-    except (LutError, ProfilerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: every entry measured so far is saved; run the same command to resume", file=sys.stderr)
-        return 130
+    models = [
+        load_model(name, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
+        for name in args.model or ["mobilenet_v1"]
+    ]
+    for backend in backends:
+        step = args.step if args.step is not None else (4 if backend == "gpu" else 8)
+        specs = plan_specs(models, step)
+        device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
+        try:
+            out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
+            check_output_file(out, "--out")
+            with open_lut(out, device, step) as table:
+                print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
+                policy = monitor_policy(args)
+                summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress,
+                                    policy=policy)
+                print(f"{out}: {summary}")
+                calibrate_cache_context(device, table, policy=policy,
+                                        log=lambda message: print(f"{out}: {message}", file=sys.stderr))
+                if args.csv:
+                    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+                    table.to_csv(args.csv)
+        finally:
+            device.close()
     return 0
 
 

@@ -205,6 +205,11 @@ def load_device_configs(path: str | os.PathLike | None = None) -> dict[str, dict
             document = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ProfilerError(f"{source} is not valid TOML: {e}.") from e
+    except UnicodeDecodeError as e:
+        raise ProfilerError(
+            f"{source} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at position {e.start}); "
+            "expected a devices.toml in UTF-8 (see devices.example.toml). Save it as UTF-8."
+        ) from e
     except OSError as e:
         raise ProfilerError(f"Cannot read the devices file {source}: {e.strerror}.") from e
     configs = {}

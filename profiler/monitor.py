@@ -293,15 +293,19 @@ class ConditionsMonitor:
 
 def add_monitor_arguments(parser) -> None:
     """The conditions monitor's command-line options (every measuring command has them)."""
+    from lut.cli import number, positive_int
+
+    non_negative_float = number(float, 0, open_low=False)
+
     d = MonitorPolicy()
     group = parser.add_argument_group("measuring conditions (the reference model and other processes)")
-    group.add_argument("--tolerance", type=float, default=d.tolerance_pct, metavar="PCT",
+    group.add_argument("--tolerance", type=non_negative_float, default=d.tolerance_pct, metavar="PCT",
                        help=f"largest drift of the reference model from its quiet value that is still trusted (default: {d.tolerance_pct:g})")
-    group.add_argument("--busy-cores", type=float, default=d.busy_cores, metavar="N",
+    group.add_argument("--busy-cores", type=non_negative_float, default=d.busy_cores, metavar="N",
                        help=f"other processes using more CPU than this make the host busy (default: {d.busy_cores:g})")
-    group.add_argument("--wait-quiet", type=float, default=d.wait_s, metavar="S",
+    group.add_argument("--wait-quiet", type=non_negative_float, default=d.wait_s, metavar="S",
                        help=f"how long to wait for quiet before measuring a disturbed chunk again (default: {d.wait_s:g})")
-    group.add_argument("--tries", type=int, default=d.max_tries,
+    group.add_argument("--tries", type=positive_int, default=d.max_tries,
                        help=f"measurements of a chunk before giving up on a disturbed device (default: {d.max_tries})")
     group.add_argument("--no-monitor", action="store_true",
                        help="trust every measurement (no reference model, no busy check): for debugging only")

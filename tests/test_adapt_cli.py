@@ -136,7 +136,8 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
 
 
 def test_cli_work_exits_2_on_bad_input_130_on_ctrl_c_and_lets_bugs_through(capsys):
-    from adapter.errors import AdapterError, exit_code_of
+    from adapter.errors import AdapterError
+    from lut.cli import run_command as exit_code_of
     from lut.spec import LutError
     from profiler.errors import ProfilerError
 

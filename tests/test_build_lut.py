@@ -75,7 +75,7 @@ def test_sigkill_then_rerun_finishes_without_duplicate_or_lost_rows(tmp_path, ti
 def test_unknown_device_fails_with_the_list_of_known_devices(tmp_path):
     run = _build_lut("--device", "pixel9", *TINY, "--out", str(tmp_path / "x.sqlite"), cwd=tmp_path)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("error: Unknown device 'pixel9'. Known devices: host")
+    assert run.stderr.strip().splitlines()[-1].startswith("python -m profiler.build_lut: error: Unknown device 'pixel9'. Known devices: host")
     assert "Traceback" not in run.stderr and not (tmp_path / "x.sqlite").exists()
 
 

@@ -111,4 +111,4 @@ def test_estimate_cli_reads_keras_and_tflite_files(tmp_path, tiny_v1):
         [sys.executable, "-m", "lut.estimate", "--lut", str(tmp_path / "nope.sqlite"), str(keras_path)],
         capture_output=True, text=True,
     )
-    assert bad.returncode == 2 and bad.stderr.startswith("error: No LUT file at") and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("python -m lut.estimate: error: No LUT file at") and "Traceback" not in bad.stderr

@@ -173,9 +173,9 @@ def test_train_cli_exits_2_with_one_line_on_an_unknown_model(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--alpha", "-1"], "argument --alpha: expected a positive float; received '-1'"),
-        (["--epochs", "0"], "argument --epochs: expected a positive int; received '0'"),
-        (["--holdout", "many"], "argument --holdout: expected an integer ≥ 0; received 'many'"),
+        (["--alpha", "-1"], "argument --alpha: must be a positive number. Received: '-1'."),
+        (["--epochs", "0"], "argument --epochs: must be a positive integer. Received: '0'."),
+        (["--holdout", "many"], "argument --holdout: must be an integer ≥ 0. Received: 'many'."),
     ],
 )
 def test_train_cli_exits_2_on_bad_numbers(tmp_path, capsys, args, message):
