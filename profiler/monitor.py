@@ -234,9 +234,11 @@ class ConditionsMonitor:
         return drift is not None and abs(drift) <= self.policy.tolerance_pct and not busy
 
     # ------------------------------------------------------------ measuring
-    def measure(self, models: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure, float]]:
+    def measure(self, models: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure, float | None]]:
         """Yield `(model_id, result, reference_us)` for every model, chunk by chunk, each chunk
-        kept only when the reference after it says the device was quiet while it ran."""
+        kept only when the reference after it says the device was quiet while it ran (on
+        Ctrl-C, what the device finished of the chunk comes with reference None, then the
+        interrupt goes on)."""
         every = self.policy.every or getattr(self.device, "monitor_every", 32)
         chunk: list[tuple[str, bytes]] = []
         for item in models:
@@ -251,7 +253,16 @@ class ConditionsMonitor:
         started = time.monotonic()
         for attempt in range(1, self.policy.max_tries + 1):
             self._others()  # start the busy window with the chunk
-            results = list(self.device.measure([*chunk, ("reference", self._model)]))
+            results = []
+            try:
+                results.extend(self.device.measure([*chunk, ("reference", self._model)]))
+            except KeyboardInterrupt:
+                # what the device finished is kept (nothing measured is lost), unchecked: no
+                # reference came after it, so it is stored with none
+                for model_id, result in results:
+                    if model_id != "reference":
+                        yield model_id, result, None
+                raise
             _, reference = results.pop()
             others = self._others()
             check = Check(reference.median_us if isinstance(reference, Measurement) else None, self.quiet_us, others)
