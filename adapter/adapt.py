@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapter.errors import AdapterError
+from adapter.final_check import LUT_TOLERANCE
 from lut.cli import EXIT_NOT_MET, EXIT_OK, ArgumentParser, check_output_folder, non_negative_int, number, positive_float, positive_int, quiet_litert_notice, run_command
 from profiler.monitor import add_monitor_arguments, monitor_policy
 
@@ -67,6 +68,9 @@ def _parser(baseline_only: bool) -> argparse.ArgumentParser:
         add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")
     add_baseline_arguments(parser)
     add_monitor_arguments(parser)
+    add("--lut-tolerance", type=positive_float, default=100 * LUT_TOLERANCE, metavar="PCT",
+        help="how far the LUT's estimate of the original and its measurement may differ before the command stops "
+             "(default: %(default)g)")
     return parser
 
 
@@ -82,6 +86,7 @@ class _Setup:
     model: object
     data: object
     monitor: object = None  # the conditions monitor on lut_device, with the LUT's quiet reference
+    lut_tolerance: float = LUT_TOLERANCE
 
 
 def _open_lut(path: str):
@@ -156,7 +161,8 @@ def _setup(args) -> _Setup:
         monitor = open_monitor(lut_device, table, monitor_policy(args), log=lambda message: print(message, flush=True))
     print(f"loading {args.data} at {model.input_shape[1]} px", flush=True)
     data = load_dataset(args.data, resolution=int(model.input_shape[1]), holdout=args.holdout, seed=SPLIT_SEED)
-    return _Setup(table, estimator, lut_device, check_device, device_name, model, data, monitor)
+    return _Setup(table, estimator, lut_device, check_device, device_name, model, data, monitor,
+                  args.lut_tolerance / 100)
 
 
 def _config(args):
@@ -386,7 +392,8 @@ def _checker(setup: _Setup, out: Path):
     if setup.check_device is None:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    return ModelChecker(setup.check_device, setup.monitor, export_tflite(setup.model, out / "original.tflite"), out)
+    return ModelChecker(setup.check_device, setup.monitor, export_tflite(setup.model, out / "original.tflite"), out,
+                        lut_tolerance=setup.lut_tolerance)
 
 
 def _lut_fields(path: str, table, step: int) -> dict:

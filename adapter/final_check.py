@@ -46,8 +46,9 @@ class ModelChecker:
     LUT's device, with the LUT's quiet reference value) checks the conditions.
     """
 
-    def __init__(self, device, monitor, original_tflite: bytes, out_dir: str | Path, *, rounds: int = ROUNDS):
-        self.device, self.monitor, self.rounds = device, monitor, rounds
+    def __init__(self, device, monitor, original_tflite: bytes, out_dir: str | Path, *, rounds: int = ROUNDS,
+                 lut_tolerance: float = LUT_TOLERANCE):
+        self.device, self.monitor, self.rounds, self.lut_tolerance = device, monitor, rounds, lut_tolerance
         self.original, self.out = original_tflite, Path(out_dir)
         self.last = None  # the latest `Interleaved`
 
@@ -76,10 +77,10 @@ class ModelChecker:
             )
         measured = result.median_ms("original")
         error = estimated_ms / measured - 1
-        if abs(error) > LUT_TOLERANCE:
+        if abs(error) > self.lut_tolerance:
             raise AdapterError(
                 f"The LUT estimates the original at {estimated_ms:.4g} ms but it measures {measured:.4g} ms on "
-                f"{self.device.name} ({error:+.0%}; tolerance ±{LUT_TOLERANCE:.0%}), measured twice: the LUT was built "
+                f"{self.device.name} ({error:+.0%}; tolerance ±{self.lut_tolerance:.0%}, --lut-tolerance): the LUT was built "
                 f"under other conditions (another machine, runtime or load), or the device is busy "
                 f"({result.after.describe() if result.after else 'no monitor'}). Rebuild the LUT on this device with "
                 "`python -m profiler.build_lut`, or wait for a quiet machine."

@@ -105,7 +105,9 @@ def test_errors_print_one_line_without_traceback_from_the_command_line(tmp_path)
 @pytest.mark.slow
 def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(files, tmp_path):
     lut = write_synthetic_lut(tmp_path / "host.sqlite", [keras.models.load_model(files["model"])], device="host")
-    argv = _argv(files, tmp_path, **{"--lut": lut}) + ["--int8", "--baseline", "--baseline-epochs", "1"]
+    # a synthetic LUT does not predict this machine: the guard on the original is opened wide
+    argv = _argv(files, tmp_path, **{"--lut": lut}) + ["--int8", "--baseline", "--baseline-epochs", "1",
+                                                       "--lut-tolerance", "100000"]
     result = subprocess.run([sys.executable, "-m", "adapter.adapt", *argv], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: ran, but over the budget when measured
@@ -116,24 +118,26 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
     report = json.loads((out / "report.json").read_text())
     budget, adapted, baseline = report["budget"], report["adapted"], report["baseline"]
     assert budget["met_by_estimate"] and adapted["estimated_ms"] <= budget["estimated_ms"]
-    assert budget["measured_ms"] == pytest.approx(0.6 * report["original"]["measured_ms"])
-    assert budget["measured_limit_ms"] == pytest.approx(1.03 * budget["measured_ms"])
-    calibration = budget["calibrated_by_measured_ms"]  # the original, measured before the search
+    assert budget["requested_fraction"] == 0.6 and budget["relative"]
     original_estimate = report["original"]["estimated_ms"]
-    recalibrations = budget["recalibrations"]  # a searched model measured over the budget calibrates again
-    first = 0.6 * calibration - (calibration - original_estimate)
-    assert budget["estimated_ms"] == pytest.approx(recalibrations[-1]["budget_ms"] if recalibrations else first, rel=1e-6)
-    assert all(r["measured_ms"] > budget["measured_ms"] for r in recalibrations)
+    recalibrations = budget["recalibrations"]  # a searched model measured over the budget scales it
+    assert budget["estimated_ms"] == pytest.approx(recalibrations[-1]["budget_ms"] if recalibrations
+                                                   else 0.6 * original_estimate, rel=1e-6)
+    assert all(r["measured_fraction"] > 0.6 * 1.03 for r in recalibrations)
     assert adapted["measured_ms"] > 0 and adapted["int8"]["measured_ms"] > 0
-    assert budget["met_measured"] == (adapted["measured_ms"] <= budget["measured_limit_ms"])
-    assert result.returncode == (0 if budget["met_measured"] else 1)  # scripts can trust the exit code
-    assert ("budget met;" if budget["met_measured"] else "budget NOT met;") in result.stdout
+    fraction = budget["measured_fraction"]  # interleaved: ratio of the medians over the rounds
+    assert budget["conditions"]["rounds"] == 5 and budget["conditions"]["after"]["reference_us"] > 0
+    expected = "over budget" if fraction > 0.6 * 1.03 else "over-pruned" if fraction < 0.6 * 0.9 else "met"
+    assert budget["status"] == expected
+    assert result.returncode == (1 if expected == "over budget" else 0)  # scripts can trust the exit code
+    assert f"budget {expected} (" in result.stdout
     assert sum(adapted["channels"].values()) < sum(report["original"]["channels"].values())
     assert baseline["alpha"] < 0.25 and baseline["estimated_ms"] <= budget["estimated_ms"] and baseline["epochs"] == 1
     assert 0 <= adapted["test_accuracy"] <= 1 and 0 <= adapted["tflite_test_accuracy"] <= 1
     markdown = (out / "report.md").read_text()
     assert "| measured latency (.tflite, whole model) |" in markdown and "width multiplier α=" in markdown
-    assert markdown.count("again after iteration") == len(recalibrations)
+    assert f"- Verdict on host: **{expected}**" in markdown
+    assert markdown.count("the search went on") == len(recalibrations)
     assert f"report: {out / 'report.md'}" in result.stdout
 
 
