@@ -219,10 +219,9 @@ class ConditionsMonitor:
         return check
 
     def _lower_quiet(self, check: Check) -> None:
-        """A reference faster than its quiet value on an idle device: the quiet value was
-        itself disturbed (or the device got faster); the lowest idle value is the quiet one."""
-        idle = check.others_cores is None or check.others_cores <= self.policy.busy_cores
-        if idle and check.reference_us is not None and check.reference_us < self.quiet_us:
+        """A reference faster than its quiet value: the quiet value was itself disturbed (or the
+        device got faster); disturbance only slows it, so the lowest value is the quiet one."""
+        if check.reference_us is not None and check.reference_us < self.quiet_us:
             if check.reference_us < self.quiet_us * (1 - self.policy.tolerance_pct / 100):
                 self._log(f"{self.device.name}'s reference measures {check.reference_us:.1f} µs, faster than its quiet "
                           f"value {self.quiet_us:.1f} µs: taking it as the quiet value")
@@ -231,7 +230,7 @@ class ConditionsMonitor:
     def ok(self, check: Check) -> bool:
         drift = check.drift_pct
         busy = check.others_cores is not None and check.others_cores > self.policy.busy_cores
-        return drift is not None and abs(drift) <= self.policy.tolerance_pct and not busy
+        return drift is not None and drift <= self.policy.tolerance_pct and not busy
 
     # ------------------------------------------------------------ measuring
     def measure(self, models: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure, float | None]]:
