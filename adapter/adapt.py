@@ -275,7 +275,7 @@ def _baseline_fields(args, setup: _Setup, budget_ms: float, measured_budget, out
     result = run_baseline(
         recipe, setup.data, setup.estimator, budget_ms, out, epochs=epochs, device=setup.check_device,
         select_by=args.select_by, measured_budget_ms=measured_budget, alpha_step=args.alpha_step,
-        holdout_size=args.holdout, seed=args.seed,
+        holdout_size=args.holdout, seed=args.seed, policy=monitor_policy(args),
     )
     return dataclasses.asdict(result)
 

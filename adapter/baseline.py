@@ -104,15 +104,17 @@ def alpha_for_budget(
     alpha_step: float = 0.025,
     device=None,
     log: Callable[[str], None] = print,
+    policy="default",
 ) -> tuple[float, float]:
     """The largest α = recipe.alpha − k·alpha_step (k ≥ 1) whose LUT estimate is ≤ `budget_ms`,
-    and that estimate. LUT entries α needs and lacks are measured on `device`."""
+    and that estimate. LUT entries α needs and lacks are measured on `device` (under the
+    conditions monitor's `policy`, as `ensure_estimable` takes it)."""
     from lut.models import build_model
     from lut.keras_specs import specs_of_keras
 
     for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
-        ensure_estimable(estimator, specs_of_keras(model), device, log=log)
+        ensure_estimable(estimator, specs_of_keras(model), device, log=log, policy=policy)
         estimated = estimate_ms(estimator, model)
         log(f"α = {alpha:g}: estimated {estimated:.4g} ms (budget {budget_ms:.4g} ms)")
         if estimated <= budget_ms:
@@ -196,6 +198,7 @@ def run_baseline(
     holdout_size: int = 2000,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    policy="default",
 ) -> BaselineResult:
     """Choose α, train it `epochs` epochs, export, measure on `device`; saves to `out_dir`/baseline."""
     import keras
@@ -211,7 +214,8 @@ def run_baseline(
         raise AdapterError("Choosing α by measurement needs a reachable device and the measured budget.")
     start = time.perf_counter()
     if select_by == "estimate":
-        alpha, _ = alpha_for_budget(recipe, estimator, budget_ms, alpha_step=alpha_step, device=device, log=log)
+        alpha, _ = alpha_for_budget(recipe, estimator, budget_ms, alpha_step=alpha_step, device=device, log=log,
+                                    policy=policy)
     else:
         alpha, _ = _alpha_by_measurement(recipe, device, measured_budget_ms, alpha_step, log)
     keras.utils.set_random_seed(seed)

@@ -5,6 +5,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The loopback ADB daemon's shells must hang up on SIGHUP as a phone's do, also when the
 # suite itself runs under nohup (which would pass SIG_IGN down to every child).
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+# Likewise Ctrl-C: a suite started in the background by a shell without job control inherits
+# SIGINT ignored, and so would the commands the interrupt tests send it to.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
