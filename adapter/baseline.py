@@ -26,6 +26,7 @@ from pathlib import Path
 from adapter.errors import AdapterError
 from lut.cli import number, positive_int
 from adapter.netadapt import ensure_estimable, estimate_ms
+from profiler.monitor import MonitorPolicy
 
 __all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "alpha_grid", "main", "matched_epochs", "recipe_of", "run_baseline"]
 
@@ -104,7 +105,7 @@ def alpha_for_budget(
     alpha_step: float = 0.025,
     device=None,
     log: Callable[[str], None] = print,
-    policy="default",
+    policy: MonitorPolicy | None = MonitorPolicy(),
 ) -> tuple[float, float]:
     """The largest α = recipe.alpha − k·alpha_step (k ≥ 1) whose LUT estimate is ≤ `budget_ms`,
     and that estimate. LUT entries α needs and lacks are measured on `device` (under the
@@ -198,7 +199,7 @@ def run_baseline(
     holdout_size: int = 2000,
     seed: int = 0,
     log: Callable[[str], None] = print,
-    policy="default",
+    policy: MonitorPolicy | None = MonitorPolicy(),
 ) -> BaselineResult:
     """Choose α, train it `epochs` epochs, export, measure on `device`; saves to `out_dir`/baseline."""
     import keras

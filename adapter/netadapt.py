@@ -48,6 +48,7 @@ import numpy as np
 
 from adapter.data import Dataset, Split
 from adapter.errors import AdapterError
+from profiler.monitor import MonitorPolicy
 
 __all__ = [
     "MAX_RECALIBRATIONS",
@@ -82,7 +83,6 @@ MAX_RECALIBRATIONS = 3
 OVER_BUDGET_TOLERANCE = 0.03  # a measured fraction within 3% above the budget meets it
 OVER_PRUNED = 0.10  # a measured fraction more than 10% under the budget is over-pruned
 MAX_WALK_BACK = 6
-_DEFAULT_POLICY = "default"  # the conditions monitor's default policy (profiler is imported lazily)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -235,13 +235,13 @@ def estimate_ms(estimator, model, out_channels: Mapping[str, int] | None = None)
         raise AdapterError(str(e)) from e
 
 
-def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None] = print, policy=_DEFAULT_POLICY) -> int:
+def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None] = print, policy: MonitorPolicy | None = MonitorPolicy()) -> int:
     """Make every spec of `specs` estimable from `estimator`'s LUT, measuring what is missing.
 
     Specs the LUT can neither look up nor interpolate are measured on `device` in one
     batch (`profiler.build_lut.build_lut`, which keeps the LUT's per-invocation overhead, so
-    estimates before and after stay comparable, under the conditions monitor's `policy`:
-    "default" for its defaults, None for none) and stored in the LUT; without a device, or
+    estimates before and after stay comparable, under the conditions monitor's `policy`, None
+    for none) and stored in the LUT; without a device, or
     if a measurement fails, raises `AdapterError`. Returns how many were measured.
     """
     missing = estimator.missing(specs)
@@ -257,10 +257,7 @@ def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None
     from profiler.build_lut import build_lut
 
     log(f"measuring {len(missing)} layer(s) missing from {path} on {device.name}")
-    from profiler.monitor import MonitorPolicy
-
-    build_lut(device, missing, estimator.table, retry_failed=True, progress=False,
-              policy=MonitorPolicy() if policy == _DEFAULT_POLICY else policy)
+    build_lut(device, missing, estimator.table, retry_failed=True, progress=False, policy=policy)
     estimator.refresh()
     still = estimator.missing(specs)
     if still:
@@ -588,7 +585,7 @@ class NetAdaptRun:
     out_dir: Path
     log: Callable[[str], None]
     recalibrations: list[dict] = dataclasses.field(default_factory=list)
-    policy: object = _DEFAULT_POLICY  # the conditions monitor's policy for on-demand LUT entries
+    policy: MonitorPolicy | None = MonitorPolicy()  # the conditions monitor's policy for on-demand LUT entries
 
 
 def _iteration_batches(run: NetAdaptRun, iteration: int) -> _Batches:
@@ -767,7 +764,7 @@ def _describe(record: IterationRecord, run: NetAdaptRun) -> str:
 
 def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir, *, device=None,
                 measured_original_ms: float | None = None, log: Callable[[str], None] = print,
-                policy=_DEFAULT_POLICY) -> NetAdaptRun:
+                policy: MonitorPolicy | None = MonitorPolicy()) -> NetAdaptRun:
     """Everything the iterations of one run share: the holdout images, the original estimate
     and the budget (`Budget.lut_ms`; checked to be reachable), the grid step and the
     proposal trainer."""
@@ -801,7 +798,7 @@ def run_netadapt(
     measure: Callable[[object], float | None] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
-    policy=_DEFAULT_POLICY,
+    policy: MonitorPolicy | None = MonitorPolicy(),
 ) -> NetAdaptResult:
     """Prune `model` until `estimator`'s LUT says it meets `config.budget` (see the module doc).
 
