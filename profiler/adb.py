@@ -20,7 +20,7 @@ removal is file-system work on the phone, kept away from the measurements and do
 The session directory goes when the device is closed.  Ctrl-C during a batch pulls the
 records the runner had finished (over a fresh connection) and yields them before the
 interrupt goes on, so the caller commits them and a rerun measures only the rest; those
-results miss the drift check at the batch's end.
+results miss the conditions monitor's reference at the batch's end (stored without one).
 
 `benchmark_model` and the runner are pushed once per session and checked by sha256.  The
 median stored in the LUT is benchmark_model's `median=` where the build prints
@@ -28,9 +28,11 @@ percentiles, else its average (`avg=`): builds without percentiles print no medi
 
 Faults: a dropped connection is reconnected with exponential backoff and the runner is run
 again; it skips the models already measured.  After `max_consecutive_failures` crashes,
-timeouts or unreadable outputs in a row the run stops with `ProfilerError`.  Every
-`drift_every` entries a reference model (the first one measured) is measured again; when it
-drifts more than `drift_pct` the batch is measured again after a `drift_pause_s` cool-down.
+timeouts or unreadable outputs in a row the run stops with `ProfilerError`.  Heat and
+background apps are the conditions monitor's (`profiler.monitor`, the same for every device):
+it ends each batch with its reference model and measures a drifted batch again after a
+cool-down; the phone gives it its devices.toml settings (`monitor_defaults`: `drift_pct`,
+`drift_pause_s`, `drift_max_pauses`, `drift_every`) and its battery temperature.
 
 Every remote path is below the configured `remote_dir` and built from sanitized names;
 every shell argument is quoted.
@@ -58,6 +60,7 @@ from profiler.benchmark_output import BenchmarkOutputError, parse_benchmark_outp
 from profiler.device_config import AdbSettings, ensure_adb_key, parse_adb_settings
 from profiler.devices import register_device_kind
 from profiler.errors import ProfilerError
+from profiler.monitor import REFERENCE_ID
 
 __all__ = ["AdbDevice", "RunnerRecord", "parse_runner_records", "runner_script"]
 
@@ -292,9 +295,6 @@ class AdbDevice:
         self._session = f"{settings.remote_dir}/runs/{secrets.token_hex(4)}"
         self._batches = itertools.count()
         self._phone_bytes = 0  # what the session's batches hold on the phone
-        self._reference: tuple[bytes, float] | None = None  # (model, baseline median)
-        self._since_reference = 0
-        self.drift_events: list[dict[str, object]] = []
         self._adb = None
         self._signer = self._load_signer()
         self._connect_first()
@@ -310,8 +310,20 @@ class AdbDevice:
 
     @property
     def monitor_every(self) -> int:
-        """The conditions monitor's chunk: a batch with the reference model as its last entry."""
-        return max(1, self._settings.batch_size - 1)
+        """The conditions monitor's chunk: `drift_every` entries, else a batch with the
+        reference model as its last entry."""
+        return self._settings.drift_every or max(1, self._settings.batch_size - 1)
+
+    @property
+    def monitor_defaults(self) -> dict[str, float]:
+        """The conditions monitor's settings this phone's devices.toml gives (the command's
+        options override them)."""
+        s = self._settings
+        return {"tolerance_pct": s.drift_pct, "wait_s": s.drift_pause_s, "max_tries": s.drift_max_pauses + 1}
+
+    def vitals(self) -> dict[str, object]:
+        """What the phone says of itself now, for the monitor's record of a disturbed chunk."""
+        return {"battery_temp_c": self._battery_last}
 
     # ------------------------------------------------------------ the protocol
     def conditions(self) -> dict[str, object]:
@@ -343,7 +355,6 @@ class AdbDevice:
             "runner_sha256": hashlib.sha256(self._runner).hexdigest(),
             "battery_temp_c_before": self._battery_before,
             "battery_temp_c_after": battery_now,
-            "drift_events": list(self.drift_events),
         }
 
     def measure(self, models: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure]]:
@@ -386,52 +397,9 @@ class AdbDevice:
 
     # ------------------------------------------------------------ batches
     def _measure_batch(self, batch: list[tuple[str, bytes]]) -> list[tuple[object, bool]]:
-        """Results of `batch` in order, measured again after a pause while the reference drifts."""
-        with_reference = self._reference is not None and 0 < self._settings.drift_every <= self._since_reference
-        entries = batch + ([(_REFERENCE, self._reference[0])] if with_reference else [])
-        for pause in itertools.count():
-            results = self._run_batch(entries, read_battery=with_reference)
-            if not with_reference:
-                break
-            reference, _ = results.pop()
-            if not self._drifted(reference, pause):
-                break
-        self._since_reference = 0 if with_reference else self._since_reference + len(batch)
-        if self._reference is None:
-            first = next(((data, r) for (_, data), (r, _) in zip(batch, results) if isinstance(r, Measurement)), None)
-            if first is not None:
-                self._reference = (first[0], first[1].median_us)
-        return results
-
-    def _drifted(self, reference, pause: int) -> bool:
-        """Whether the batch must be measured again: the reference moved more than `drift_pct`."""
-        settings = self._settings
-        if not isinstance(reference, Measurement):
-            _LOG.warning("%s: the drift reference failed (%s); keeping the batch", self.name, reference.error)
-            return False
-        baseline = self._reference[1]
-        drift_pct = (reference.median_us - baseline) / baseline * 100
-        if abs(drift_pct) <= settings.drift_pct:
-            return False
-        event = {"reference_us": reference.median_us, "baseline_us": baseline, "drift_pct": round(drift_pct, 2),
-                 "battery_temp_c": self._battery_last, "paused_s": 0.0}
-        self.drift_events.append(event)
-        if pause >= settings.drift_max_pauses:
-            _LOG.warning(
-                "%s: the reference model still drifts %+.1f%% (%.1f us vs %.1f us) after %d cool-down pauses; "
-                "keeping this batch and taking %.1f us as the new reference",
-                self.name, drift_pct, reference.median_us, baseline, pause, reference.median_us,
-            )
-            self._reference = (self._reference[0], reference.median_us)
-            return False
-        _LOG.warning(
-            "%s: the reference model drifted %+.1f%% (%.1f us vs %.1f us; battery %s °C), thermal throttling is the "
-            "usual cause; pausing %.0f s and measuring the batch again",
-            self.name, drift_pct, reference.median_us, baseline, self._battery_last, settings.drift_pause_s,
-        )
-        event["paused_s"] = settings.drift_pause_s
-        self._sleep(settings.drift_pause_s)
-        return True
+        """Results of `batch` in order. The battery temperature comes with a batch that holds
+        the conditions monitor's reference (it shows throttling when the reference drifts)."""
+        return self._run_batch(batch, read_battery=any(model_id == REFERENCE_ID for model_id, _ in batch))
 
     def _run_batch(self, entries: list[tuple[str, bytes]], read_battery: bool) -> list[tuple[object, bool]]:
         directory = f"{self._session}/b{next(self._batches):05d}"
@@ -505,8 +473,8 @@ class AdbDevice:
             "sh", f"{remote}/run_batch.sh", batch.directory, f"{remote}/benchmark_model",
             f"{run.model_timeout_s:g}", f"{run.cooldown_s:g}", run.taskset or "-", batch.tag, *self._flags,
         ]
-        # The battery temperature after a batch that re-measures the drift reference comes
-        # in this same round trip (a drift event records it: it shows throttling); other
+        # The battery temperature after a batch that ends with the monitor's reference comes
+        # in this same round trip (a disturbed chunk records it: it shows throttling); other
         # batches skip dumpsys, a costly process.
         battery = "; echo PHONEFIT_BATTERY; dumpsys battery 2>/dev/null" if batch.read_battery else ""
         return " ".join(map(shlex.quote, argv)) + battery

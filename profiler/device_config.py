@@ -80,7 +80,8 @@ class AdbSettings:
     max_consecutive_failures: int = 5
     reconnect_tries: int = 5
     reconnect_backoff_s: float = 1.0
-    drift_every: int = 50  # re-measure the reference model every this many entries; 0: never
+    # the conditions monitor on this phone (`profiler.monitor`; the command's options override):
+    drift_every: int = 0  # entries between two measurements of the reference model; 0: once per batch
     drift_pct: float = 10.0
     drift_pause_s: float = 30.0
     drift_max_pauses: int = 3
@@ -149,7 +150,7 @@ _DEVICE_FIELDS: dict[str, _Field] = {
     "max_consecutive_failures": (_positive_int, "a positive integer", int),
     "reconnect_tries": (_non_negative_int, "a non-negative integer", int),
     "reconnect_backoff_s": (_non_negative_number, "a non-negative number of seconds", float),
-    "drift_every": (_non_negative_int, "a non-negative integer (0 turns drift checks off)", int),
+    "drift_every": (_non_negative_int, "a non-negative integer (0: the reference ends every batch)", int),
     "drift_pct": (_positive_number, "a positive percentage", float),
     "drift_pause_s": (_non_negative_number, "a non-negative number of seconds", float),
     "drift_max_pauses": (_non_negative_int, "a non-negative integer", int),

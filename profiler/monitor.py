@@ -26,11 +26,13 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import ClassVar
 
 from lut.table import Measurement, MeasurementFailure
 from profiler.errors import ProfilerError
 
 __all__ = [
+    "REFERENCE_ID",
     "REFERENCE_NAME",
     "Check",
     "ConditionsMonitor",
@@ -45,10 +47,12 @@ __all__ = [
 # thread), and 24 fully-connected 256 → 256 branches on one input whose 6.3 MB of weights
 # do not (the shared cache and memory bandwidth, which a competing process on another
 # core takes). About 300 µs on this project's development CPU, a few ms on a phone.
+REFERENCE_ID = "reference"  # the reference's id in a chunk handed to the device
 REFERENCE_NAME = "reference-v1: conv2d 8x8x64:64 k3x3 + 24 x fully_connected 256:256"
 _REFERENCE_BRANCHES = 24
 _START_REPEATS = 5
 _MIN_WINDOW_S = 0.1
+_KEPT_EVENTS = 50  # disturbed chunks listed in a LUT's metadata (the count covers all)
 _BACKOFF_PARTS = 6  # waits of wait_s/6, 2·wait_s/6, 3·wait_s/6: wait_s in all over 4 tries
 
 
@@ -60,26 +64,37 @@ class DriftError(ProfilerError):
 class MonitorPolicy:
     """When measurements are trusted, and what happens when they are not.
 
-    `every` None takes the device's own chunk size (`monitor_every`: a phone's batch, a
-    few seconds of host measuring).
+    A field left None takes the device's own setting (`monitor_defaults`: a phone's
+    `drift_*` lines in devices.toml) or else `DEFAULTS`; `every` None takes the device's
+    chunk (`monitor_every`: a phone's batch, a few seconds of host measuring). The
+    conditions monitor resolves them when it opens (`for_device`).
     """
 
-    tolerance_pct: float = 8.0
-    busy_cores: float = 0.5
+    tolerance_pct: float | None = None
+    busy_cores: float | None = None
     every: int | None = None
-    wait_s: float = 30.0
-    max_tries: int = 4
-    poll_s: float = 1.0
+    wait_s: float | None = None
+    max_tries: int | None = None
+    poll_s: float | None = None
+
+    DEFAULTS: ClassVar[dict[str, float]] = {"tolerance_pct": 8.0, "busy_cores": 0.5, "wait_s": 30.0, "max_tries": 4,
+                                            "poll_s": 1.0}
 
     def __post_init__(self):
         for name in ("tolerance_pct", "busy_cores", "wait_s", "poll_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ProfilerError(f"`{name}` must be a non-negative number. Received: {name}={value!r}.")
-        for name in ("max_tries", *(("every",) if self.every is not None else ())):
+        for name in ("max_tries", "every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ProfilerError(f"`{name}` must be a positive integer. Received: {name}={value!r}.")
+
+    def for_device(self, device) -> MonitorPolicy:
+        """Every field set: this policy's, else the device's own setting, else `DEFAULTS`."""
+        own = {**self.DEFAULTS, **getattr(device, "monitor_defaults", {})}
+        unset = {name: own[name] for name in self.DEFAULTS if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset, every=self.every or getattr(device, "monitor_every", 32))
 
 
 class HostLoad:
@@ -167,7 +182,7 @@ class ConditionsMonitor:
     def __init__(self, device, policy: MonitorPolicy = MonitorPolicy(), *, quiet_us: float | None = None,
                  load: HostLoad | None = None, log: Callable[[str], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep):
-        self.device, self.policy, self.load = device, policy, load
+        self.device, self.policy, self.load = device, policy.for_device(device), load
         self._log = log or (lambda message: None)
         self._sleep = sleep
         self._model = reference_model()
@@ -177,7 +192,7 @@ class ConditionsMonitor:
 
     # ------------------------------------------------------------ looking
     def _reference_us(self) -> float | None:
-        [(_, result)] = list(self.device.measure([("reference", self._model)]))
+        [(_, result)] = list(self.device.measure([(REFERENCE_ID, self._model)]))
         return result.median_us if isinstance(result, Measurement) else None
 
     def _measure_quiet(self) -> float:
@@ -238,7 +253,7 @@ class ConditionsMonitor:
         kept only when the reference after it says the device was quiet while it ran (on
         Ctrl-C, what the device finished of the chunk comes with reference None, then the
         interrupt goes on)."""
-        every = self.policy.every or getattr(self.device, "monitor_every", 32)
+        every = self.policy.every
         chunk: list[tuple[str, bytes]] = []
         for item in models:
             chunk.append(item)
@@ -254,12 +269,12 @@ class ConditionsMonitor:
             self._others()  # start the busy window with the chunk
             results = []
             try:
-                results.extend(self.device.measure([*chunk, ("reference", self._model)]))
+                results.extend(self.device.measure([*chunk, (REFERENCE_ID, self._model)]))
             except KeyboardInterrupt:
                 # what the device finished is kept (nothing measured is lost), unchecked: no
                 # reference came after it, so it is stored with none
                 for model_id, result in results:
-                    if model_id != "reference":
+                    if model_id != REFERENCE_ID:
                         yield model_id, result, None
                 raise
             _, reference = results.pop()
@@ -271,19 +286,24 @@ class ConditionsMonitor:
                 for model_id, result in results:
                     yield model_id, result, check.reference_us
                 return
+            vitals = self.device.vitals() if hasattr(self.device, "vitals") else {}  # a phone's battery temperature
             self.events.append({"entries": len(chunk), "attempt": attempt, "reference_us": check.reference_us,
                                 "drift_pct": None if check.drift_pct is None else round(check.drift_pct, 2),
-                                "others_cores": None if others is None else round(others, 2)})
+                                "others_cores": None if others is None else round(others, 2), **vitals})
             if attempt < self.policy.max_tries:
-                self._log(f"{self.device.name} was disturbed ({check.describe()}); measuring "
-                          f"{len(chunk)} entries again")
+                told = ", ".join(f"{k} {v}" for k, v in vitals.items())
+                self._log(f"{self.device.name} was disturbed ({check.describe()}{'; ' + told if told else ''}); "
+                          f"measuring {len(chunk)} entries again")
                 if self.load is None or self.wait_quiet() < self.policy.poll_s * 2:
                     # nothing to see here slows the device (a phone's heat, a VM's neighbours):
                     # give it time, longer with every try, within `wait_s` in all
-                    self._sleep(min(self.policy.wait_s * attempt / _BACKOFF_PARTS, self.policy.wait_s))
+                    pause = min(self.policy.wait_s * attempt / _BACKOFF_PARTS, self.policy.wait_s)
+                    if pause:
+                        self._log(f"pausing {pause:.0f} s for {self.device.name} to settle (heat, other work)")
+                    self._sleep(pause)
         raise DriftError(
             f"{self.device.name} stayed disturbed: {check.describe()} after {self.policy.max_tries} tries in "
-            f"{time.monotonic() - started:.0f} s (tolerance ±{self.policy.tolerance_pct:g}%, "
+            f"{time.monotonic() - started:.0f} s (tolerance +{self.policy.tolerance_pct:g}%, "
             f"{self.policy.busy_cores:g} busy cores). Nothing measured under these conditions was kept; what was "
             "measured before is. Stop what else runs (or let the phone cool down) and run the same command again."
         )
@@ -298,6 +318,7 @@ class ConditionsMonitor:
             "median_drift_pct": round(statistics.median(drifts), 2) if drifts else None,
             "max_others_cores": round(max(others), 2) if others else None,
             "tolerance_pct": self.policy.tolerance_pct, "busy_cores": self.policy.busy_cores,
+            "events": self.events[-_KEPT_EVENTS:],
         }
 
 
@@ -307,22 +328,27 @@ def add_monitor_arguments(parser) -> None:
 
     non_negative_float = number(float, 0, open_low=False)
 
-    d = MonitorPolicy()
+    d = MonitorPolicy.DEFAULTS
+    phone = "; a phone's devices.toml may set its own"
     group = parser.add_argument_group("measuring conditions (the reference model and other processes)")
-    group.add_argument("--tolerance", type=non_negative_float, default=d.tolerance_pct, metavar="PCT",
-                       help=f"largest drift of the reference model from its quiet value that is still trusted (default: {d.tolerance_pct:g})")
-    group.add_argument("--busy-cores", type=non_negative_float, default=d.busy_cores, metavar="N",
-                       help=f"other processes using more CPU than this make the host busy (default: {d.busy_cores:g})")
-    group.add_argument("--wait-quiet", type=non_negative_float, default=d.wait_s, metavar="S",
-                       help=f"how long to wait for quiet before measuring a disturbed chunk again (default: {d.wait_s:g})")
-    group.add_argument("--tries", type=positive_int, default=d.max_tries,
-                       help=f"measurements of a chunk before giving up on a disturbed device (default: {d.max_tries})")
+    group.add_argument("--tolerance", type=non_negative_float, metavar="PCT",
+                       help=f"largest drift of the reference model from its quiet value that is still trusted "
+                            f"(default: {d['tolerance_pct']:g}{phone}, drift_pct)")
+    group.add_argument("--busy-cores", type=non_negative_float, metavar="N",
+                       help=f"other processes using more CPU than this make the host busy (default: {d['busy_cores']:g})")
+    group.add_argument("--wait-quiet", type=non_negative_float, metavar="S",
+                       help=f"how long to wait for quiet before measuring a disturbed chunk again "
+                            f"(default: {d['wait_s']:g}{phone}, drift_pause_s)")
+    group.add_argument("--tries", type=positive_int,
+                       help=f"measurements of a chunk before giving up on a disturbed device "
+                            f"(default: {d['max_tries']:g}{phone}, drift_max_pauses + 1)")
     group.add_argument("--no-monitor", action="store_true",
                        help="trust every measurement (no reference model, no busy check): for debugging only")
 
 
 def monitor_policy(args) -> MonitorPolicy | None:
-    """The policy `add_monitor_arguments`' options ask for (None with --no-monitor)."""
+    """The policy `add_monitor_arguments`' options ask for (None with --no-monitor); what
+    they leave unset the device decides when the monitor opens (`MonitorPolicy.for_device`)."""
     if args.no_monitor:
         return None
     return MonitorPolicy(tolerance_pct=args.tolerance, busy_cores=args.busy_cores, wait_s=args.wait_quiet,

@@ -73,7 +73,6 @@ def loop_entry(tmp_path: Path, daemon: LoopbackAdbDaemon, **overrides) -> dict:
         "auth_timeout_s": 2.0,
         "connect_timeout_s": 2.0,
         "reconnect_backoff_s": 0.05,
-        "drift_every": 0,
         **FAST,
         "cpu": {"flags": ["--use_xnnpack=true", "--warmup_min_secs=0"]},
         "gpu": {"flags": ["--use_gpu=true", "--warmup_min_secs=0"]},
@@ -643,32 +642,6 @@ def test_a_binary_for_another_abi_is_refused(tmp_path, daemon):
         open_loop(tmp_path, daemon, benchmark_model=str(tmp_path / "bm_x86"))
 
 
-def test_drift_of_the_reference_pauses_and_measures_the_batch_again(tmp_path, daemon, tflite_models):
-    # A stand-in whose runs 4 and 5 (the end of the second batch and the reference check
-    # after it) are twice as slow, as on a phone that starts throttling.
-    slow = tmp_path / "throttled_benchmark_model"
-    slow.write_text(
-        "#!/bin/sh\n"
-        'n=$(cat "$0.count" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$0.count"\n'
-        'case "$n" in 4|5) t=200;; *) t=100;; esac\n'
-        'echo "count=10 first=$t curr=$t min=$t max=$t avg=$t std=0"\n'
-        'echo "Inference timings in us: Init: 1, First inference: $t, Warmup (avg): $t, Inference (avg): $t"\n'
-    )
-    slow.chmod(0o755)
-    device = open_loop(tmp_path, daemon, benchmark_model=str(slow), batch_size=2, drift_every=2,
-                       drift_pct=10.0, drift_pause_s=0.01)
-    try:
-        results = list(device.measure([(f"m{i}", tflite_models["dense"]) for i in range(4)]))
-        events = device.drift_events
-    finally:
-        device.close()
-    # batch 1: m0 m1 (runs 1-2); batch 2: m2 m3 + reference (runs 3-5, m3 and the
-    # reference slow: drifted) -> paused, measured again (runs 6-8, reference fine)
-    assert [r.median_us for _, r in results] == [100, 100, 100, 100]
-    assert events == [{"reference_us": 200.0, "baseline_us": 100.0, "drift_pct": 100.0, "battery_temp_c": 31.2, "paused_s": 0.01}]
-    assert (daemon.root / "phonefit" / "benchmark_model.count").read_text().strip() == "8"  # next to the pushed copy
-
-
 def test_build_lut_on_loopback_phone(tmp_path, daemon):
     import keras
 
@@ -745,3 +718,27 @@ def test_a_phone_that_stays_slow_stops_with_drift_error(tmp_path, tflite_models)
         finally:
             device.close()
     assert sleeps == [1.0, 2.0] and len(monitor.events) == 3
+
+
+@pytest.mark.timeout(300)
+def test_a_phones_drift_settings_are_its_monitor_settings_and_its_battery_is_recorded(tmp_path, tflite_models):
+    # devices.toml's drift_* lines set the conditions monitor for this phone (one mechanism
+    # for every device); the command's own options still override them.
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(slow_runs=(5, 1000), slow_factor=3.0)) as daemon:
+        device = open_loop(tmp_path, daemon, batch_size=4, drift_pct=50.0, drift_pause_s=12.0, drift_max_pauses=1)
+        messages, sleeps = [], []
+        try:
+            monitor = ConditionsMonitor(device, MonitorPolicy(), log=messages.append, sleep=sleeps.append)
+            overridden = ConditionsMonitor(device, MonitorPolicy(tolerance_pct=1000.0), quiet_us=monitor.quiet_us)
+            with pytest.raises(DriftError, match=r"after 2 tries .*tolerance \+50%"):
+                list(monitor.measure([(f"m{i}", tflite_models["dense"]) for i in range(3)]))
+        finally:
+            device.close()
+        # a chunk is a batch: three entries and the reference, one round trip each try
+        assert daemon.models_run == _START_REPEATS + 2 * 4
+    policy = monitor.policy
+    assert (policy.tolerance_pct, policy.wait_s, policy.max_tries, policy.every) == (50.0, 12.0, 2, 3)
+    assert overridden.policy.tolerance_pct == 1000.0 and overridden.policy.wait_s == 12.0
+    assert sleeps == [12.0 / 6]
+    assert [e["battery_temp_c"] for e in monitor.events] == [31.2, 31.2]
+    assert any("battery_temp_c 31.2" in m for m in messages)
