@@ -118,3 +118,14 @@ def test_every_sampled_candidate_builds_a_model_the_lut_reads():
         # a stride-1 stage as wide as the one before reads back merged into it; any other reads back whole
         merged = any(s.stride == 1 and s.channels == p.channels for p, s in zip(candidate.stages, candidate.stages[1:]))
         assert merged or read == candidate
+
+
+@pytest.mark.parametrize("family", ["mobilenet_v2", "mobilenet_v1"])
+def test_a_candidates_specs_from_its_record_are_those_of_its_built_model(family):
+    from adapter.search.chamnet.specs import candidate_specs
+
+    base = candidate_of(build_model(family, alpha=0.5, resolution=32, classes=10))
+    # 40 and 56 px make odd feature maps (5, 7 px) before a stride-2 block: the padding rules differ there
+    space = SearchSpace.around(base, step=8, resolutions=(32, 40, 56), extra_blocks=1)
+    for candidate in [base, *space.sample(8, seed=1)]:
+        assert candidate_specs(candidate, 10) == specs_of_keras(build(candidate, classes=10)), candidate.text()

@@ -22,13 +22,13 @@ import numpy as np
 
 from adapter.search.chamnet.space import Candidate, SpaceError, Stage
 
-__all__ = ["build", "candidate_of", "inherit"]
+__all__ = ["Block", "blocks_of", "build", "candidate_of", "inherit"]
 
 _BN = {"mobilenet_v1": dict(epsilon=1e-3, momentum=0.99), "mobilenet_v2": dict(epsilon=1e-3, momentum=0.999)}
 
 
 @dataclasses.dataclass(frozen=True)
-class _Block:
+class Block:
     """One block of a laid-out candidate: where it sits and what its layers are called."""
 
     id: int
@@ -45,11 +45,11 @@ class _Block:
         return "expanded_conv" if self.id == 0 else f"block_{self.id}"
 
 
-def _blocks(candidate: Candidate) -> Iterator[_Block]:
+def blocks_of(candidate: Candidate) -> Iterator[Block]:
     cin, block_id = candidate.stem, 0
     for s, stage in enumerate(candidate.stages):
         for j in range(stage.blocks):
-            yield _Block(block_id, s, j, cin, stage.channels, stage.stride if j == 0 else 1, stage.expansion)
+            yield Block(block_id, s, j, cin, stage.channels, stage.stride if j == 0 else 1, stage.expansion)
             cin, block_id = stage.channels, block_id + 1
 
 
@@ -66,7 +66,7 @@ def build(candidate: Candidate, classes: int):
     x = layers.Conv2D(candidate.stem, 3, strides=2, padding="same", use_bias=False, name=stem)(inputs)
     x = layers.BatchNormalization(name=f"{stem}_bn" if family == "mobilenet_v1" else "bn_Conv1", **bn)(x)
     x = layers.ReLU(6.0, name=f"{stem}_relu")(x)
-    for block in _blocks(candidate):
+    for block in blocks_of(candidate):
         x = (_v1_block if family == "mobilenet_v1" else _v2_block)(x, block, bn)
     if family == "mobilenet_v2":
         x = layers.Conv2D(candidate.last, 1, use_bias=False, name="Conv_1")(x)
@@ -76,7 +76,7 @@ def build(candidate: Candidate, classes: int):
     return keras.Model(inputs, outputs, name=f"chamnet_{family}_{candidate.resolution}")
 
 
-def _v1_block(x, block: _Block, bn: dict):
+def _v1_block(x, block: Block, bn: dict):
     from keras import layers
 
     n = block.prefix("mobilenet_v1")
@@ -91,7 +91,7 @@ def _v1_block(x, block: _Block, bn: dict):
     return layers.ReLU(6.0, name=f"conv_pw_{n}_relu")(x)
 
 
-def _v2_block(x, block: _Block, bn: dict):
+def _v2_block(x, block: Block, bn: dict):
     from keras import layers
 
     p, inputs = block.prefix("mobilenet_v2"), x
@@ -182,9 +182,9 @@ class _Layers:
 
     def __init__(self, candidate: Candidate, model):
         self.candidate, self.model, self.family = candidate, model, candidate.family
-        self.blocks = list(_blocks(candidate))
+        self.blocks = list(blocks_of(candidate))
 
-    def conv(self, block: _Block | None, part: str):
+    def conv(self, block: Block | None, part: str):
         v1 = self.family == "mobilenet_v1"
         if block is None:
             name = {"stem": "conv1" if v1 else "Conv1", "last": "Conv_1"}[part]
@@ -195,7 +195,7 @@ class _Layers:
             bn = f"{name}_bn" if v1 else f"{name}_BN"
         return self.model.get_layer(name), self.model.get_layer(bn)
 
-    def first_blocks(self) -> dict[tuple[int, int], _Block]:
+    def first_blocks(self) -> dict[tuple[int, int], Block]:
         return {(b.stage, b.index): b for b in self.blocks}
 
 
@@ -216,7 +216,7 @@ def inherit(model, candidate: Candidate, base_model, base: Candidate | None = No
     for s, stage in enumerate(candidate.stages):
         picks[("stage", s)] = _top(stage_norms[s], stage.channels)
 
-    def space_of_input(block: _Block):
+    def space_of_input(block: Block):
         return picks["stem"] if block.index == 0 and block.stage == 0 else picks[("stage", block.stage - 1)] \
             if block.index == 0 else picks[("stage", block.stage)]
 
