@@ -164,6 +164,16 @@ class LayerSpec:
         return count * _ELEMENT_BYTES[self.dtype]
 
     @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the op (what FLOP counts count, halved): 0 for ops without weights."""
+        (oh, ow), (kh, kw) = self.output_hw, self.kernel
+        return {
+            "conv2d": oh * ow * kh * kw * self.cin * self.cout,
+            "depthwise_conv2d": oh * ow * kh * kw * self.cin,
+            "fully_connected": self.cin * self.cout,
+        }.get(self.op, 0)
+
+    @property
     def activation_bytes(self) -> int:
         """Bytes of the op's input(s) and output: what it reads and writes besides weights."""
         (oh, ow), inputs = self.output_hw, 2 if self.op == "add" else 1

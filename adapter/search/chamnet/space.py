@@ -156,6 +156,10 @@ class SearchSpace:
                   zip(dims, point)}
         return self._candidate(picked)
 
+    def at(self, indices: Sequence[int]) -> Candidate:
+        """The candidate that picks value `indices[i]` of dimension i (the search's genome)."""
+        return self.decode([(int(i) + 0.5) / len(values) for i, (_, values) in zip(indices, self.choices())])
+
     def encode(self, candidate: Candidate) -> np.ndarray:
         """`candidate` in [0, 1]^d: each value's position among its dimension's values (mid-cell),
         the inverse of `decode`; a value off the grid counts as the nearest one."""
