@@ -26,7 +26,18 @@ from pathlib import Path
 
 from adapter.errors import AdapterError
 from adapter.final_check import LUT_TOLERANCE
-from lut.cli import EXIT_NOT_MET, EXIT_OK, ArgumentParser, check_output_folder, non_negative_int, number, positive_float, positive_int, quiet_litert_notice, run_command
+from lut.cli import (
+    EXIT_NOT_MET,
+    EXIT_OK,
+    ArgumentParser,
+    check_output_folder,
+    non_negative_int,
+    number,
+    positive_float,
+    positive_int,
+    quiet_litert_notice,
+    run_command,
+)
 from profiler.monitor import add_monitor_arguments, monitor_policy
 
 __all__ = ["main", "run_cli"]
@@ -50,18 +61,26 @@ def _parser(baseline_only: bool) -> argparse.ArgumentParser:
     add("--out", required=True, help="output folder")
     add("--device", help="device that measures missing LUT entries and the final model (default: the LUT's device, when reachable)")
     add("--devices", metavar="FILE", help="devices.toml registry for phones")
-    add("--holdout", type=positive_int, default=d["holdout_size"].default, help="holdout images that rank proposals (from the training data) (default: %(default)s)")
+    add("--holdout", type=positive_int, default=d["holdout_size"].default,
+        help="holdout images that rank proposals (from the training data) (default: %(default)s)")
     add("--seed", type=non_negative_int, default=0, help="seed for sampling and initialisation (default: %(default)s)")
     if not baseline_only:
-        add("--initial-reduction", type=number(float, 0, 1), default=d["initial_reduction"].default, help="latency removed in iteration 1, as a fraction of the original (default: %(default)s)")
-        add("--decay", type=number(float, 0, 1), default=d["decay"].default, help="each iteration removes this times the previous one's reduction (default: %(default)s)")
+        add("--initial-reduction", type=number(float, 0, 1), default=d["initial_reduction"].default,
+            help="latency removed in iteration 1, as a fraction of the original (default: %(default)s)")
+        add("--decay", type=number(float, 0, 1), default=d["decay"].default,
+            help="each iteration removes this times the previous one's reduction (default: %(default)s)")
         add("--step", type=positive_int, help="channel grid step (default: the LUT's)")
-        add("--short-term-steps", type=positive_int, default=d["short_term_steps"].default, help="fine-tuning steps per proposal (default: %(default)s)")
+        add("--short-term-steps", type=positive_int, default=d["short_term_steps"].default,
+            help="fine-tuning steps per proposal (default: %(default)s)")
         add("--batch-size", type=positive_int, default=d["batch_size"].default, help="images per step (default: %(default)s)")
-        add("--short-term-lr", type=positive_float, default=d["short_term_lr"].default, help="learning rate of short-term fine-tuning (default: %(default)s)")
-        add("--selection", choices=SELECTION_RULES, default=d["selection"].default, help="how the best proposal is picked (default: %(default)s)")
-        add("--long-term-epochs", type=non_negative_int, default=d["long_term_epochs"].default, help="epochs of fine-tuning after the search (default: %(default)s)")
-        add("--long-term-lr", type=positive_float, default=d["long_term_lr"].default, help="learning rate of long-term fine-tuning (default: %(default)s)")
+        add("--short-term-lr", type=positive_float, default=d["short_term_lr"].default,
+            help="learning rate of short-term fine-tuning (default: %(default)s)")
+        add("--selection", choices=SELECTION_RULES, default=d["selection"].default,
+            help="how the best proposal is picked (default: %(default)s)")
+        add("--long-term-epochs", type=non_negative_int, default=d["long_term_epochs"].default,
+            help="epochs of fine-tuning after the search (default: %(default)s)")
+        add("--long-term-lr", type=positive_float, default=d["long_term_lr"].default,
+            help="learning rate of long-term fine-tuning (default: %(default)s)")
         add("--resume", action="store_true", help="continue the run in --out after its last completed iteration "
             "(rerunning the same command does this by itself; kept for scripts that pass it)")
         add("--int8", action="store_true", help="also export an int8 model quantized with representative data")
@@ -135,8 +154,8 @@ def _open_devices(args, meta: dict) -> tuple[object, object, str | None]:
 
 def _setup(args) -> _Setup:
     from adapter.data import load_dataset
-    from lut.models import load_model
     from adapter.train import SPLIT_SEED, TrainingRecord, record_path
+    from lut.models import load_model
 
     for what, path in (("--model", args.model), ("--lut", args.lut)):
         if not Path(path).is_file():
@@ -179,9 +198,9 @@ def _config(args):
 def _long_term(args, setup: _Setup, result, config, out: Path):
     """adapted.keras: the search's model fine-tuned for the long-term epochs (reused on
     --resume when it is the search's model: a resumed search may have gone further)."""
-    from lut.models import load_model
     from adapter.netadapt import long_term_finetune
     from adapter.surgery import channel_counts
+    from lut.models import load_model
 
     path = out / "adapted.keras"
     if args.resume and path.is_file():
@@ -271,7 +290,9 @@ def _baseline_fields(args, setup: _Setup, budget_ms: float, measured_budget, out
     if getattr(args, "resume", False) and saved.is_file():
         return dataclasses.asdict(BaselineResult.load(saved))
     recipe = recipe_of(setup.model, args.model)
-    epochs = args.baseline_epochs if args.baseline_epochs is not None else (matched_epochs(recipe, out, len(setup.data.train)) or recipe.epochs)
+    epochs = args.baseline_epochs
+    if epochs is None:
+        epochs = matched_epochs(recipe, out, len(setup.data.train)) or recipe.epochs
     result = run_baseline(
         recipe, setup.data, setup.estimator, budget_ms, out, epochs=epochs, device=setup.check_device,
         select_by=args.select_by, measured_budget_ms=measured_budget, alpha_step=args.alpha_step,

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from adapter.errors import AdapterError
-from lut.cli import number, positive_int
 from adapter.netadapt import ensure_estimable, estimate_ms
+from lut.cli import number, positive_int
 from profiler.monitor import MonitorPolicy
 
 __all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "alpha_grid", "main", "matched_epochs", "recipe_of", "run_baseline"]
@@ -110,8 +110,8 @@ def alpha_for_budget(
     """The largest α = recipe.alpha − k·alpha_step (k ≥ 1) whose LUT estimate is ≤ `budget_ms`,
     and that estimate. LUT entries α needs and lacks are measured on `device` (under the
     conditions monitor's `policy`, as `ensure_estimable` takes it)."""
-    from lut.models import build_model
     from lut.keras_specs import specs_of_keras
+    from lut.models import build_model
 
     for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
@@ -205,9 +205,9 @@ def run_baseline(
     import keras
 
     from adapter.export import export_tflite, measure_models
-    from lut.models import build_model
     from adapter.surgery import channel_counts
     from adapter.train import evaluate, evaluate_split, fit
+    from lut.models import build_model
 
     if select_by not in ("estimate", "measured"):
         raise AdapterError(f"select_by must be 'estimate' or 'measured'; received {select_by!r}.")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from adapter.errors import AdapterError
+from lut.table import Measurement, MeasurementFailure
+from profiler.devices import open_device
 
 __all__ = [
     "ModelMeasurement",
@@ -24,7 +27,7 @@ __all__ = [
     "tflite_accuracy",
 ]
 
-_HOST_FINAL_TIMING = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
+_HOST_FINAL_TIMING: dict[str, Any] = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
 
 
 def export_tflite(model, path: str | Path, *, representative_data=None) -> bytes:
@@ -47,8 +50,6 @@ def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int 
 
 def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None):
     """The device that measures whole models: the host with longer timing, else `open_device`."""
-    from profiler.devices import open_device
-
     if name == "host" and backend == "cpu":
         from profiler.host import HostDevice, TimingPolicy
 
@@ -70,14 +71,14 @@ class ModelMeasurement:
 def measure_models(device, models: Mapping[str, bytes], *, repeats: int = 3) -> dict[str, ModelMeasurement]:
     """Measure each named `.tflite` `repeats` times, interleaved (so drift hits every model
     alike), and keep the repeat with the lowest median: background load only adds time."""
-    from lut.table import MeasurementFailure
-
-    best: dict[str, object] = {}
+    best: dict[str, Measurement | MeasurementFailure] = {}
     for _ in range(repeats):
         for name, result in device.measure(list(models.items())):
             if isinstance(result, MeasurementFailure):
                 best.setdefault(name, result)
-            elif not hasattr(best.get(name), "median_us") or result.median_us < best[name].median_us:
+                continue
+            kept = best.get(name)
+            if not isinstance(kept, Measurement) or result.median_us < kept.median_us:
                 best[name] = result
     return {name: _as_ms(best.get(name)) for name in models}
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from adapter.errors import AdapterError
+from profiler.interleave import Interleaved, measure_interleaved
 
 __all__ = ["LUT_TOLERANCE", "ROUNDS", "ModelChecker", "Verdict", "budget_verdict"]
 
@@ -50,13 +51,11 @@ class ModelChecker:
                  lut_tolerance: float = LUT_TOLERANCE):
         self.device, self.monitor, self.rounds, self.lut_tolerance = device, monitor, rounds, lut_tolerance
         self.original, self.out = original_tflite, Path(out_dir)
-        self.last = None  # the latest `Interleaved`
+        self.last: Interleaved | None = None  # the latest interleaved measurement
 
     def _measure(self, models: Mapping[str, bytes]):
         """An interleaved measurement taken while the device was quiet, or None when it stayed
         disturbed for the monitor's tries."""
-        from profiler.interleave import measure_interleaved
-
         for attempt in range(self.monitor.policy.max_tries if self.monitor else 1):
             if attempt:
                 self.monitor.wait_quiet()

@@ -376,7 +376,8 @@ class ModelGraph:
         for block in channels:
             inner, offset = [], 0
             for segment in block.segments:
-                kept = keep.get(next(groups_left))
+                group = next(groups_left)
+                kept = keep.get(group) if group is not None else None
                 inner.append(offset + (np.arange(segment.size) if kept is None else kept))
                 offset += segment.size
             repeats = np.arange(block.scale)[:, None] * block.width
@@ -414,7 +415,8 @@ def _topological_nodes(model) -> list:
 
 
 def _trace(model) -> tuple[_Sources, list[LayerChannels]]:
-    sources, layers, channels_of, seen = _Sources(), [], {}, set()
+    sources, layers, seen = _Sources(), [], set()
+    channels_of: dict[int, Channels] = {}
     for node in _topological_nodes(model):
         layer = node.operation
         rule = rule_for(layer)

@@ -235,7 +235,9 @@ def estimate_ms(estimator, model, out_channels: Mapping[str, int] | None = None)
         raise AdapterError(str(e)) from e
 
 
-def ensure_estimable(estimator, specs, device=None, *, log: Callable[[str], None] = print, policy: MonitorPolicy | None = MonitorPolicy()) -> int:
+def ensure_estimable(
+    estimator, specs, device=None, *, log: Callable[[str], None] = print, policy: MonitorPolicy | None = MonitorPolicy()
+) -> int:
     """Make every spec of `specs` estimable from `estimator`'s LUT, measuring what is missing.
 
     Specs the LUT can neither look up nor interpolate are measured on `device` in one

@@ -37,6 +37,7 @@ def filter_norms(model: keras.Model, group: ChannelGroup) -> np.ndarray:
                 "again after each prune."
             ) from e
         rule = rule_for(layer)
+        assert rule.norm_weight is not None  # a producer's rule names the weight its filters are ranked by
         kernel = keras.ops.convert_to_numpy(_variable(layer, rule.norm_weight))
         if kernel.shape[-1] != group.size:
             raise PruningError(
@@ -178,7 +179,7 @@ def _sliced_weights(graph: ModelGraph, weights, keep: Mapping[str, np.ndarray]) 
             values = dict(values)
             for positions, axes in ((in_positions, rule.prune_in), (out_positions, rule.prune_out)):
                 for weight, axis in axes if positions is not None else ():
-                    if weight in values:
+                    if weight in values and positions is not None:
                         values[weight] = np.take(values[weight], positions, axis=axis)
         sliced[name] = values
     return sliced

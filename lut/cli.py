@@ -21,6 +21,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from lut.errors import PhonefitError
 
@@ -70,18 +71,20 @@ class HelpFormatter(argparse.HelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line, `PROG: error: REASON (see --help)`, exit 2."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
 
 
 _KIND_WORDS = {int: "an integer", float: "a number"}
 
 
-def number(kind: type, low: float = -math.inf, high: float = math.inf, *, open_low: bool = True, open_high: bool = False):
+def number(
+    kind: type, low: float = -math.inf, high: float = math.inf, *, open_low: bool = True, open_high: bool = False
+) -> Callable[[str], Any]:
     """An argparse `type`: a finite `kind` (int or float) in the interval from `low` to `high`.
 
     Refuses what does not parse, NaN, infinities and values outside the interval with
@@ -96,7 +99,7 @@ def number(kind: type, low: float = -math.inf, high: float = math.inf, *, open_l
     else:
         wanted = f"{_KIND_WORDS[kind]} in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
 
-    def parse(text: str):
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except (TypeError, ValueError):
@@ -140,7 +143,7 @@ def _folder_problem(folder: Path, option: str, path: Path) -> str | None:
     return None
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """`path` as a file this command can create or overwrite, checked before the work starts.
 
     Refuses a folder, a path under a file, an unwritable file or an unwritable folder
@@ -161,7 +164,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
-def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """`path` as a folder this command can create or write into, checked before the work starts."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -266,7 +269,7 @@ def quiet_litert_notice() -> None:
         return
     original = Interpreter.allocate_tensors
 
-    def allocate_tensors(self, *args, **kwargs):
+    def allocate_tensors(self: Any, *args: Any, **kwargs: Any) -> Any:
         Interpreter.allocate_tensors = original  # only the first allocation prints the notice
         sys.stderr.flush()
         saved = os.dup(2)

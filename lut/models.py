@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lut.spec import LutError
 
@@ -34,22 +35,27 @@ class ModelSpec:
     """How to build one architecture: its backbone, its head and its ImageNet widths."""
 
     name: str
-    backbone: Callable  # (alpha, input_shape, weights) -> headless keras.Model
-    head: Callable  # (features, classes) -> softmax output tensor
+    backbone: Callable[[float, tuple[int, int, int], str | None], Any]  # (alpha, input_shape, weights) -> headless keras.Model
+    head: Callable[[Any, int], Any]  # (features, classes) -> softmax output tensor
     imagenet_alphas: tuple[float, ...]
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, head: Callable, imagenet_alphas: tuple[float, ...]):
+_Backbone = Callable[[float, tuple[int, int, int], str | None], Any]
+
+
+def register_model(
+    name: str, *, head: Callable[[Any, int], Any], imagenet_alphas: tuple[float, ...]
+) -> Callable[[_Backbone], _Backbone]:
     """Register the decorated `backbone(alpha, input_shape, weights)` as model `name`.
 
     `head(features, classes)` puts the classifier on the backbone's output; `imagenet_alphas`
     are the widths that have ImageNet weights.
     """
 
-    def register(backbone: Callable) -> Callable:
+    def register(backbone: _Backbone) -> _Backbone:
         if name in MODELS:
             raise ValueError(f"A model named {name!r} is already registered.")
         MODELS[name] = ModelSpec(name, backbone, head, tuple(imagenet_alphas))
@@ -58,7 +64,7 @@ def register_model(name: str, *, head: Callable, imagenet_alphas: tuple[float, .
     return register
 
 
-def _mobilenet_v1_head(features, classes: int):
+def _mobilenet_v1_head(features: Any, classes: int) -> Any:
     from keras import layers
 
     x = layers.GlobalAveragePooling2D(keepdims=True)(features)
@@ -68,7 +74,7 @@ def _mobilenet_v1_head(features, classes: int):
     return layers.Activation("softmax", name="predictions")(x)
 
 
-def _mobilenet_v2_head(features, classes: int):
+def _mobilenet_v2_head(features: Any, classes: int) -> Any:
     from keras import layers
 
     x = layers.GlobalAveragePooling2D()(features)
@@ -76,7 +82,7 @@ def _mobilenet_v2_head(features, classes: int):
 
 
 @register_model("mobilenet_v1", head=_mobilenet_v1_head, imagenet_alphas=(0.25, 0.5, 0.75, 1.0))
-def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str | None):
+def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str | None) -> Any:
     import keras
 
     return keras.applications.MobileNet(
@@ -87,7 +93,7 @@ def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str 
 @register_model(
     "mobilenet_v2", head=_mobilenet_v2_head, imagenet_alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 )
-def _mobilenet_v2(alpha: float, input_shape: tuple[int, int, int], weights: str | None):
+def _mobilenet_v2(alpha: float, input_shape: tuple[int, int, int], weights: str | None) -> Any:
     import keras
 
     return keras.applications.MobileNetV2(
@@ -102,7 +108,7 @@ def build_model(
     resolution: int = 224,
     classes: int = 1000,
     weights: str | None = None,
-):
+) -> Any:
     """A new `name` model: width multiplier `alpha`, input (resolution, resolution, 3).
 
     `weights`: None (random initialisation) or "imagenet" (downloads the ImageNet backbone
@@ -130,7 +136,7 @@ def build_model(
     return _assemble(spec, float(alpha), resolution, classes, weights)
 
 
-def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weights: str | None):
+def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weights: str | None) -> Any:
     import keras
 
     try:
@@ -146,7 +152,7 @@ def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weig
     return keras.Model(backbone.input, outputs, name=f"{spec.name}_{alpha:g}_{resolution}")
 
 
-def load_model(path_or_name: str | os.PathLike, **build_kwargs):
+def load_model(path_or_name: str | os.PathLike[str], **build_kwargs: Any) -> Any:
     """A saved model (a `.keras` file, loaded uncompiled) or a new one built by name.
 
     `build_kwargs` (alpha, resolution, classes, weights) apply to names only; a file is
@@ -209,7 +215,7 @@ def _check_keras_archive(path: Path) -> None:
     )
 
 
-def as_functional(model, source: str = "the model"):
+def as_functional(model: Any, source: str = "the model") -> Any:
     """`model` as a functional Keras model, the graph phonefit reads; a Sequential is rebuilt as one.
 
     Refuses what has no layer graph (a subclassed model), no fixed image input, or several inputs.

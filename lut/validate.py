@@ -18,13 +18,22 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from lut.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, quiet_litert_notice, run_command
+from lut.cli import (
+    ArgumentParser,
+    check_output_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    quiet_litert_notice,
+    run_command,
+)
 from lut.latency import LatencyEstimator, specs_of
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LutError
-from profiler.monitor import add_monitor_arguments, monitor_policy  # the measuring half (issue 10 moves it up)
 from lut.table import LatencyTable, MeasurementFailure
+from profiler.monitor import add_monitor_arguments, monitor_policy  # the measuring half (issue 10 moves it up)
 
 __all__ = ["summarize", "validate", "main"]
 
@@ -45,14 +54,14 @@ def summarize(predicted_us: Sequence[float], measured_us: Sequence[float]) -> di
     }
 
 
-def _random_counts(groups, step: int, rng) -> dict[str, int]:
+def _random_counts(groups: Any, step: int, rng: Any) -> dict[str, int]:
     from profiler.plan import channel_grid
 
     return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
 
 
-def validate(model, table: LatencyTable, device, *, samples: int, seed: int, repeats: int = 5, progress: bool = True,
-             monitor=None) -> list[dict]:
+def validate(model: Any, table: LatencyTable, device: Any, *, samples: int, seed: int, repeats: int = 5,
+             progress: bool = True, monitor: Any = None) -> list[dict[str, Any]]:
     """Measure `samples` random pruned variants of `model` on `device`; one row per variant.
 
     The variants are measured interleaved, `repeats` rounds through all of them, and each
@@ -94,7 +103,7 @@ def validate(model, table: LatencyTable, device, *, samples: int, seed: int, rep
             for i, (name, counts, predicted, _) in enumerate(variants)]
 
 
-def _plot(rows: list[dict], path: str, title: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=positive_int, default=1000, help="classes of a named model")
     parser.add_argument("--samples", type=positive_int, default=30, help="variants to draw (the first is the unpruned model)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random channel counts")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="rounds through all variants, interleaved; each variant's median over them counts")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="rounds through all variants, interleaved; each variant's median over them counts")
     parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_monitor_arguments(parser)
@@ -136,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(parser.prog, lambda: _main(args), on_interrupt="nothing was written; run the same command again")
 
 
-def _main(args) -> int:
+def _main(args: Any) -> int:
     if args.json:  # before measuring every variant, not after
         check_output_file(args.json, "--json")
         check_output_file(os.path.splitext(args.json)[0] + ".png", "--json's plot")
@@ -149,7 +159,9 @@ def _main(args) -> int:
     with LatencyTable.open(args.lut) as table:
         meta = table.meta
         model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
-        device = open_device(args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices)
+        device = open_device(
+            args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices
+        )
         if meta.get("device") != args.device:
             print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
         try:

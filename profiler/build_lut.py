@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from lut.cli import ArgumentParser, check_output_file, positive_float, positive_int, quiet_litert_notice, run_command
+from lut.latency import CacheContext
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
-from lut.latency import CacheContext
+from profiler.devices import Device
 from profiler.errors import ProfilerError
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
 
@@ -61,7 +62,7 @@ class BuildSummary:
         )
 
 
-def default_lut_path(device: str, backend: str, threads: int) -> str:
+def default_lut_path(device: str, backend: str, threads: object) -> str:
     return f"luts/{device}-gpu.sqlite" if backend == "gpu" else f"luts/{device}-cpu-{threads}t.sqlite"
 
 
@@ -108,9 +109,12 @@ def open_monitor(device, table: LatencyTable, policy: MonitorPolicy | None, log=
     return monitor
 
 
-def _measured(device, monitor: ConditionsMonitor | None, models) -> Iterator[tuple[str, object, float | None]]:
+def _measured(
+    device: Device, monitor: ConditionsMonitor | None, models: Iterable[tuple[str, bytes]]
+) -> Iterator[tuple[str, Measurement | MeasurementFailure, float | None]]:
     if monitor is None:
-        return ((model_id, result, None) for model_id, result in device.measure(models))
+        # devices stream their input (Device.measure says Sequence; the profiler branch types it Iterable)
+        return ((model_id, result, None) for model_id, result in device.measure(models))  # type: ignore[arg-type]
     return monitor.measure(models)
 
 
@@ -201,13 +205,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0].rstrip(".") + ". Resumable: rerun the same command to finish an interrupted run.",
     )
     parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
-    parser.add_argument("--devices", metavar="FILE", help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
-    parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu", help="which processor of the device to measure; 'both' writes one LUT each")
-    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras", help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT (default: mobilenet_v1)")
+    parser.add_argument("--devices", metavar="FILE",
+                        help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
+    parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu",
+                        help="which processor of the device to measure; 'both' writes one LUT each")
+    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras",
+                        help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT "
+                             "(default: mobilenet_v1)")
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of named models")
     parser.add_argument("--resolution", type=positive_int, default=224, help="input size of named models (pixels)")
     parser.add_argument("--classes", type=positive_int, default=1000, help="classes of named models")
-    parser.add_argument("--step", type=positive_int, help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
+    parser.add_argument("--step", type=positive_int,
+                        help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
     parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
@@ -251,13 +260,15 @@ def _main(args: argparse.Namespace) -> int:
             out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
             check_output_file(out, "--out")
             with open_lut(out, device, step) as table:
+                def log(message: str, out: str = out) -> None:
+                    print(f"{out}: {message}", file=sys.stderr)
+
                 print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
                 policy = monitor_policy(args)
                 summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress,
                                     policy=policy)
                 print(f"{out}: {summary}")
-                calibrate_cache_context(device, table, policy=policy,
-                                        log=lambda message: print(f"{out}: {message}", file=sys.stderr))
+                calibrate_cache_context(device, table, policy=policy, log=log)
                 if args.csv:
                     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
                     table.to_csv(args.csv)

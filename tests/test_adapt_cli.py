@@ -9,9 +9,8 @@ from pathlib import Path
 import keras
 import pytest
 
-from tests.conftest import LENIENT_FLAGS
-
 from adapter.adapt import run_cli
+from tests.conftest import LENIENT_FLAGS
 from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import stat
 import subprocess
 import sys
 import tempfile
@@ -15,10 +14,9 @@ from pathlib import Path
 import keras
 import pytest
 
-from tests.conftest import LENIENT_FLAGS
-
 from lut.errors import LutError
 from lut.table import LatencyTable
+from tests.conftest import LENIENT_FLAGS
 
 REPO = Path(__file__).parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}

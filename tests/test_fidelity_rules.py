@@ -30,9 +30,9 @@ def _recorded_lut(path) -> LatencyTable:
 
 @pytest.mark.timeout(300)
 def test_the_cache_context_predicts_recorded_whole_models_the_entries_sum_misses(tmp_path):
+    from adapter.surgery import prune_to_counts
     from lut.latency import specs_of
     from lut.models import build_model
-    from adapter.surgery import prune_to_counts
 
     wholes = json.loads((DATA / "host_v1a05_32_wholes.json").read_text())
     model = build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)

@@ -17,8 +17,6 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import LENIENT, LENIENT_FLAGS
-
 from adapter import netadapt
 from adapter.errors import AdapterError
 from adapter.flex import FlexTrainer, model_weights, unsupported_layers
@@ -28,6 +26,7 @@ from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts
 from lut.keras_specs import specs_of_keras
 from lut.latency import LatencyEstimator
 from lut.table import LatencyTable, Measurement
+from tests.conftest import LENIENT, LENIENT_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DEVICE = "fakephone"  # not in any devices.toml: CLIs find the LUT's device unreachable
@@ -168,7 +167,9 @@ def test_proposals_are_the_largest_grid_counts_that_meet_the_target(v1, estimato
     proposals = {p.group: p for p in netadapt._proposals(latency, 8, target)}
     assert proposals, "a 3% cut must be reachable by some group"
     for group in groups:
-        full = lambda count: netadapt.estimate_ms(estimator, v1, {name: count for name in group.producers})  # noqa: E731
+        def full(count: int, group=group) -> float:
+            return netadapt.estimate_ms(estimator, v1, {name: count for name in group.producers})
+
         counts = latency.candidates(group.id, 8)
         assert counts == list(range((group.size - 1) // 8 * 8, 0, -8))
         for count in counts:  # the per-group shortcut is exact
