@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,9 +47,20 @@ import numpy as np
 
 from adapter.data import Dataset, Split
 from adapter.errors import AdapterError
+from adapter.latency import (
+    MAX_RECALIBRATIONS,
+    OVER_BUDGET_TOLERANCE,
+    OVER_PRUNED,
+    Budget,
+    GroupLatency,
+    ensure_estimable,
+    estimate_ms,
+)
+from lut.keras_specs import specs_of_keras
 from profiler.monitor import MonitorPolicy
 
 __all__ = [
+    "HOLDOUT_SIZE",
     "MAX_RECALIBRATIONS",
     "SELECTION_RULES",
     "SearchStopped",
@@ -79,69 +89,11 @@ _HISTORY_FIELDS = (
 )
 _PROPOSAL_FIELDS = ("iteration", "group", "count", "estimated_ms", "holdout_accuracy", "train_loss", "chosen")
 _EPSILON_MS = 1e-9
-MAX_RECALIBRATIONS = 3
-OVER_BUDGET_TOLERANCE = 0.03  # a measured fraction within 3% above the budget meets it
-OVER_PRUNED = 0.10  # a measured fraction more than 10% under the budget is over-pruned
+HOLDOUT_SIZE = 2000  # training images kept out to rank proposals (the default of every search command)
 MAX_WALK_BACK = 6
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """A latency budget: `value` ms, or (`relative`) a fraction of the original model's
-    latency: measured on the device when that is known, else estimated (see `lut_ms`)."""
-
-    value: float
-    relative: bool
-
-    def __post_init__(self):
-        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
-            raise AdapterError(f"A budget must be a positive number; received {self.value!r}.")
-        if self.relative and self.value >= 1:
-            raise AdapterError(
-                f"A relative budget must be a fraction of the original latency in (0, 1); received "
-                f"{self.value}. Write an absolute budget with a unit, e.g. '{self.value}ms'."
-            )
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """'0.5' (half the original estimate), '50%', or an absolute '12ms' / '12 ms'."""
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|%)?\s*", str(text))
-        if match is None:
-            raise AdapterError(
-                f"A budget is a fraction of the original latency ('0.5'), a percentage ('50%') or "
-                f"milliseconds ('12ms'); received {text!r}."
-            )
-        value, unit = float(match[1]), match[2]
-        return cls(value, relative=False) if unit == "ms" else cls(value / 100 if unit == "%" else value, relative=True)
-
-    def ms(self, original_ms: float) -> float:
-        """The budget in ms for a model whose latency is `original_ms`."""
-        return self.value * original_ms if self.relative else float(self.value)
-
-    def lut_ms(self, estimated_ms: float, measured_ms: float | None = None) -> float:
-        """The budget in the LUT's terms, for an original model estimated at `estimated_ms`.
-
-        A relative budget is a ratio, so in the LUT's terms it is that fraction of the
-        original's estimate, whatever the device measured. An absolute one is scaled by the
-        original's estimate over its measurement: a multiplicative calibration, which one
-        disturbed measurement moves by its own error, where an additive offset (measured −
-        estimated) moved a 60% budget to 28% of the estimate.
-        """
-        if self.relative or measured_ms is None:
-            return self.ms(estimated_ms)
-        return self.value * estimated_ms / measured_ms
-
-    def fraction(self, measured_original_ms: float | None) -> float | None:
-        """The budget as a fraction of the original's measured latency (None: not known)."""
-        if self.relative:
-            return self.value
-        return None if measured_original_ms is None else self.value / measured_original_ms
-
-    def __str__(self) -> str:
-        return f"{self.value:g} of the original" if self.relative else f"{self.value:g} ms"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +116,7 @@ class NetAdaptConfig:
     short_term_steps: int = 50
     batch_size: int = 128
     short_term_lr: float = 5e-4
-    holdout_size: int = 2000
+    holdout_size: int = HOLDOUT_SIZE
     selection: str = "accuracy"
     long_term_epochs: int = 4
     long_term_lr: float = 1e-3
@@ -221,108 +173,6 @@ def _require_positive_int(name: str, value, *, allow_zero: bool = False) -> None
         raise AdapterError(f"{name} must be {kind}; received {name}={value!r}.")
 
 
-# --------------------------------------------------------------------------- LUT estimates
-
-
-def estimate_ms(estimator, model, out_channels: Mapping[str, int] | None = None) -> float:
-    """The LUT estimate of `model` (pruned to `out_channels` per Conv2D/Dense), in ms."""
-    from lut.keras_specs import specs_of_keras
-    from lut.spec import LutError
-
-    try:
-        return estimator.total_us(specs_of_keras(model, out_channels)) / 1000
-    except LutError as e:
-        raise AdapterError(str(e)) from e
-
-
-def ensure_estimable(
-    estimator, specs, device=None, *, log: Callable[[str], None] = print, policy: MonitorPolicy | None = MonitorPolicy()
-) -> int:
-    """Make every spec of `specs` estimable from `estimator`'s LUT, measuring what is missing.
-
-    Specs the LUT can neither look up nor interpolate are measured on `device` in one
-    batch (`profiler.build_lut.build_lut`, which keeps the LUT's per-invocation overhead, so
-    estimates before and after stay comparable, under the conditions monitor's `policy`, None
-    for none) and stored in the LUT; without a device, or
-    if a measurement fails, raises `AdapterError`. Returns how many were measured.
-    """
-    missing = estimator.missing(specs)
-    if not missing:
-        return 0
-    path = estimator.table.path
-    if device is None:
-        raise AdapterError(
-            f"The LUT {path} cannot estimate {len(missing)} layer(s) the search needs (e.g. "
-            f"{missing[0].key}) and no device is reachable to measure them. Build the LUT for this "
-            "model (`python -m profiler.build_lut --model ... --resolution ...`) or make its device reachable."
-        )
-    from profiler.build_lut import build_lut
-
-    log(f"measuring {len(missing)} layer(s) missing from {path} on {device.name}")
-    build_lut(device, missing, estimator.table, retry_failed=True, progress=False, policy=policy)
-    estimator.refresh()
-    still = estimator.missing(specs)
-    if still:
-        result = estimator.table.lookup(still[0])
-        reason = getattr(result, "error", "no result")
-        raise AdapterError(
-            f"{len(still)} layer(s) could not be measured on {device.name} for {path}, e.g. "
-            f"{still[0].key}: {reason}."
-        )
-    return len(missing)
-
-
-class _GroupLatency:
-    """The LUT estimate of the current model with one group's channel count changed.
-
-    A spec's channel fields are affine in a group's channel count (a direct consumer:
-    slope 1; a Flatten before a Dense: slope H×W; a Concatenate adds an offset), so the
-    specs of any count follow from the model's specs and those with the group one
-    channel smaller, without walking the model again.
-    """
-
-    def __init__(self, model, groups, estimator, specs_of: Callable):
-        self.estimator, self.groups = estimator, {g.id: g for g in groups}
-        self.base = specs_of(model, {})
-        self._slopes: dict[str, list[tuple[int, int, int]]] = {}
-        for group in groups:
-            if group.size > 1:
-                shrunk = specs_of(model, {name: group.size - 1 for name in group.producers})
-                self._slopes[group.id] = [
-                    (i, a.cin - b.cin, a.cout - b.cout)
-                    for i, (a, b) in enumerate(zip(self.base, shrunk, strict=True))
-                    if (a.cin, a.cout) != (b.cin, b.cout)
-                ]
-
-    @property
-    def total_ms(self) -> float:
-        """The estimate of the current model."""
-        return self.estimator.total_us(self.base) / 1000
-
-    def specs_at(self, group_id: str, count: int) -> list:
-        """The specs that change when the group has `count` channels, at that count."""
-        return [spec for _, spec in self._changed(group_id, count)]
-
-    def _changed(self, group_id: str, count: int):
-        removed = self.groups[group_id].size - count
-        for i, d_in, d_out in self._slopes.get(group_id, []):
-            spec = self.base[i]
-            yield i, spec.replace(cin=spec.cin - removed * d_in, cout=spec.cout - removed * d_out)
-
-    def total_ms_at(self, group_id: str, count: int) -> float:
-        """The estimate of the model with the group at `count` channels (as `estimator.total_us`
-        computes it for the whole model)."""
-        specs = list(self.base)
-        for i, spec in self._changed(group_id, count):
-            specs[i] = spec
-        return self.estimator.total_us(specs) / 1000
-
-    def candidates(self, group_id: str, step: int) -> list[int]:
-        """Counts on the grid below the group's current size, largest first."""
-        size = self.groups[group_id].size
-        return [c for c in range((size - 1) // step * step, 0, -step)] if group_id in self._slopes else []
-
-
 @dataclasses.dataclass(frozen=True)
 class Proposal:
     """One group pruned to `count` channels, estimated at `estimated_ms`."""
@@ -332,7 +182,7 @@ class Proposal:
     estimated_ms: float
 
 
-def _proposals(latency: _GroupLatency, step: int, target_ms: float) -> list[Proposal]:
+def _proposals(latency: GroupLatency, step: int, target_ms: float) -> list[Proposal]:
     proposals = []
     for group_id in latency.groups:
         for count in latency.candidates(group_id, step):
@@ -343,7 +193,7 @@ def _proposals(latency: _GroupLatency, step: int, target_ms: float) -> list[Prop
     return proposals
 
 
-def _candidate_specs(latency: _GroupLatency, step: int) -> list:
+def _candidate_specs(latency: GroupLatency, step: int) -> list:
     specs = list(latency.base)
     for group_id in latency.groups:
         for count in latency.candidates(group_id, step):
@@ -601,10 +451,9 @@ def _iteration_batches(run: NetAdaptRun, iteration: int) -> _Batches:
     return _Batches(x, y, sample, run.x_holdout, run.y_holdout, config.seed * 10007 + iteration)
 
 
-def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[_GroupLatency, list[Proposal]]:
-    from lut.keras_specs import specs_of_keras
+def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[GroupLatency, list[Proposal]]:
 
-    latency = _GroupLatency(model, groups, run.estimator, specs_of_keras)
+    latency = GroupLatency(model, groups, run.estimator, specs_of_keras)
     ensure_estimable(run.estimator, _candidate_specs(latency, run.step), run.device, log=run.log, policy=run.policy)
     return latency, _proposals(latency, run.step, target_ms)
 
@@ -686,7 +535,6 @@ def _lut_step(table) -> int:
 
 def _check_reachable(run: NetAdaptRun, model, groups) -> None:
     """Refuse budgets that the schedule, or the smallest model the grid allows, cannot reach."""
-    from lut.keras_specs import specs_of_keras
 
     config, original, budget = run.config, run.original_ms, run.budget_ms
     needed = 1 - budget / original
@@ -771,7 +619,6 @@ def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir
     and the budget (`Budget.lut_ms`; checked to be reachable), the grid step and the
     proposal trainer."""
     from adapter.graph import find_groups
-    from lut.keras_specs import specs_of_keras
 
     if len(data.holdout) < config.holdout_size:
         raise AdapterError(

@@ -3,7 +3,7 @@
 `tests/data/host_v1a05_32.csv.gz` is a LUT for MobileNetV1 α=0.5 at 32 px (step 16) built
 on this project's development CPU on a quiet machine, with its cache context; and
 `host_v1a05_32_wholes.json` holds 30 random prunings of that model measured whole there,
-interleaved (5 rounds, median), by `python -m lut.validate --samples 30 --seed 0`.
+interleaved (5 rounds, median), by `python -m adapter.validate_lut --samples 30 --seed 0`.
 """
 import csv
 import gzip
@@ -78,7 +78,7 @@ def _interleaved(original_us, adapted_us):
 ])
 def test_a_relative_budget_is_judged_by_the_ratio_of_interleaved_medians(adapted, status):
     from adapter.final_check import budget_verdict
-    from adapter.netadapt import Budget
+    from adapter.latency import Budget
 
     # a machine-wide slowdown in round 3 hits both models and cancels in the ratio
     original = (100, 101, 150, 99, 100)
@@ -92,7 +92,7 @@ def test_a_relative_budget_is_judged_by_the_ratio_of_interleaved_medians(adapted
 
 def test_no_verdict_is_taken_when_the_device_stayed_disturbed():
     from adapter.final_check import budget_verdict
-    from adapter.netadapt import Budget
+    from adapter.latency import Budget
     from profiler.interleave import Interleaved
     from profiler.monitor import Check
 
