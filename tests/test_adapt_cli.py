@@ -10,6 +10,7 @@ import keras
 import pytest
 
 from adapter.adapt import run_cli
+from adapter.baseline import main as baseline_main
 from tests.conftest import LENIENT_FLAGS
 from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
 
@@ -40,7 +41,7 @@ def _argv(files, tmp_path, **changes):
 
 
 def _one_line_error(capsys, argv, match: str, *, baseline_only: bool = False) -> str:
-    assert run_cli(argv, baseline_only=baseline_only) == 2
+    assert (baseline_main if baseline_only else run_cli)(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(("python -m adapter.adapt: error:", "python -m adapter.baseline: error:"))
     assert "Traceback" not in "\n".join(err)

@@ -1,14 +1,11 @@
-"""The baseline a user would compare NetAdapt against: the width multiplier scaled down.
+"""The width-multiplier search: the baseline a user would compare NetAdapt against.
 
-    python -m adapter.baseline --model runs/base.keras --lut luts/host-cpu-1t.sqlite \\
-        --budget 0.5 --data fashion_mnist --out runs/adapt
-
-finds the largest width multiplier α (on a grid of `--alpha-step` below the base model's)
+It finds the largest width multiplier α (on a grid of `--alpha-step` below the base model's)
 whose LUT-estimated latency meets the budget (or, with `--select-by measured`, whose
 whole-model latency measured on the device meets the measured budget), trains that model
 from scratch with the base model's recipe, exports and measures it, and writes
-`OUT/baseline/` (baseline.keras, baseline.tflite, baseline.json). `adapter.adapt` puts it
-next to the NetAdapt result in its report. Epochs: by default as many as the NetAdapt
+`OUT/baseline/` (baseline.keras, baseline.tflite, baseline.json). `python -m adapter.baseline`
+runs it alone; `adapter.adapt --baseline` puts it next to the NetAdapt result in its report. Epochs: by default as many as the NetAdapt
 model in OUT saw in all (base training + the short-term steps of its chosen proposals +
 long-term fine-tuning), else the base model's.
 """
@@ -18,17 +15,36 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from adapter.data import Dataset
 from adapter.errors import AdapterError
-from adapter.netadapt import ensure_estimable, estimate_ms
+from adapter.export import export_tflite, measure_models, tflite_accuracy
+from adapter.latency import Estimator, ensure_estimable, estimate_ms
+from adapter.netadapt import STATE_FILE, read_history
+from adapter.train import TrainingRecord, evaluate, evaluate_split, fit, record_path
 from lut.cli import number, positive_int
-from profiler.monitor import MonitorPolicy
+from lut.keras_specs import specs_of_keras
+from lut.models import MODELS, build_model
+from profiler.convert import keras_to_tflite
+from profiler.devices import Device
+from profiler.monitor import MonitorPolicy, monitor_policy
 
-__all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "alpha_grid", "main", "matched_epochs", "recipe_of", "run_baseline"]
+__all__ = [
+    "BASELINE_DIR",
+    "BaselineResult",
+    "ModelRecipe",
+    "add_width_multiplier_arguments",
+    "alpha_for_budget",
+    "alpha_grid",
+    "baseline_fields",
+    "matched_epochs",
+    "recipe_of",
+    "run_baseline",
+]
 
 BASELINE_DIR = "baseline"
 
@@ -48,17 +64,13 @@ class ModelRecipe:
     augment: bool = True
 
 
-def recipe_of(model, model_path: str | Path) -> ModelRecipe:
+def recipe_of(model: Any, model_path: str | Path) -> ModelRecipe:
     """The recipe in the `.json` record `adapter.train` wrote next to `model_path`, or what
     `model.name` (`mobilenet_v1_0.5_32`, as `lut.models` names models) tells."""
-    from adapter.train import TrainingRecord, record_path
-
     path = record_path(model_path)
     if path.is_file():
         r = TrainingRecord.load(path)
         return ModelRecipe(r.model, r.alpha, r.resolution, r.classes, r.epochs, r.batch_size, r.lr, r.optimizer, r.augment)
-    from lut.models import MODELS
-
     for name in MODELS:
         prefix = f"{name}_"
         if model.name.startswith(prefix):
@@ -99,20 +111,17 @@ def alpha_grid(base_alpha: float, alpha_step: float) -> list[float]:
 
 def alpha_for_budget(
     recipe: ModelRecipe,
-    estimator,
+    estimator: Estimator,
     budget_ms: float,
     *,
     alpha_step: float = 0.025,
-    device=None,
+    device: Device | None = None,
     log: Callable[[str], None] = print,
     policy: MonitorPolicy | None = MonitorPolicy(),
 ) -> tuple[float, float]:
     """The largest α = recipe.alpha − k·alpha_step (k ≥ 1) whose LUT estimate is ≤ `budget_ms`,
     and that estimate. LUT entries α needs and lacks are measured on `device` (under the
     conditions monitor's `policy`, as `ensure_estimable` takes it)."""
-    from lut.keras_specs import specs_of_keras
-    from lut.models import build_model
-
     for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
         ensure_estimable(estimator, specs_of_keras(model), device, log=log, policy=policy)
@@ -125,12 +134,10 @@ def alpha_for_budget(
     )
 
 
-def _alpha_by_measurement(recipe: ModelRecipe, device, budget_ms: float, alpha_step: float, log) -> tuple[float, float]:
+def _alpha_by_measurement(
+    recipe: ModelRecipe, device: Device, budget_ms: float, alpha_step: float, log: Callable[[str], None]
+) -> tuple[float, float]:
     """The largest α on the grid whose whole model, measured on `device`, is ≤ `budget_ms`."""
-    from adapter.export import measure_models
-    from lut.models import build_model
-    from profiler.convert import keras_to_tflite
-
     for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
         measured = measure_models(device, {"alpha": keras_to_tflite(model)})["alpha"]
@@ -139,14 +146,14 @@ def _alpha_by_measurement(recipe: ModelRecipe, device, budget_ms: float, alpha_s
         log(f"α = {alpha:g}: measured {measured.median_ms:.4g} ms (budget {budget_ms:.4g} ms)")
         if measured.median_ms <= budget_ms:
             return alpha, measured.median_ms
-    raise AdapterError(f"No width multiplier of {recipe.model} down to {alpha_step:g} meets {budget_ms:.4g} ms on {device.name}.")
+    raise AdapterError(
+        f"No width multiplier of {recipe.model} down to {alpha_step:g} meets {budget_ms:.4g} ms on {device.name}."
+    )
 
 
 def matched_epochs(recipe: ModelRecipe, adapt_dir: str | Path, train_images: int) -> int | None:
     """Epochs equal to the training the NetAdapt model in `adapt_dir` saw: base epochs,
     plus its chosen proposals' short-term steps, plus long-term epochs; None without a run."""
-    from adapter.netadapt import STATE_FILE, read_history
-
     state_path = Path(adapt_dir) / STATE_FILE
     history = read_history(adapt_dir)
     if not state_path.is_file() or not history:
@@ -186,13 +193,13 @@ class BaselineResult:
 
 def run_baseline(
     recipe: ModelRecipe,
-    data,
-    estimator,
+    data: Dataset,
+    estimator: Estimator,
     budget_ms: float,
     out_dir: str | Path,
     *,
     epochs: int,
-    device=None,
+    device: Device | None = None,
     select_by: str = "estimate",
     measured_budget_ms: float | None = None,
     alpha_step: float = 0.025,
@@ -201,13 +208,28 @@ def run_baseline(
     log: Callable[[str], None] = print,
     policy: MonitorPolicy | None = MonitorPolicy(),
 ) -> BaselineResult:
-    """Choose α, train it `epochs` epochs, export, measure on `device`; saves to `out_dir`/baseline."""
+    """Choose α, train it `epochs` epochs, export, measure on `device`; saves to `out_dir`/baseline.
+
+    Args:
+        recipe: how the base model was built and trained (`recipe_of`).
+        data: the training, holdout and test splits.
+        estimator: the LUT estimator the budget is in the terms of.
+        budget_ms: the budget in the LUT's terms.
+        out_dir: the run folder; the baseline goes to its `baseline/`.
+        epochs: epochs to train the chosen width from scratch.
+        device: measures missing LUT entries and the trained model (None: nothing is measured).
+        select_by: "estimate" (by the LUT, as NetAdapt is) or "measured" (whole models on `device`).
+        measured_budget_ms: the budget in measured ms ("measured" needs it).
+        alpha_step: the grid of widths below the base model's.
+        holdout_size: holdout images the accuracy is reported on.
+        seed: seed of the initialisation and the training.
+        log: where progress lines go.
+        policy: the conditions monitor's policy for on-demand LUT entries (None: no monitor).
+    """
+    # Keras and the pruning engine load TensorFlow: imported on use, so the CLI's --help answers at once.
     import keras
 
-    from adapter.export import export_tflite, measure_models
     from adapter.surgery import channel_counts
-    from adapter.train import evaluate, evaluate_split, fit
-    from lut.models import build_model
 
     if select_by not in ("estimate", "measured"):
         raise AdapterError(f"select_by must be 'estimate' or 'measured'; received {select_by!r}.")
@@ -218,24 +240,24 @@ def run_baseline(
         alpha, _ = alpha_for_budget(recipe, estimator, budget_ms, alpha_step=alpha_step, device=device, log=log,
                                     policy=policy)
     else:
+        assert device is not None and measured_budget_ms is not None  # checked above
         alpha, _ = _alpha_by_measurement(recipe, device, measured_budget_ms, alpha_step, log)
     keras.utils.set_random_seed(seed)
     model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
     estimated = estimate_ms(estimator, model)
     log(f"training the baseline {model.name} from scratch for {epochs} epochs")
     fit(model, data.train, epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr, optimizer=recipe.optimizer,
-        seed=seed, augment=recipe.augment, verbose=2)
+        seed=seed, augment=recipe.augment, verbose=True)
     out = Path(out_dir) / BASELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "baseline.keras")
     tflite = export_tflite(model, out / "baseline.tflite")
     measured = measure_models(device, {"baseline": tflite})["baseline"].median_ms if device is not None else None
     x_test, y_test = data.test.arrays()
-    from adapter.export import tflite_accuracy
-
     result = BaselineResult(
         model=recipe.model, alpha=alpha, select_by=select_by, epochs=epochs, estimated_ms=estimated,
-        measured_ms=measured, holdout_accuracy=evaluate_split(model, data.holdout.take(min(holdout_size, len(data.holdout)))),
+        measured_ms=measured,
+        holdout_accuracy=evaluate_split(model, data.holdout.take(min(holdout_size, len(data.holdout)))),
         test_accuracy=evaluate(model, x_test, y_test), tflite_test_accuracy=tflite_accuracy(tflite, x_test, y_test),
         channels=channel_counts(model), parameters=int(model.count_params()),
         seconds=round(time.perf_counter() - start, 1),
@@ -244,24 +266,42 @@ def run_baseline(
     return result
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- the commands' side
 
 
-def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+def add_width_multiplier_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `adapter.baseline` and `adapter.adapt --baseline` share."""
     add = parser.add_argument
     add("--alpha-step", type=number(float, 0, 1, open_high=True), default=0.025,
         help="grid of width multipliers tried below the base model's (default: %(default)s)")
     add("--select-by", choices=("estimate", "measured"), default="estimate",
-        help="pick α by the LUT estimate (as NetAdapt is) or by measuring whole models on the device (default: %(default)s)")
-    add("--baseline-epochs", type=positive_int, help="epochs to train the baseline (default: as many as the NetAdapt model saw)")
+        help="pick α by the LUT estimate (as NetAdapt is) or by measuring whole models on the device "
+             "(default: %(default)s)")
+    add("--baseline-epochs", type=positive_int,
+        help="epochs to train the baseline (default: as many as the NetAdapt model saw)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from adapter.adapt import run_cli
-
-    return run_cli(argv, baseline_only=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def baseline_fields(
+    args: argparse.Namespace,
+    session: Any,
+    budget_ms: float,
+    measured_budget_ms: float | None,
+    out: Path,
+    *,
+    train: bool = True,
+) -> dict[str, Any] | None:
+    """The baseline's figures for the report: trained now (`train`), or read from `out` when it
+    was trained before (on --resume, or by `adapter.baseline`); None when there is none."""
+    saved = out / BASELINE_DIR / "baseline.json"
+    if not train or (getattr(args, "resume", False) and saved.is_file()):
+        return dataclasses.asdict(BaselineResult.load(saved)) if saved.is_file() else None
+    recipe = recipe_of(session.model, args.model)
+    epochs = args.baseline_epochs
+    if epochs is None:
+        epochs = matched_epochs(recipe, out, len(session.data.train)) or recipe.epochs
+    result = run_baseline(
+        recipe, session.data, session.estimator, budget_ms, out, epochs=epochs, device=session.check_device,
+        select_by=args.select_by, measured_budget_ms=measured_budget_ms, alpha_step=args.alpha_step,
+        holdout_size=args.holdout, seed=args.seed, policy=monitor_policy(args),
+    )
+    return dataclasses.asdict(result)
