@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from adapter.errors import AdapterError
+from lut.spec import UnsupportedLayerError  # one class for "phonefit cannot key or prune this layer"
 
 __all__ = [
     "PruningError",
@@ -40,10 +41,6 @@ __all__ = [
 
 class PruningError(AdapterError):
     """Root of the errors raised by `adapter` for models, groups and channels it cannot use."""
-
-
-class UnsupportedLayerError(PruningError):
-    """The model holds a layer (or a layer setting) that phonefit cannot prune through."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,8 +53,8 @@ class CacheContext:
     shows) are the device's, measured; the shape (`ramp_start`, `ramp_end` in units of that
     size, `plateau`, and the activations' shares) was fitted on 90 random prunings of
     MobileNetV1 α=0.5 at 32 and 128 px and V2 α=0.5 at 128 px, measured whole and
-    interleaved on this project's development CPU (`lut.validate`, seed 0); other devices
-    may need other shapes, which `lut.validate` shows.
+    interleaved on this project's development CPU (`adapter.validate_lut`, seed 0); other devices
+    may need other shapes, which `adapter.validate_lut` shows.
     """
 
     fetch_ns_per_byte: float

@@ -28,7 +28,7 @@ needs_unprivileged = pytest.mark.skipif(
 )
 
 
-_MEASURING = ("profiler.build_lut", "lut.validate", "adapter.adapt", "adapter.baseline")
+_MEASURING = ("profiler.build_lut", "adapter.validate_lut", "adapter.adapt", "adapter.baseline")
 
 
 def _cli(*argv, cwd=REPO, timeout=300, unprivileged=False) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def tiny_files(tmp_path_factory, tiny_v1):
         ("profiler.build_lut", ["--device", "host", *TINY, "--out", "{F}/l.sqlite"]),
         ("profiler.build_lut", ["--device", "host", *TINY, "--out", "l.sqlite", "--csv", "{F}/l.csv"]),
         ("adapter.train", ["--epochs", "1", "--out", "{F}/m.keras"]),
-        ("lut.validate", ["--lut", "{lut}", *TINY, "--samples", "2", "--json", "{F}/v.json"]),
+        ("adapter.validate_lut", ["--lut", "{lut}", *TINY, "--samples", "2", "--json", "{F}/v.json"]),
         ("adapter.adapt", ["--model", "{model}", "--lut", "{lut}", "--budget", "0.6", "--out", "{F}/run"]),
         ("adapter.baseline", ["--model", "{model}", "--lut", "{lut}", "--budget", "0.6", "--out", "{F}/run"]),
         ("adapter.demo", ["--out", "{F}/demo"]),
