@@ -3,7 +3,7 @@
     python -m adapter.adapt --model runs/base.keras --lut luts/host-cpu-1t.sqlite \\
         --budget 0.5 --data fashion_mnist --out runs/adapt
 
-runs NetAdapt (`adapter.netadapt`) until the LUT estimate meets the budget, fine-tunes the
+runs NetAdapt (`adapter.search.netadapt`) until the LUT estimate meets the budget, fine-tunes the
 result, and writes to --out: adapted.keras, adapted.tflite (float32; --int8 adds
 adapted_int8.tflite), history.csv, proposals.csv, iter_NNN.keras, report.json, report.md
 and accuracy_latency.png. The original is measured whole on the device (default: the
@@ -18,7 +18,6 @@ original is `adapter.session`'s, shared with `adapter.baseline`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,20 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from adapter.errors import AdapterError
-from adapter.export import export_tflite, representative_batches, tflite_accuracy
-from adapter.final_check import ModelChecker, budget_verdict
-from adapter.latency import OVER_BUDGET_TOLERANCE, OVER_PRUNED, Budget, estimate_ms
-from adapter.netadapt import (
+from adapter.final_check import budget_fields, final_figures
+from adapter.latency import Budget
+from adapter.report import write_report
+from adapter.search.netadapt import (
     HOLDOUT_SIZE,
     SELECTION_RULES,
-    STATE_FILE,
     NetAdaptConfig,
     NetAdaptResult,
     long_term_finetune,
     read_history,
+    read_state,
     run_netadapt,
 )
-from adapter.report import write_report
 from adapter.search.width_multiplier import add_width_multiplier_arguments, alpha_grid, baseline_fields, recipe_of
 from adapter.session import (
     Session,
@@ -51,7 +49,6 @@ from adapter.session import (
     model_checker,
     open_session,
 )
-from adapter.train import evaluate, evaluate_split
 from lut.cli import (
     EXIT_NOT_MET,
     EXIT_OK,
@@ -114,7 +111,7 @@ def _long_term(args: argparse.Namespace, session: Session, result: NetAdaptResul
                out: Path) -> tuple[Any, Any]:
     """adapted.keras: the search's model fine-tuned for the long-term epochs (reused on
     --resume when it is the search's model: a resumed search may have gone further)."""
-    from adapter.surgery import channel_counts  # Keras: loads TensorFlow (the CLI loads it in run_command)
+    from adapter.pruning.surgery import channel_counts  # Keras: loads TensorFlow (the CLI loads it in run_command)
 
     path = out / "adapted.keras"
     if args.resume and path.is_file():
@@ -126,67 +123,6 @@ def _long_term(args: argparse.Namespace, session: Session, result: NetAdaptResul
     fitted = long_term_finetune(result.model, session.data, config)
     result.model.save(path)
     return result.model, fitted
-
-
-def _model_figures(model: Any, session: Session, x_test: Any, y_test: Any, tflite: bytes) -> dict[str, Any]:
-    from adapter.surgery import channel_counts  # Keras: loads TensorFlow
-
-    holdout = session.data.holdout
-    return {
-        "channels": channel_counts(model),
-        "parameters": int(model.count_params()),
-        "estimated_ms": estimate_ms(session.estimator, model),
-        "holdout_accuracy": evaluate_split(model, holdout),
-        "test_accuracy": evaluate(model, x_test, y_test),
-        "tflite_test_accuracy": tflite_accuracy(tflite, x_test, y_test),
-    }
-
-
-def _final_check(args: argparse.Namespace, session: Session, checker: ModelChecker | None, original: Any,
-                 adapted: Any, out: Path) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Export, measure on the device (interleaved with the original) and score both models."""
-    print("exporting and measuring", flush=True)
-    x_test, y_test = session.data.test.arrays()
-    tflites = {"original": export_tflite(original, out / "original.tflite"),
-               "adapted": export_tflite(adapted, out / "adapted.tflite")}
-    if getattr(args, "int8", False):
-        x_train, _ = session.data.train.take(min(256, len(session.data.train))).arrays()
-        tflites["adapted_int8"] = export_tflite(
-            adapted, out / "adapted_int8.tflite", representative_data=representative_batches(x_train)
-        )
-    measured = None
-    if checker is not None:
-        measured = checker.measure({name: tflite for name, tflite in tflites.items() if name != "original"})
-    figures = {name: _model_figures(model, session, x_test, y_test, tflites[name])
-               for name, model in (("original", original), ("adapted", adapted))}
-    for name in figures:
-        figures[name]["measured_ms"] = measured.median_ms(name) if measured else None
-    if "adapted_int8" in tflites:
-        figures["adapted"]["int8"] = {
-            "measured_ms": measured.median_ms("adapted_int8") if measured else None,
-            "tflite_test_accuracy": tflite_accuracy(tflites["adapted_int8"], x_test, y_test),
-        }
-    return figures["original"], figures["adapted"], measured
-
-
-def _budget_fields(config: NetAdaptConfig, result: NetAdaptResult, original: dict[str, Any], adapted: dict[str, Any],
-                   measured: Any, checker: ModelChecker | None) -> dict[str, Any]:
-    budget = config.budget
-    fields = {
-        "spec": str(budget), "relative": budget.relative, "estimated_ms": result.budget_ms,
-        "measured_original_ms": result.measured_original_ms, "recalibrations": list(result.recalibrations),
-        "handed_back": result.handed_back, "tolerance": OVER_BUDGET_TOLERANCE, "over_pruned_below": OVER_PRUNED,
-        "estimated_fraction": adapted["estimated_ms"] / original["estimated_ms"],
-        "met_by_estimate": adapted["estimated_ms"] <= result.budget_ms + 1e-9,
-    }
-    if checker is None:
-        return {**fields, "status": "not measured", "met_measured": None, "requested_fraction": budget.fraction(None),
-                "measured_fraction": None, "spread": None, "reason": "no device", "conditions": {}}
-    verdict = budget_verdict(budget, measured, measured_original_ms=result.measured_original_ms, last=checker.last,
-                             over_budget=OVER_BUDGET_TOLERANCE, over_pruned=OVER_PRUNED)
-    return {**fields, "status": verdict.status, "met_measured": verdict.met,
-            "requested_fraction": verdict.requested_fraction, "measured_fraction": verdict.measured_fraction,
-            "spread": verdict.spread, "reason": verdict.reason, "conditions": dict(verdict.conditions)}
 
 
 def _adapt(args: argparse.Namespace) -> int:
@@ -210,8 +146,13 @@ def _adapt(args: argparse.Namespace) -> int:
     long_start = time.perf_counter()
     adapted, _ = _long_term(args, session, result, config, out)
     long_seconds = time.perf_counter() - long_start
-    original, adapted_figures, interleaved = _final_check(args, session, checker, session.model, adapted, out)
-    budget = _budget_fields(config, result, original, adapted_figures, interleaved, checker)
+    print("exporting and measuring", flush=True)
+    figures, interleaved = final_figures(
+        {"original": session.model, "adapted": adapted}, session.estimator, session.data, checker, out,
+        int8_of="adapted" if args.int8 else None,
+    )
+    original, adapted_figures = figures["original"], figures["adapted"]
+    budget = budget_fields(config.budget, result, original, adapted_figures, interleaved, checker)
     measured_budget = None
     if budget["requested_fraction"] is not None and original["measured_ms"] is not None:
         measured_budget = budget["requested_fraction"] * original["measured_ms"]
@@ -220,7 +161,7 @@ def _adapt(args: argparse.Namespace) -> int:
         "lut": lut_fields(args.lut, session.table, result.step),
         "budget": budget, "original": original, "adapted": adapted_figures,
         "baseline": baseline_fields(args, session, result.budget_ms, measured_budget, out, train=args.baseline),
-        "search": {"iterations": len(result.history) - 1, "seconds": search_seconds,
+        "search": {"method": "NetAdapt", "iterations": len(result.history) - 1, "seconds": search_seconds,
                    "long_term_epochs": config.long_term_epochs, "long_term_seconds": long_seconds,
                    "config": config.to_json()},
         "monitor": session.monitor.summary() if session.monitor is not None else None,
@@ -256,14 +197,13 @@ def _resuming(args: argparse.Namespace, config: NetAdaptConfig, out: Path) -> bo
     check_output_folder(out, "--out")
     if not read_history(out):
         return False
-    try:
-        saved = json.loads((out / STATE_FILE).read_text())
-        then = saved["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    saved = read_state(out)
+    if saved is None or not isinstance(saved.get("config"), dict):
         raise AdapterError(
-            f"--out {out} holds a NetAdapt run whose {STATE_FILE} is missing or unreadable ({e}); expected the "
+            f"--out {out} holds a NetAdapt run whose state is missing or unreadable; expected the "
             "state adapter.adapt writes. Choose another --out, or remove that folder to start over."
-        ) from e
+        )
+    then = saved["config"]
     now = config.to_json()
     changed = {key: (then.get(key), value) for key, value in now.items() if then.get(key) != value}
     if saved.get("lut") not in (None, os.path.abspath(args.lut)):

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from adapter.latency import Budget, ensure_estimable, estimate_ms
-from adapter.netadapt import HOLDOUT_SIZE
+from adapter.search.netadapt import HOLDOUT_SIZE
 from adapter.search.width_multiplier import add_width_multiplier_arguments, alpha_grid, baseline_fields, recipe_of
 from adapter.session import (
     add_check_arguments,

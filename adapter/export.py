@@ -16,7 +16,12 @@ import numpy as np
 
 from adapter.errors import AdapterError
 from lut.table import Measurement, MeasurementFailure
+from profiler.convert import keras_to_tflite
 from profiler.devices import open_device
+from profiler.host import (  # the final check's longer timing (issue 10: a policy of open_device)
+    HostDevice,
+    TimingPolicy,
+)
 
 __all__ = [
     "ModelMeasurement",
@@ -32,8 +37,6 @@ _HOST_FINAL_TIMING: dict[str, Any] = dict(warmup_runs=20, min_runs=200, min_seco
 
 def export_tflite(model, path: str | Path, *, representative_data=None) -> bytes:
     """Convert `model` (float32; int8 with `representative_data` batches) and write it to `path`."""
-    from profiler.convert import keras_to_tflite
-
     try:
         tflite = keras_to_tflite(model, representative_data=representative_data)
     except Exception as e:  # the converter raises many types (ConverterError, ValueError, RuntimeError)
@@ -51,8 +54,6 @@ def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int 
 def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None):
     """The device that measures whole models: the host with longer timing, else `open_device`."""
     if name == "host" and backend == "cpu":
-        from profiler.host import HostDevice, TimingPolicy
-
         return HostDevice(name, threads, TimingPolicy(**_HOST_FINAL_TIMING))
     return open_device(name, backend=backend, threads=threads, devices_file=devices_file)
 
@@ -91,6 +92,7 @@ def _as_ms(result) -> ModelMeasurement:
 
 def _interpreter(tflite: bytes):
     try:
+        # optional runtime: LiteRT, else tflite_runtime
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         from tflite_runtime.interpreter import Interpreter

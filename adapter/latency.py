@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from adapter.errors import AdapterError
-from lut.keras_specs import specs_of_keras
+from lut.keras_specs import channel_slopes, specs_of_keras
 from lut.spec import LayerSpec, LutError
 from lut.table import LatencyTable
 from profiler.build_lut import build_lut
@@ -160,10 +160,9 @@ def ensure_estimable(
 class GroupLatency:
     """The LUT estimate of the current model with one group's channel count changed.
 
-    A spec's channel fields are affine in a group's channel count (a direct consumer:
-    slope 1; a Flatten before a Dense: slope H×W; a Concatenate adds an offset), so the
-    specs of any count follow from the model's specs and those with the group one
-    channel smaller, without walking the model again.
+    The specs of any count follow from the model's specs and their slopes in each group's
+    count (`lut.keras_specs.channel_slopes`: one walk per group, one channel smaller),
+    without walking the model again.
     """
 
     def __init__(
@@ -171,16 +170,8 @@ class GroupLatency:
         specs_of: Callable[[Any, Mapping[str, int]], list[LayerSpec]] = specs_of_keras,
     ) -> None:
         self.estimator, self.groups = estimator, {g.id: g for g in groups}
-        self.base = specs_of(model, {})
-        self._slopes: dict[str, list[tuple[int, int, int]]] = {}
-        for group in groups:
-            if group.size > 1:
-                shrunk = specs_of(model, {name: group.size - 1 for name in group.producers})
-                self._slopes[group.id] = [
-                    (i, a.cin - b.cin, a.cout - b.cout)
-                    for i, (a, b) in enumerate(zip(self.base, shrunk, strict=True))
-                    if (a.cin, a.cout) != (b.cin, b.cout)
-                ]
+        shrunk = {g.id: {name: g.size - 1 for name in g.producers} for g in groups if g.size > 1}
+        self.base, self._slopes = channel_slopes(model, shrunk, specs_of)
 
     @property
     def total_ms(self) -> float:

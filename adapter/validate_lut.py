@@ -9,7 +9,7 @@ device, and compares with the LUT estimate.  Prints a table and a summary, write
 figures as JSON and a predicted-vs-measured scatter plot (PNG next to the JSON).
 
 It checks the whole chain the adapter relies on, so it lives on the adapter's floor: it prunes
-(`adapter.graph`, `adapter.surgery`) and measures (`profiler`). Until issue 10 it was
+(`adapter.pruning.graph`, `adapter.pruning.surgery`) and measures (`profiler`). Until issue 10 it was
 `python -m lut.validate`; the error figures it prints are `lut.summary.summarize`.
 """
 from __future__ import annotations
@@ -65,8 +65,8 @@ def validate(model: Any, table: LatencyTable, device: Any, *, samples: int, seed
     """
     # Pruning needs Keras, which loads TensorFlow: imported here, so that --help and bad arguments
     # answer before it loads.
-    from adapter.graph import find_groups
-    from adapter.surgery import prune_to_counts
+    from adapter.pruning.graph import find_groups
+    from adapter.pruning.surgery import prune_to_counts
 
     step = int(table.meta.get("step", 8))
     estimator = LatencyEstimator(table)
@@ -94,6 +94,7 @@ def validate(model: Any, table: LatencyTable, device: Any, *, samples: int, seed
 
 
 def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    # slow to import; only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")

@@ -259,6 +259,7 @@ def quiet_litert_notice() -> None:
     still arrive as Python exceptions. Idempotent; does nothing without LiteRT.
     """
     try:
+        # optional runtime: LiteRT, else tflite_runtime
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:

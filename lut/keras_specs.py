@@ -13,9 +13,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from lut.keras_graph import as_functional, inbound_layers, layers_in_order
 from lut.spec import LayerSpec, UnsupportedLayerError
 
-__all__ = ["specs_of_keras"]
+__all__ = ["channel_slopes", "specs_of_keras"]
 
 
 @dataclasses.dataclass
@@ -272,23 +273,19 @@ _HANDLERS: dict[str, Callable[[_Walk, Any, list[_Tensor]], _Tensor]] = {
 }
 
 
-def _inbound_layers(layer: Any) -> list[Any]:
-    node = layer._inbound_nodes[0]
-    return [t._keras_history.operation for t in node.input_tensors]
-
-
 def specs_of_keras(model: Any, out_channels: Mapping[str, int] | None = None) -> list[LayerSpec]:
-    """The specs of a functional Keras model in execution order.
+    """The specs of a functional (or Sequential) Keras model in execution order.
 
     `out_channels` maps Conv2D/Dense layer names to a different number of filters/units:
     the specs are those of the model pruned that way (channels propagate through
     depthwise, BN, add, pooling and reshape as in the pruned model).
     """
+    model = as_functional(model)  # a Sequential is read as the functional model it is
     walk = _Walk(model, out_channels or {})
-    layers = model.operations
+    layers = layers_in_order(model)
     for layer in layers:
         if type(layer).__name__ != "InputLayer":
-            for parent in _inbound_layers(layer):
+            for parent in inbound_layers(layer):
                 walk.consumers[parent.name] = walk.consumers.get(parent.name, 0) + 1
     for layer in layers:
         kind = type(layer).__name__
@@ -300,9 +297,34 @@ def specs_of_keras(model: Any, out_channels: Mapping[str, int] | None = None) ->
             raise UnsupportedLayerError(
                 f"Layer {layer.name!r} of class {kind} is not supported. Supported layers: {', '.join(sorted(_HANDLERS))}."
             )
-        inputs = [walk.tensors[parent.name] for parent in _inbound_layers(layer)]
+        inputs = [walk.tensors[parent.name] for parent in inbound_layers(layer)]
         out = handler(walk, layer, inputs)
         if out.fusable is not None and not walk.single_consumer(layer.name):
             out = dataclasses.replace(out, fusable=None)  # TFLite cannot fuse into a shared output
         walk.tensors[layer.name] = out
     return walk.specs
+
+
+def channel_slopes(
+    model: Any,
+    shrunk: Mapping[str, Mapping[str, int]],
+    specs_of: Callable[[Any, Mapping[str, int]], list[LayerSpec]] = specs_of_keras,
+) -> tuple[list[LayerSpec], dict[str, list[tuple[int, int, int]]]]:
+    """The specs of `model`, and how they follow each group's channel count.
+
+    `shrunk` maps a group name to its layers' filter counts one filter smaller; the walk is
+    run once with each group shrunk and compared spec by spec with the model's. A spec's
+    channel fields are affine in a group's count (a direct consumer: slope 1; a Flatten
+    before a Dense: slope H×W; a Concatenate adds an offset), so `(index, Δcin, Δcout)` per
+    changed spec gives its specs at any count without walking the model again.
+    """
+    base = specs_of(model, {})
+    slopes = {}
+    for name, counts in shrunk.items():
+        smaller = specs_of(model, counts)
+        slopes[name] = [
+            (i, a.cin - b.cin, a.cout - b.cout)
+            for i, (a, b) in enumerate(zip(base, smaller, strict=True))
+            if (a.cin, a.cout) != (b.cin, b.cout)
+        ]
+    return base, slopes

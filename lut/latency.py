@@ -37,8 +37,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from lut.keras_specs import specs_of_keras
+from lut.models import load_model
 from lut.spec import CHANNEL_PRESERVING_OPS, LayerSpec, LutError
 from lut.table import LatencyTable
+from lut.tflite_ops import specs_of_tflite
 
 __all__ = ["CONTEXT_META_KEY", "CacheContext", "LatencyEstimator", "estimate_latency_ms", "specs_of"]
 
@@ -204,8 +207,6 @@ def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) 
 def specs_of(model: Any) -> list[LayerSpec]:
     """The specs of a Keras model, or of a `.tflite` given as bytes or as a file path."""
     if isinstance(model, (bytes, bytearray)):
-        from lut.tflite_ops import specs_of_tflite
-
         return specs_of_tflite(bytes(model))
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
@@ -215,11 +216,7 @@ def specs_of(model: Any) -> list[LayerSpec]:
                     return specs_of(f.read())
             except OSError as e:
                 raise LutError(f"Cannot read {path}: {e.strerror}.") from e
-        from lut.models import load_model
-
         return specs_of(load_model(path))
-    from lut.keras_specs import specs_of_keras
-
     return specs_of_keras(model)
 
 

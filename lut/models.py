@@ -1,7 +1,7 @@
 """The named architectures phonefit profiles, trains and adapts: keras.applications' MobileNetV1 and V2.
 
 Models take (resolution, resolution, 3) float32 input scaled to [-1, 1] (what
-`adapter.data` produces; the models hold no preprocessing layer) and end in a softmax over
+`adapter.training.data` produces; the models hold no preprocessing layer) and end in a softmax over
 `classes`. The classifier head is keras.applications' own, layer for layer and name for
 name, and is built here so that a model with ImageNet weights (whose keras.applications
 head only exists for 1000 classes) has the same head for any number of classes:
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lut.keras_graph import as_functional
 from lut.spec import LutError
 
 __all__ = [
@@ -65,6 +67,7 @@ def register_model(
 
 
 def _mobilenet_v1_head(features: Any, classes: int) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     from keras import layers
 
     x = layers.GlobalAveragePooling2D(keepdims=True)(features)
@@ -75,6 +78,7 @@ def _mobilenet_v1_head(features: Any, classes: int) -> Any:
 
 
 def _mobilenet_v2_head(features: Any, classes: int) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     from keras import layers
 
     x = layers.GlobalAveragePooling2D()(features)
@@ -83,6 +87,7 @@ def _mobilenet_v2_head(features: Any, classes: int) -> Any:
 
 @register_model("mobilenet_v1", head=_mobilenet_v1_head, imagenet_alphas=(0.25, 0.5, 0.75, 1.0))
 def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str | None) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     return keras.applications.MobileNet(
@@ -94,6 +99,7 @@ def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str 
     "mobilenet_v2", head=_mobilenet_v2_head, imagenet_alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 )
 def _mobilenet_v2(alpha: float, input_shape: tuple[int, int, int], weights: str | None) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     return keras.applications.MobileNetV2(
@@ -137,6 +143,7 @@ def build_model(
 
 
 def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weights: str | None) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     try:
@@ -171,6 +178,7 @@ def load_model(path_or_name: str | os.PathLike[str], **build_kwargs: Any) -> Any
     if not path.is_file():
         raise LutError(f"Model file {text} does not exist: train one with `python -m adapter.train`.")
     _check_keras_archive(path)
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     try:
@@ -186,8 +194,6 @@ def load_model(path_or_name: str | os.PathLike[str], **build_kwargs: Any) -> Any
 
 def _check_keras_archive(path: Path) -> None:
     """A `.keras` file is a zip archive holding config.json: say what the file is when it is not."""
-    import zipfile
-
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -213,36 +219,6 @@ def _check_keras_archive(path: Path) -> None:
         f"{path} is {what}; expected a .keras model, the zip archive model.save('x.keras') writes. "
         "Save the model again (a truncated file: copy it again)."
     )
-
-
-def as_functional(model: Any, source: str = "the model") -> Any:
-    """`model` as a functional Keras model, the graph phonefit reads; a Sequential is rebuilt as one.
-
-    Refuses what has no layer graph (a subclassed model), no fixed image input, or several inputs.
-    """
-    import keras
-
-    if isinstance(model, keras.Sequential):
-        if not model.built or not getattr(model, "inputs", None):
-            raise LutError(
-                f"{source} is a keras.Sequential without an input shape; expected a model that knows its input: "
-                "start it with keras.Input((H, W, C)) and save it again."
-            )
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
-    elif not hasattr(model, "operations") or not getattr(model, "inputs", None):
-        raise LutError(
-            f"{source} is a subclassed {type(model).__name__}; expected a functional or Sequential Keras model, "
-            "whose layer graph phonefit can read. Build it with keras.Model(inputs, outputs)."
-        )
-    if len(model.inputs) != 1:
-        raise LutError(f"{source} has {len(model.inputs)} inputs; expected one image input.")
-    shape = tuple(model.inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise LutError(
-            f"{source} takes inputs of shape {tuple(model.inputs[0].shape)}; expected images of a fixed size "
-            "(batch, H, W, C). Give keras.Input a fixed shape, e.g. keras.Input((224, 224, 3))."
-        )
-    return model
 
 
 def _spec(name: str) -> ModelSpec:

@@ -27,7 +27,7 @@ def _pads(text: str) -> tuple[int, int, int, int]:
 
 class UnsupportedLayerError(LutError):
     """A model contains a layer (or TFLite op, or layer setting) phonefit cannot key into a LUT or
-    prune through (`adapter.graph` raises it too: one class, whichever floor finds the layer)."""
+    prune through (`adapter.pruning.graph` raises it too: one class, whichever floor finds the layer)."""
 
 
 # The ops phonefit measures.  Prunable ops change cost with (cin, cout); the others are

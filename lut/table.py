@@ -229,6 +229,7 @@ class LatencyTable:
 
     def to_dataframe(self) -> Any:  # a pandas DataFrame (pandas is imported on use)
         """All entries as a pandas DataFrame, one row per spec."""
+        # slow to import; only the table export needs it
         import pandas as pd
 
         return pd.read_sql_query("SELECT * FROM entries ORDER BY key", self._db)

@@ -27,6 +27,7 @@ _DTYPES = {"FLOAT32": "float32", "INT8": "int8"}  # TensorType name -> LayerSpec
 def tflite_schema() -> Any:
     """The TFLite schema's generated Python module (LiteRT's copy, else TensorFlow's)."""
     try:
+        # optional: LiteRT's copy of the schema, else TensorFlow's
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:
         try:

@@ -16,14 +16,20 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+from tqdm import tqdm
+
 from lut.cli import ArgumentParser, check_output_file, positive_float, positive_int, quiet_litert_notice, run_command
-from lut.latency import CacheContext
+from lut.latency import CONTEXT_META_KEY, CacheContext, LatencyEstimator
+from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
-from profiler.devices import Device
+from profiler.context import measure_cache_context
+from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
+from profiler.layers import SingleOpFactory
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
+from profiler.plan import plan_specs
 
 __all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "open_lut", "main"]
 
@@ -68,8 +74,6 @@ def default_lut_path(device: str, backend: str, threads: object) -> str:
 
 def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator[tuple[str, bytes]]:
     """Single-op models generated lazily, the time spent generating them added to `summary`."""
-    from profiler.layers import SingleOpFactory
-
     factory = SingleOpFactory()
     for spec in specs:
         start = time.perf_counter()
@@ -86,8 +90,6 @@ def open_lut(path, device, step: int) -> LatencyTable:
 
 def measure_invoke_overhead_us(device, repeats: int = OVERHEAD_REPEATS) -> float:
     """Median latency of a trivial single-op model on `device`: one invocation's overhead."""
-    from profiler.layers import SingleOpFactory
-
     model = SingleOpFactory().build(OVERHEAD_SPEC)
     results = [result for _, result in device.measure([(f"overhead{i}", model) for i in range(repeats)])]
     medians = sorted(r.median_us for r in results if isinstance(r, Measurement))
@@ -137,8 +139,6 @@ def build_lut(
     that stays disturbed raises `DriftError`, what was measured before stays), and each
     stores the reference's value. Records the device fingerprint and what the monitor saw.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     monitor = open_monitor(device, table, policy, log or (lambda message: tqdm.write(message, file=sys.stderr)))
     if "invoke_overhead_us" not in table.meta:
@@ -179,9 +179,6 @@ def build_lut(
 def calibrate_cache_context(device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
                             log=print) -> CacheContext:
     """The device's cache context (`profiler.context`), measured into the LUT once."""
-    from lut.latency import CONTEXT_META_KEY, LatencyEstimator
-    from profiler.context import measure_cache_context
-
     estimator = LatencyEstimator(table)
     if estimator.context is not None:
         return estimator.context
@@ -243,10 +240,6 @@ def _main(args: argparse.Namespace) -> int:
             check_output_file(path, option)  # before hours of measuring, not after
     import_tensorflow_quietly()
     quiet_litert_notice()
-    from lut.models import load_model
-    from profiler.devices import open_device
-    from profiler.plan import plan_specs
-
     backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
     models = [
         load_model(name, alpha=args.alpha, resolution=args.resolution, classes=args.classes)

@@ -18,7 +18,7 @@ from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny MobileNetV1 (.keras), its synthetic LUT, and a small Fashion-MNIST .npz."""
-    from adapter.data import load_dataset
+    from adapter.training.data import load_dataset
     from lut.models import build_model
 
     folder = tmp_path_factory.mktemp("cli")
@@ -166,8 +166,9 @@ def test_resume_reuses_the_fine_tuned_model_only_if_it_is_the_searchs_model(file
     from types import SimpleNamespace
 
     from adapter.adapt import _long_term
-    from adapter.netadapt import Budget, NetAdaptConfig
-    from adapter.surgery import channel_counts, prune_to_counts
+    from adapter.latency import Budget
+    from adapter.pruning.surgery import channel_counts, prune_to_counts
+    from adapter.search.netadapt import NetAdaptConfig
 
     original = keras.models.load_model(files["model"])
     searched = SimpleNamespace(model=prune_to_counts(original, {"conv_pw_13": 64}))

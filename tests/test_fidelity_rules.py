@@ -30,7 +30,7 @@ def _recorded_lut(path) -> LatencyTable:
 
 @pytest.mark.timeout(300)
 def test_the_cache_context_predicts_recorded_whole_models_the_entries_sum_misses(tmp_path):
-    from adapter.surgery import prune_to_counts
+    from adapter.pruning.surgery import prune_to_counts
     from lut.latency import specs_of
     from lut.models import build_model
 

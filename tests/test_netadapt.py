@@ -1,4 +1,4 @@
-"""NetAdapt (adapter.netadapt) and the proposal trainer (adapter.flex) on tiny real models.
+"""NetAdapt (adapter.search.netadapt) and the proposal trainer (adapter.training.flex) on tiny real models.
 
 Schedule and proposal logic run on a synthetic but plausible LUT (latency grows with the
 work of each op, a fixed cost per op), written with `LatencyTable` for every spec the
@@ -17,13 +17,14 @@ import keras
 import numpy as np
 import pytest
 
-from adapter import netadapt
 from adapter.errors import AdapterError
-from adapter.flex import FlexTrainer, model_weights, unsupported_layers
-from adapter.graph import analyze, find_groups
 from adapter.latency import Budget, GroupLatency, ensure_estimable, estimate_ms
-from adapter.netadapt import NetAdaptConfig
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
+from adapter.pruning.graph import analyze, find_groups
+from adapter.pruning.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
+from adapter.search import netadapt
+from adapter.search.netadapt import NetAdaptConfig
+from adapter.search.netadapt import proposals as netadapt_proposals
+from adapter.training.flex import FlexTrainer, model_weights, unsupported_layers
 from lut.keras_specs import specs_of_keras
 from lut.latency import LatencyEstimator
 from lut.table import LatencyTable, Measurement
@@ -91,7 +92,7 @@ def estimator(lut_path):
 @pytest.fixture(scope="module")
 def small_data():
     """A couple hundred Fashion-MNIST images per split."""
-    from adapter.data import load_dataset
+    from adapter.training.data import load_dataset
 
     if not Path(os.environ.get("PHONEFIT_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
@@ -165,7 +166,7 @@ def test_proposals_are_the_largest_grid_counts_that_meet_the_target(v1, estimato
     original = estimate_ms(estimator, v1)
     assert latency.total_ms == pytest.approx(original)
     target = original * 0.97
-    proposals = {p.group: p for p in netadapt._proposals(latency, 8, target)}
+    proposals = {p.group: p for p in netadapt_proposals._proposals(latency, 8, target)}
     assert proposals, "a 3% cut must be reachable by some group"
     for group in groups:
         def full(count: int, group=group) -> float:
@@ -189,7 +190,7 @@ def test_tied_residual_groups_of_mobilenet_v2_are_pruned_together(v2, estimator)
     group = max(tied, key=lambda g: len(g.producers))
     latency = GroupLatency(v2, find_groups(v2), estimator, specs_of_keras)
     count = latency.candidates(group.id, 8)[0]
-    keep = netadapt._kept_channels(v2, group, count)
+    keep = netadapt_proposals._kept_channels(v2, group, count)
     expected = np.sort(np.argsort(-filter_norms(v2, group), kind="stable")[:count])
     np.testing.assert_array_equal(keep, expected)
     pruned = prune(v2, {group.id: keep})
@@ -209,11 +210,11 @@ def test_selection_by_accuracy_or_by_accuracy_lost_per_millisecond():
         return netadapt.ProposalResult(netadapt.Proposal(group, 8, ms), accuracy, 0.0, {}, {})
 
     results = [result("a", 9.0, 0.80), result("b", 8.0, 0.79), result("c", 9.5, 0.80)]
-    assert netadapt._select(results, "accuracy", 0.81, 10.0).proposal.group == "a"  # ties: the faster
+    assert netadapt_proposals._select(results, "accuracy", 0.81, 10.0).proposal.group == "a"  # ties: the faster
     # a loses 0.01 for 1 ms, b 0.02 for 2 ms, c 0.01 for 0.5 ms: a and b tie at −0.01/ms, b is less accurate
-    assert netadapt._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "a"
+    assert netadapt_proposals._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "a"
     results.append(result("d", 7.0, 0.80))
-    assert netadapt._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "d"
+    assert netadapt_proposals._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "d"
 
 
 # --------------------------------------------------------------------------- the proposal trainer
@@ -231,7 +232,7 @@ def test_flex_trainer_trains_pruned_variants_that_load_into_keras_exactly(v2, sm
     trainer.recalibrate(x)
     trained = trainer.weights()
     assert trained[groups[0].producers[0]]["kernel"].shape[-1] == 8
-    netadapt._assign_weights(variant, trained)
+    netadapt_proposals._assign_weights(variant, trained)
     outputs = trainer.predict(x)
     np.testing.assert_allclose(outputs, np.asarray(variant(x, training=False)), atol=1e-5)
     loss_after = float(keras.losses.sparse_categorical_crossentropy(y, outputs).numpy().mean())

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter.data import load_dataset
 from adapter.errors import AdapterError
 from adapter.train import (
     TrainingRecord,
@@ -19,6 +18,7 @@ from adapter.train import (
     recalibrate_batchnorm,
     record_path,
 )
+from adapter.training.data import load_dataset
 from lut.models import MODELS, build_model, load_model
 from lut.spec import LutError
 

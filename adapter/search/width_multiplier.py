@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapter.data import Dataset
 from adapter.errors import AdapterError
 from adapter.export import export_tflite, measure_models, tflite_accuracy
 from adapter.latency import Estimator, ensure_estimable, estimate_ms
-from adapter.netadapt import STATE_FILE, read_history
+from adapter.search.netadapt import read_history, read_state
 from adapter.train import TrainingRecord, evaluate, evaluate_split, fit, record_path
+from adapter.training.data import Dataset
 from lut.cli import number, positive_int
 from lut.keras_specs import specs_of_keras
 from lut.models import MODELS, build_model
@@ -154,11 +154,10 @@ def _alpha_by_measurement(
 def matched_epochs(recipe: ModelRecipe, adapt_dir: str | Path, train_images: int) -> int | None:
     """Epochs equal to the training the NetAdapt model in `adapt_dir` saw: base epochs,
     plus its chosen proposals' short-term steps, plus long-term epochs; None without a run."""
-    state_path = Path(adapt_dir) / STATE_FILE
-    history = read_history(adapt_dir)
-    if not state_path.is_file() or not history:
+    state, history = read_state(adapt_dir), read_history(adapt_dir)
+    if state is None or not history:
         return None
-    config = json.loads(state_path.read_text())["config"]
+    config = state["config"]
     short_term_images = (len(history) - 1) * config["short_term_steps"] * config["batch_size"]
     return recipe.epochs + config["long_term_epochs"] + math.ceil(short_term_images / train_images)
 
@@ -229,7 +228,7 @@ def run_baseline(
     # Keras and the pruning engine load TensorFlow: imported on use, so the CLI's --help answers at once.
     import keras
 
-    from adapter.surgery import channel_counts
+    from adapter.pruning.surgery import channel_counts
 
     if select_by not in ("estimate", "measured"):
         raise AdapterError(f"select_by must be 'estimate' or 'measured'; received {select_by!r}.")
