@@ -58,11 +58,9 @@ from lut.cli import (
     number,
     positive_float,
     positive_int,
-    quiet_litert_notice,
-    run_command,
+    run_parsed,
 )
 from lut.models import load_model
-from lut.quiet_tf import import_tensorflow_quietly
 from profiler.monitor import monitor_policy
 
 __all__ = ["main", "run_cli"]
@@ -248,15 +246,8 @@ def _check_baseline_grid(args: argparse.Namespace) -> Any:
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and adapt; 2 on bad input, 1 when the adapted model is over the budget."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-
-    def work() -> int:
-        import_tensorflow_quietly()
-        quiet_litert_notice()
-        return _adapt(args)
-
-    return run_command(parser.prog, work, on_interrupt="completed iterations are saved; run the same command again to resume")
+    return run_parsed(_parser(), argv, _adapt, tensorflow=True,
+                      on_interrupt="completed iterations are saved; run the same command again to resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,9 +30,8 @@ from adapter.session import (
     model_checker,
     open_session,
 )
-from lut.cli import ArgumentParser, check_output_folder, quiet_litert_notice, run_command
+from lut.cli import ArgumentParser, check_output_folder, run_parsed
 from lut.keras_specs import specs_of_keras
-from lut.quiet_tf import import_tensorflow_quietly
 from profiler.monitor import monitor_policy
 
 __all__ = ["main"]
@@ -67,15 +66,8 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-
-    def work() -> int:
-        import_tensorflow_quietly()
-        quiet_litert_notice()
-        return _baseline(args)
-
-    return run_command(parser.prog, work, on_interrupt="the trained baseline is not saved; run the same command again")
+    return run_parsed(_parser(), argv, _baseline, tensorflow=True,
+                      on_interrupt="the trained baseline is not saved; run the same command again")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ import math
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from lut.errors import PhonefitError
+from lut.quiet_tf import import_tensorflow_quietly
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -41,6 +42,7 @@ __all__ = [
     "positive_int",
     "quiet_litert_notice",
     "run_command",
+    "run_parsed",
 ]
 
 EXIT_OK, EXIT_NOT_MET, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -245,6 +247,27 @@ def run_command(prog: str, work: Callable[[], int], *, on_interrupt: str) -> int
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def run_parsed(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    work: Callable[[argparse.Namespace], int],
+    *,
+    on_interrupt: str,
+    tensorflow: bool = False,
+) -> int:
+    """Parse `argv` (bad arguments: one line, exit 2) and `run_command` `work(args)`; with
+    `tensorflow`, TensorFlow and LiteRT are loaded quietly first (after the arguments are checked)."""
+    args = parser.parse_args(argv)
+
+    def job() -> int:
+        if tensorflow:
+            import_tensorflow_quietly()
+            quiet_litert_notice()
+        return work(args)
+
+    return run_command(parser.prog, job, on_interrupt=on_interrupt)
 
 
 # --------------------------------------------------------------------------- LiteRT
