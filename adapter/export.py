@@ -17,7 +17,7 @@ import numpy as np
 from adapter.errors import AdapterError
 from lut.table import Measurement, MeasurementFailure
 from profiler.convert import keras_to_tflite
-from profiler.devices import open_device
+from profiler.devices import Device, open_device
 from profiler.host import (  # the final check's longer timing (issue 10: a policy of open_device)
     HostDevice,
     TimingPolicy,
@@ -51,7 +51,7 @@ def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int 
     return [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
 
 
-def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None):
+def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None) -> Device:
     """The device that measures whole models: the host with longer timing, else `open_device`."""
     if name == "host" and backend == "cpu":
         return HostDevice(name, threads, TimingPolicy(**_HOST_FINAL_TIMING))
@@ -69,7 +69,7 @@ class ModelMeasurement:
     error: str | None = None
 
 
-def measure_models(device, models: Mapping[str, bytes], *, repeats: int = 3) -> dict[str, ModelMeasurement]:
+def measure_models(device: Device, models: Mapping[str, bytes], *, repeats: int = 3) -> dict[str, ModelMeasurement]:
     """Measure each named `.tflite` `repeats` times, interleaved (so drift hits every model
     alike), and keep the repeat with the lowest median: background load only adds time."""
     best: dict[str, Measurement | MeasurementFailure] = {}

@@ -24,7 +24,9 @@ from adapter.export import export_tflite, representative_batches, tflite_accurac
 from adapter.latency import OVER_BUDGET_TOLERANCE, OVER_PRUNED, Budget, Estimator, estimate_ms
 from adapter.train import evaluate, evaluate_split
 from adapter.training.data import Dataset
+from profiler.devices import Device
 from profiler.interleave import Interleaved, measure_interleaved
+from profiler.monitor import ConditionsMonitor
 
 __all__ = [
     "LUT_TOLERANCE",
@@ -64,21 +66,26 @@ class ModelChecker:
     LUT's device, with the LUT's quiet reference value) checks the conditions.
     """
 
-    def __init__(self, device, monitor, original_tflite: bytes, out_dir: str | Path, *, rounds: int = ROUNDS,
-                 lut_tolerance: float = LUT_TOLERANCE):
+    def __init__(self, device: Device, monitor: ConditionsMonitor | None, original_tflite: bytes, out_dir: str | Path,
+                 *, rounds: int = ROUNDS, lut_tolerance: float = LUT_TOLERANCE):
         self.device, self.monitor, self.rounds, self.lut_tolerance = device, monitor, rounds, lut_tolerance
         self.original, self.out = original_tflite, Path(out_dir)
         self.last: Interleaved | None = None  # the latest interleaved measurement
 
-    def _measure(self, models: Mapping[str, bytes]):
+    def _measure(self, models: Mapping[str, bytes]) -> Interleaved | None:
         """An interleaved measurement taken while the device was quiet, or None when it stayed
         disturbed for the monitor's tries."""
-        for attempt in range(self.monitor.policy.max_tries if self.monitor else 1):
-            if attempt:
-                self.monitor.wait_quiet()
-            result = measure_interleaved(self.device, models, rounds=self.rounds, monitor=self.monitor)
+        monitor = self.monitor
+        for attempt in range(monitor.policy.max_tries if monitor else 1):
+            if attempt and monitor is not None:
+                monitor.wait_quiet()
+            result = measure_interleaved(self.device, models, rounds=self.rounds, monitor=monitor)
             self.last = result
-            if self.monitor is None or (self.monitor.ok(result.before) and self.monitor.ok(result.after)):
+            if monitor is None:
+                return result
+            # with a monitor, the interleaved measurement has a look before and after it
+            if result.before is not None and result.after is not None and monitor.ok(result.before) \
+                    and monitor.ok(result.after):
                 return result
         return None
 

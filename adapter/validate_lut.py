@@ -41,7 +41,7 @@ from lut.summary import summarize
 from lut.table import LatencyTable, MeasurementFailure
 from profiler.build_lut import open_monitor
 from profiler.convert import keras_to_tflite
-from profiler.devices import open_device
+from profiler.devices import Device, open_device
 from profiler.monitor import ConditionsMonitor, add_monitor_arguments, monitor_policy
 from profiler.plan import channel_grid
 
@@ -52,7 +52,7 @@ def _random_counts(groups: Any, step: int, rng: np.random.Generator) -> dict[str
     return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
 
 
-def validate(model: Any, table: LatencyTable, device: Any, *, samples: int, seed: int, repeats: int = 5,
+def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, seed: int, repeats: int = 5,
              progress: bool = True, monitor: ConditionsMonitor | None = None) -> list[dict[str, Any]]:
     """Measure `samples` random pruned variants of `model` on `device`; one row per variant.
 

@@ -82,23 +82,24 @@ def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator
         yield spec.key, model
 
 
-def open_lut(path, device, step: int) -> LatencyTable:
+def open_lut(path: str | os.PathLike[str], device: Device, step: int) -> LatencyTable:
     """The LUT at `path` for measuring on `device` on a `step` channel grid: created with the
     device's conditions, fingerprint and step, or opened to resume (same conditions only)."""
     return LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": step})
 
 
-def measure_invoke_overhead_us(device, repeats: int = OVERHEAD_REPEATS) -> float:
+def measure_invoke_overhead_us(device: Device, repeats: int = OVERHEAD_REPEATS) -> float:
     """Median latency of a trivial single-op model on `device`: one invocation's overhead."""
     model = SingleOpFactory().build(OVERHEAD_SPEC)
     results = [result for _, result in device.measure([(f"overhead{i}", model) for i in range(repeats)])]
     medians = sorted(r.median_us for r in results if isinstance(r, Measurement))
     if not medians:
-        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key}: {results[0].error}")
+        failure = next((r.error for r in results if isinstance(r, MeasurementFailure)), "no result")
+        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key}: {failure}")
     return medians[len(medians) // 2]
 
 
-def open_monitor(device, table: LatencyTable, policy: MonitorPolicy | None, log=None) -> ConditionsMonitor | None:
+def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | None, log=None) -> ConditionsMonitor | None:
     """The conditions monitor for measuring into `table` (None without a policy): the
     reference's quiet value is the LUT's, measured now when the LUT has none."""
     if policy is None:
@@ -176,7 +177,7 @@ def build_lut(
     return summary
 
 
-def calibrate_cache_context(device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
+def calibrate_cache_context(device: Device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
                             log=print) -> CacheContext:
     """The device's cache context (`profiler.context`), measured into the LUT once."""
     estimator = LatencyEstimator(table)

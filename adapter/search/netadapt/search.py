@@ -16,6 +16,7 @@ from adapter.latency import (
     MAX_RECALIBRATIONS,
     OVER_BUDGET_TOLERANCE,
     OVER_PRUNED,
+    Estimator,
     GroupLatency,
     ensure_estimable,
     estimate_ms,
@@ -55,6 +56,7 @@ from adapter.search.netadapt.run import (
 from adapter.train import evaluate, fit
 from adapter.training.data import Dataset
 from lut.keras_specs import specs_of_keras
+from profiler.devices import Device
 from profiler.monitor import MonitorPolicy
 
 __all__ = [
@@ -183,7 +185,8 @@ def _start(run: NetAdaptRun, model, groups, out: Path, lut_path: str) -> Iterati
     return record
 
 
-def prepare_run(model, data: Dataset, estimator, config: NetAdaptConfig, out_dir, *, device=None,
+def prepare_run(model: Any, data: Dataset, estimator: Estimator, config: NetAdaptConfig, out_dir: str | os.PathLike[str],
+                *, device: Device | None = None,
                 measured_original_ms: float | None = None, log: Callable[[str], None] = print,
                 policy: MonitorPolicy | None = MonitorPolicy()) -> NetAdaptRun:
     """Everything the iterations of one run share: the holdout images, the original estimate
