@@ -73,7 +73,6 @@ MAX_WALK_BACK = 6
 
 
 def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[GroupLatency, list[Proposal]]:
-
     latency = GroupLatency(model, groups, run.estimator, specs_of_keras)
     ensure_estimable(run.estimator, _candidate_specs(latency, run.step), run.device, log=run.log, policy=run.policy)
     return latency, _proposals(latency, run.step, target_ms)
@@ -151,7 +150,6 @@ def _stopped(run: NetAdaptRun, iteration: int, target: float, previous: Iteratio
 
 def _check_reachable(run: NetAdaptRun, model, groups) -> None:
     """Refuse budgets that the schedule, or the smallest model the grid allows, cannot reach."""
-
     config, original, budget = run.config, run.original_ms, run.budget_ms
     needed = 1 - budget / original
     if needed > config.max_reduction():
@@ -172,7 +170,6 @@ def _check_reachable(run: NetAdaptRun, model, groups) -> None:
 
 def _start(run: NetAdaptRun, model, groups, out: Path, lut_path: str) -> IterationRecord:
     """Iteration 0: the original model, its estimate and holdout accuracy."""
-
     save_state(out, _state(run, lut_path))
     start = time.perf_counter()
     accuracy = evaluate(model, run.x_holdout, run.y_holdout)
