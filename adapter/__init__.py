@@ -10,6 +10,7 @@ import importlib
 __all__ = [
     "ChannelGroup",
     "PruningError",
+    "UnprunableLayerError",
     "UnsupportedLayerError",
     "channel_counts",
     "filter_norms",
@@ -23,6 +24,7 @@ _HOMES = {
     "ChannelGroup": "adapter.pruning.graph",
     "PruningError": "adapter.pruning.graph",
     "UnsupportedLayerError": "adapter.pruning.graph",
+    "UnprunableLayerError": "adapter.pruning.graph",
     "find_groups": "adapter.pruning.graph",
     "channel_counts": "adapter.pruning.surgery",
     "filter_norms": "adapter.pruning.surgery",

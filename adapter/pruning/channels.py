@@ -10,12 +10,21 @@ import dataclasses
 from collections.abc import Iterator
 
 from adapter.errors import AdapterError
+from lut.spec import UnsupportedLayerError
 
-__all__ = ["Channels", "PruningError"]
+__all__ = ["Channels", "PruningError", "UnprunableLayerError"]
 
 
 class PruningError(AdapterError):
     """Root of the errors raised by `adapter` for models, groups and channels it cannot use."""
+
+
+class UnprunableLayerError(PruningError, UnsupportedLayerError):
+    """A layer (or layer setting) the pruning engine cannot prune through.
+
+    It is `lut.spec.UnsupportedLayerError`, the one class for "phonefit cannot key or prune
+    this layer" whichever floor finds it, and a `PruningError`, as the engine's other errors.
+    """
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from adapter.pruning.channels import Channels, PruningError, _segments, _Sources
+from adapter.pruning.channels import Channels, PruningError, UnprunableLayerError, _segments, _Sources
 from adapter.pruning.rules import LAYER_RULES, LayerRule, _describe, rule_for
 from lut.keras_graph import node_of
 from lut.spec import UnsupportedLayerError  # one class for "phonefit cannot key or prune this layer"
@@ -35,6 +35,7 @@ __all__ = [
     "LayerRule",
     "ModelGraph",
     "PruningError",
+    "UnprunableLayerError",
     "UnsupportedLayerError",
     "analyze",
     "find_groups",
@@ -133,7 +134,7 @@ def _trace(model) -> tuple[_Sources, list[LayerChannels]]:
         layer = node.operation
         rule = rule_for(layer)
         if id(layer) in seen or len(node.output_tensors) != 1:
-            raise UnsupportedLayerError(
+            raise UnprunableLayerError(
                 f"Layer {_describe(layer)} is called more than once or has several "
                 "outputs; phonefit prunes graphs whose layers are each called once with "
                 "one output. Rebuild the model with one layer per call."
@@ -196,7 +197,7 @@ def _consumers(sources: _Sources, layers: list[LayerChannels], root: int):
 def analyze(model: keras.Model) -> ModelGraph:
     """Trace `model`'s channels layer by layer and find its prunable groups.
 
-    Raises `UnsupportedLayerError` naming the first layer that has no rule (or an
+    Raises `UnprunableLayerError` (an `UnsupportedLayerError`) naming the first layer that has no rule (or an
     unsupported setting), before anything is changed.
     """
     sources, layers = _trace(model)

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from adapter.pruning.channels import (
     Channels,
+    UnprunableLayerError,
     _Block,
     _concatenated,
     _length,
@@ -28,7 +29,6 @@ from adapter.pruning.channels import (
 )
 from adapter.training import forward as fw
 from adapter.training.forward import Forward
-from lut.spec import UnsupportedLayerError
 
 __all__ = ["LAYER_RULES", "LayerRule", "Propagate", "rule_for"]
 
@@ -87,7 +87,7 @@ def _produce(sources, layer, inputs, out_shape) -> Channels:
 def _convolution(sources, layer, inputs, out_shape) -> Channels:
     groups = layer.get_config().get("groups", 1)
     if groups != 1:
-        raise UnsupportedLayerError(
+        raise UnprunableLayerError(
             f"Layer {_describe(layer)} is a grouped convolution; phonefit can only prune "
             f"convolutions with groups=1. Received: groups={groups}. Rebuild the model "
             "with groups=1 (or a DepthwiseConv2D for groups equal to the channels)."
@@ -111,7 +111,7 @@ def _batch_norm(sources, layer, inputs, out_shape) -> Channels:
     axis = layer.get_config()["axis"]
     axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
     if axes not in ([-1], [len(out_shape) - 1]):
-        raise UnsupportedLayerError(
+        raise UnprunableLayerError(
             f"Layer {_describe(layer)} normalises axis {axis}; phonefit expects the channel "
             f"axis, axis=-1. Received: axis={axis}. Use channels-last BatchNormalization."
         )
@@ -260,11 +260,11 @@ assert set(_FORWARDS) <= set(LAYER_RULES), "every layer type FlexTrainer compute
 
 
 def rule_for(layer) -> LayerRule:
-    """The `LayerRule` of `layer`'s exact type; raises `UnsupportedLayerError` if none."""
+    """The `LayerRule` of `layer`'s exact type; raises `UnprunableLayerError` if none."""
     rule = LAYER_RULES.get(type(layer))
     if rule is None:
         supported = ", ".join(sorted(cls.__name__ for cls in LAYER_RULES))
-        raise UnsupportedLayerError(
+        raise UnprunableLayerError(
             f"Layer {_describe(layer)} has no pruning rule, so phonefit cannot tell how "
             f"channels flow through it. Expected one of: {supported}. Received: "
             f"{type(layer).__name__}. Rebuild the model without it, or add a LayerRule "
@@ -272,7 +272,7 @@ def rule_for(layer) -> LayerRule:
         )
     config = layer.get_config() if hasattr(layer, "get_config") else {}
     if config.get("data_format") == "channels_first":
-        raise UnsupportedLayerError(
+        raise UnprunableLayerError(
             f"Layer {_describe(layer)} is channels-first; phonefit prunes channels-last "
             "models only. Received: data_format='channels_first'. Rebuild the model "
             "with data_format='channels_last'."
