@@ -107,8 +107,9 @@ def _open_devices(args: argparse.Namespace, meta: dict[str, str]) -> tuple[Devic
         raise AdapterError(
             f"The LUT {args.lut} is malformed: its meta says threads={threads_text!r}; expected an integer."
         )
-    if name is None:
-        raise AdapterError(f"The LUT {args.lut} names no device; pass --device.")
+    if name is None:  # a LUT that names no device, and no --device: as for an unreachable one
+        print(f"warning: the LUT {args.lut} names no device; nothing will be measured", file=sys.stderr)
+        return None, None, None
     threads = int(threads_text)
     try:
         lut_device = open_device(name, backend=backend, threads=threads, devices_file=args.devices)
