@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.phonefit-installed
 DEBS   := dataset-fashion-mnist adb mksh toybox
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install demo test test-fast debs clean
+.PHONY: install demo lint test test-fast debs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ install: $(STAMP) debs
 
 demo: $(STAMP) debs
 	$(PY) -m adapter.demo
+
+# ruff (lint) and mypy over the tree, as configured in pyproject.toml; installs them into .venv if missing.
+# `ruff format --check` is not run: the tree is not formatted yet ([tool.ruff.format] holds the settings).
+lint: $(STAMP)
+	@$(PY) -m ruff --version >/dev/null 2>&1 && $(PY) -m mypy --version >/dev/null 2>&1 \
+	  || $(PY) -m pip install --quiet -e '.[lint]'
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: $(STAMP) debs
 	$(PY) -m pytest -q

@@ -10,6 +10,7 @@ import importlib
 __all__ = [
     "ChannelGroup",
     "PruningError",
+    "UnprunableLayerError",
     "UnsupportedLayerError",
     "channel_counts",
     "filter_norms",
@@ -20,15 +21,16 @@ __all__ = [
 ]
 
 _HOMES = {
-    "ChannelGroup": "adapter.graph",
-    "PruningError": "adapter.graph",
-    "UnsupportedLayerError": "adapter.graph",
-    "find_groups": "adapter.graph",
-    "channel_counts": "adapter.surgery",
-    "filter_norms": "adapter.surgery",
-    "prune": "adapter.surgery",
-    "prune_to_counts": "adapter.surgery",
-    "pruned_weights": "adapter.surgery",
+    "ChannelGroup": "adapter.pruning.graph",
+    "PruningError": "adapter.pruning.graph",
+    "UnsupportedLayerError": "adapter.pruning.graph",
+    "UnprunableLayerError": "adapter.pruning.graph",
+    "find_groups": "adapter.pruning.graph",
+    "channel_counts": "adapter.pruning.surgery",
+    "filter_norms": "adapter.pruning.surgery",
+    "prune": "adapter.pruning.surgery",
+    "prune_to_counts": "adapter.pruning.surgery",
+    "pruned_weights": "adapter.pruning.surgery",
 }
 
 

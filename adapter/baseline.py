@@ -1,4 +1,4 @@
-"""The baseline a user would compare NetAdapt against: the width multiplier scaled down.
+"""Train the baseline a user would compare NetAdapt against: the width multiplier scaled down.
 
     python -m adapter.baseline --model runs/base.keras --lut luts/host-cpu-1t.sqlite \\
         --budget 0.5 --data fashion_mnist --out runs/adapt
@@ -10,257 +10,64 @@ from scratch with the base model's recipe, exports and measures it, and writes
 `OUT/baseline/` (baseline.keras, baseline.tflite, baseline.json). `adapter.adapt` puts it
 next to the NetAdapt result in its report. Epochs: by default as many as the NetAdapt
 model in OUT saw in all (base training + the short-term steps of its chosen proposals +
-long-term fine-tuning), else the base model's.
+long-term fine-tuning), else the base model's. The search is
+`adapter.search.width_multiplier`; what it opens is `adapter.session`'s, as for `adapter.adapt`.
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import sys
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from adapter.errors import AdapterError
-from lut.cli import number, positive_int
-from adapter.netadapt import ensure_estimable, estimate_ms
-from profiler.monitor import MonitorPolicy
+from adapter.latency import Budget, ensure_estimable, estimate_ms
+from adapter.search.netadapt import HOLDOUT_SIZE
+from adapter.search.width_multiplier import add_width_multiplier_arguments, alpha_grid, baseline_fields, recipe_of
+from adapter.session import (
+    add_check_arguments,
+    add_session_arguments,
+    measure_original,
+    model_checker,
+    open_session,
+)
+from lut.cli import ArgumentParser, check_output_folder, run_parsed
+from lut.keras_specs import specs_of_keras
+from profiler.monitor import monitor_policy
 
-__all__ = ["BaselineResult", "ModelRecipe", "alpha_for_budget", "alpha_grid", "main", "matched_epochs", "recipe_of", "run_baseline"]
+__all__ = ["main"]
 
-BASELINE_DIR = "baseline"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRecipe:
-    """How the base model was built and trained (its `adapter.train` record, or its name)."""
-
-    model: str
-    alpha: float
-    resolution: int
-    classes: int
-    epochs: int
-    batch_size: int = 128
-    lr: float = 2e-3
-    optimizer: str = "adam"
-    augment: bool = True
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m adapter.baseline", description=__doc__.split("\n\n")[0].strip())
+    # the holdout of the NetAdapt run in the same --out (adapter.adapt's default)
+    add_session_arguments(parser, holdout_default=HOLDOUT_SIZE)
+    add_width_multiplier_arguments(parser)
+    add_check_arguments(parser)
+    return parser
 
 
-def recipe_of(model, model_path: str | Path) -> ModelRecipe:
-    """The recipe in the `.json` record `adapter.train` wrote next to `model_path`, or what
-    `model.name` (`mobilenet_v1_0.5_32`, as `lut.models` names models) tells."""
-    from adapter.train import TrainingRecord, record_path
-
-    path = record_path(model_path)
-    if path.is_file():
-        r = TrainingRecord.load(path)
-        return ModelRecipe(r.model, r.alpha, r.resolution, r.classes, r.epochs, r.batch_size, r.lr, r.optimizer, r.augment)
-    from lut.models import MODELS
-
-    for name in MODELS:
-        prefix = f"{name}_"
-        if model.name.startswith(prefix):
-            try:
-                alpha, resolution = model.name[len(prefix):].split("_")
-                return ModelRecipe(name, float(alpha), int(resolution), int(model.output_shape[-1]), epochs=8)
-            except ValueError:
-                break
-    raise AdapterError(
-        f"Cannot tell the architecture and width of {model_path}: no training record {path} and the model's name "
-        f"{model.name!r} is not one lut.models gives. Pass --arch and --alpha."
+def _baseline(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.out, "--out")
+    budget = Budget.parse(args.budget)  # bad input fails before anything loads
+    session = open_session(
+        args, check_model=lambda model: alpha_grid(recipe_of(model, args.model).alpha, args.alpha_step)
     )
-
-
-MAX_ALPHAS = 1000  # widths one search may try: a finer grid is a typo, not a plan
-
-
-def alpha_grid(base_alpha: float, alpha_step: float) -> list[float]:
-    """The widths below `base_alpha` on the `alpha_step` grid, largest first: base − k·step > 0, k ≥ 1.
-
-    Finite by construction: the step must be a positive finite number below `base_alpha`,
-    giving at most `MAX_ALPHAS` widths.
-    """
-    if not (isinstance(alpha_step, (int, float)) and math.isfinite(alpha_step) and 0 < alpha_step < base_alpha):
-        raise AdapterError(
-            f"--alpha-step must be a positive number below the base model's α={base_alpha:g}. "
-            f"Received: alpha_step={alpha_step!r}."
-        )
-    count = math.ceil(round(base_alpha / alpha_step, 6)) - 1
-    if count > MAX_ALPHAS:
-        raise AdapterError(
-            f"--alpha-step {alpha_step:g} gives {count} widths below α={base_alpha:g}; expected at most {MAX_ALPHAS}. "
-            f"Use --alpha-step {base_alpha / (MAX_ALPHAS + 1):.2g} or more."
-        )
-    alphas = (round(base_alpha - k * alpha_step, 6) for k in range(1, count + 1))
-    return list(dict.fromkeys(a for a in alphas if a > 0))
-
-
-def alpha_for_budget(
-    recipe: ModelRecipe,
-    estimator,
-    budget_ms: float,
-    *,
-    alpha_step: float = 0.025,
-    device=None,
-    log: Callable[[str], None] = print,
-    policy: MonitorPolicy | None = MonitorPolicy(),
-) -> tuple[float, float]:
-    """The largest α = recipe.alpha − k·alpha_step (k ≥ 1) whose LUT estimate is ≤ `budget_ms`,
-    and that estimate. LUT entries α needs and lacks are measured on `device` (under the
-    conditions monitor's `policy`, as `ensure_estimable` takes it)."""
-    from lut.models import build_model
-    from lut.keras_specs import specs_of_keras
-
-    for alpha in alpha_grid(recipe.alpha, alpha_step):
-        model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
-        ensure_estimable(estimator, specs_of_keras(model), device, log=log, policy=policy)
-        estimated = estimate_ms(estimator, model)
-        log(f"α = {alpha:g}: estimated {estimated:.4g} ms (budget {budget_ms:.4g} ms)")
-        if estimated <= budget_ms:
-            return alpha, estimated
-    raise AdapterError(
-        f"No width multiplier of {recipe.model} down to {alpha_step:g} meets the budget {budget_ms:.4g} ms."
-    )
-
-
-def _alpha_by_measurement(recipe: ModelRecipe, device, budget_ms: float, alpha_step: float, log) -> tuple[float, float]:
-    """The largest α on the grid whose whole model, measured on `device`, is ≤ `budget_ms`."""
-    from adapter.export import measure_models
-    from lut.models import build_model
-    from profiler.convert import keras_to_tflite
-
-    for alpha in alpha_grid(recipe.alpha, alpha_step):
-        model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
-        measured = measure_models(device, {"alpha": keras_to_tflite(model)})["alpha"]
-        if measured.median_ms is None:
-            raise AdapterError(f"Could not measure α = {alpha:g} on {device.name}: {measured.error}")
-        log(f"α = {alpha:g}: measured {measured.median_ms:.4g} ms (budget {budget_ms:.4g} ms)")
-        if measured.median_ms <= budget_ms:
-            return alpha, measured.median_ms
-    raise AdapterError(f"No width multiplier of {recipe.model} down to {alpha_step:g} meets {budget_ms:.4g} ms on {device.name}.")
-
-
-def matched_epochs(recipe: ModelRecipe, adapt_dir: str | Path, train_images: int) -> int | None:
-    """Epochs equal to the training the NetAdapt model in `adapt_dir` saw: base epochs,
-    plus its chosen proposals' short-term steps, plus long-term epochs; None without a run."""
-    from adapter.netadapt import STATE_FILE, read_history
-
-    state_path = Path(adapt_dir) / STATE_FILE
-    history = read_history(adapt_dir)
-    if not state_path.is_file() or not history:
-        return None
-    config = json.loads(state_path.read_text())["config"]
-    short_term_images = (len(history) - 1) * config["short_term_steps"] * config["batch_size"]
-    return recipe.epochs + config["long_term_epochs"] + math.ceil(short_term_images / train_images)
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineResult:
-    """The trained width-multiplier model and its figures (saved as baseline.json)."""
-
-    model: str
-    alpha: float
-    select_by: str
-    epochs: int
-    estimated_ms: float
-    measured_ms: float | None
-    holdout_accuracy: float
-    test_accuracy: float
-    tflite_test_accuracy: float | None
-    channels: dict[str, int]
-    parameters: int
-    seconds: float
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> BaselineResult:
-        try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise AdapterError(f"{path} is not a baseline record written by adapter.baseline ({e}).") from e
-
-
-def run_baseline(
-    recipe: ModelRecipe,
-    data,
-    estimator,
-    budget_ms: float,
-    out_dir: str | Path,
-    *,
-    epochs: int,
-    device=None,
-    select_by: str = "estimate",
-    measured_budget_ms: float | None = None,
-    alpha_step: float = 0.025,
-    holdout_size: int = 2000,
-    seed: int = 0,
-    log: Callable[[str], None] = print,
-    policy: MonitorPolicy | None = MonitorPolicy(),
-) -> BaselineResult:
-    """Choose α, train it `epochs` epochs, export, measure on `device`; saves to `out_dir`/baseline."""
-    import keras
-
-    from adapter.export import export_tflite, measure_models
-    from lut.models import build_model
-    from adapter.surgery import channel_counts
-    from adapter.train import evaluate, evaluate_split, fit
-
-    if select_by not in ("estimate", "measured"):
-        raise AdapterError(f"select_by must be 'estimate' or 'measured'; received {select_by!r}.")
-    if select_by == "measured" and (device is None or measured_budget_ms is None):
-        raise AdapterError("Choosing α by measurement needs a reachable device and the measured budget.")
-    start = time.perf_counter()
-    if select_by == "estimate":
-        alpha, _ = alpha_for_budget(recipe, estimator, budget_ms, alpha_step=alpha_step, device=device, log=log,
-                                    policy=policy)
-    else:
-        alpha, _ = _alpha_by_measurement(recipe, device, measured_budget_ms, alpha_step, log)
-    keras.utils.set_random_seed(seed)
-    model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
-    estimated = estimate_ms(estimator, model)
-    log(f"training the baseline {model.name} from scratch for {epochs} epochs")
-    fit(model, data.train, epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr, optimizer=recipe.optimizer,
-        seed=seed, augment=recipe.augment, verbose=2)
-    out = Path(out_dir) / BASELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "baseline.keras")
-    tflite = export_tflite(model, out / "baseline.tflite")
-    measured = measure_models(device, {"baseline": tflite})["baseline"].median_ms if device is not None else None
-    x_test, y_test = data.test.arrays()
-    from adapter.export import tflite_accuracy
-
-    result = BaselineResult(
-        model=recipe.model, alpha=alpha, select_by=select_by, epochs=epochs, estimated_ms=estimated,
-        measured_ms=measured, holdout_accuracy=evaluate_split(model, data.holdout.take(min(holdout_size, len(data.holdout)))),
-        test_accuracy=evaluate(model, x_test, y_test), tflite_test_accuracy=tflite_accuracy(tflite, x_test, y_test),
-        channels=channel_counts(model), parameters=int(model.count_params()),
-        seconds=round(time.perf_counter() - start, 1),
-    )
-    result.save(out / "baseline.json")
-    return result
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options `adapter.baseline` and `adapter.adapt --baseline` share."""
-    add = parser.add_argument
-    add("--alpha-step", type=number(float, 0, 1, open_high=True), default=0.025,
-        help="grid of width multipliers tried below the base model's (default: %(default)s)")
-    add("--select-by", choices=("estimate", "measured"), default="estimate",
-        help="pick α by the LUT estimate (as NetAdapt is) or by measuring whole models on the device (default: %(default)s)")
-    add("--baseline-epochs", type=positive_int, help="epochs to train the baseline (default: as many as the NetAdapt model saw)")
+    ensure_estimable(session.estimator, specs_of_keras(session.model), session.lut_device, policy=monitor_policy(args))
+    estimated = estimate_ms(session.estimator, session.model)
+    measured = measure_original(session, model_checker(session, out))
+    budget_ms = budget.lut_ms(estimated, measured)
+    measured_budget = None if measured is None else budget.ms(measured)
+    result = baseline_fields(args, session, budget_ms, measured_budget, out)
+    assert result is not None  # trained now
+    shown = "—" if result["measured_ms"] is None else f"{result['measured_ms']:.4g} ms"
+    print(f"width multiplier α={result['alpha']:g}: estimated {result['estimated_ms']:.4g} ms (budget {budget_ms:.4g}), "
+          f"measured {shown}, test accuracy {result['test_accuracy']:.4f}; saved in {out / 'baseline'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from adapter.adapt import run_cli
-
-    return run_cli(argv, baseline_only=True)
+    return run_parsed(_parser(), argv, _baseline, tensorflow=True,
+                      on_interrupt="the trained baseline is not saved; run the same command again")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from adapter import train
+from adapter.adapt import run_cli
 from adapter.errors import AdapterError
 from lut.cli import EXIT_NOT_MET, ArgumentParser, check_output_folder, quiet_litert_notice, run_command
+from lut.models import load_model
+from lut.quiet_tf import import_tensorflow_quietly
+from profiler.build_lut import build_lut, calibrate_cache_context, open_lut
+from profiler.devices import open_device
+from profiler.plan import plan_specs
 
 __all__ = ["DemoSettings", "main"]
 
@@ -43,8 +50,6 @@ class DemoSettings:
 
 
 def _train_base(out: Path, s: DemoSettings) -> Path:
-    from adapter import train
-
     path = out / "base.keras"
     if path.is_file() and train.record_path(path).is_file():
         print(f"[1/3] base model: reusing {path}")
@@ -58,11 +63,6 @@ def _train_base(out: Path, s: DemoSettings) -> Path:
 
 
 def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
-    from lut.models import load_model
-    from profiler.build_lut import build_lut, calibrate_cache_context, open_lut
-    from profiler.devices import open_device
-    from profiler.plan import plan_specs
-
     path = out / "host-cpu-1t.sqlite"
     device = open_device("host", threads=1)
     model = load_model(base)
@@ -77,8 +77,6 @@ def _build_lut(out: Path, base: Path, s: DemoSettings) -> Path:
 
 
 def _adapt(out: Path, base: Path, lut: Path, s: DemoSettings, baseline: bool) -> Path:
-    from adapter.adapt import run_cli
-
     adapt_dir = out / "adapt"
     report = adapt_dir / "report.md"
     if report.is_file() and (not baseline or (adapt_dir / "baseline" / "baseline.json").is_file()):
@@ -115,8 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(out: Path, settings: DemoSettings, baseline: bool) -> int:
-    from lut.quiet_tf import import_tensorflow_quietly
-
     check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     import_tensorflow_quietly()

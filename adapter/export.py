@@ -10,10 +10,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from adapter.errors import AdapterError
+from lut.table import Measurement, MeasurementFailure
+from profiler.convert import keras_to_tflite
+from profiler.devices import Device, open_device
+from profiler.host import (  # the final check's longer timing (issue 10: a policy of open_device)
+    HostDevice,
+    TimingPolicy,
+)
 
 __all__ = [
     "ModelMeasurement",
@@ -24,13 +32,11 @@ __all__ = [
     "tflite_accuracy",
 ]
 
-_HOST_FINAL_TIMING = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
+_HOST_FINAL_TIMING: dict[str, Any] = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
 
 
 def export_tflite(model, path: str | Path, *, representative_data=None) -> bytes:
     """Convert `model` (float32; int8 with `representative_data` batches) and write it to `path`."""
-    from profiler.convert import keras_to_tflite
-
     try:
         tflite = keras_to_tflite(model, representative_data=representative_data)
     except Exception as e:  # the converter raises many types (ConverterError, ValueError, RuntimeError)
@@ -45,13 +51,9 @@ def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int 
     return [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
 
 
-def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None):
+def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None) -> Device:
     """The device that measures whole models: the host with longer timing, else `open_device`."""
-    from profiler.devices import open_device
-
     if name == "host" and backend == "cpu":
-        from profiler.host import HostDevice, TimingPolicy
-
         return HostDevice(name, threads, TimingPolicy(**_HOST_FINAL_TIMING))
     return open_device(name, backend=backend, threads=threads, devices_file=devices_file)
 
@@ -67,17 +69,17 @@ class ModelMeasurement:
     error: str | None = None
 
 
-def measure_models(device, models: Mapping[str, bytes], *, repeats: int = 3) -> dict[str, ModelMeasurement]:
+def measure_models(device: Device, models: Mapping[str, bytes], *, repeats: int = 3) -> dict[str, ModelMeasurement]:
     """Measure each named `.tflite` `repeats` times, interleaved (so drift hits every model
     alike), and keep the repeat with the lowest median: background load only adds time."""
-    from lut.table import MeasurementFailure
-
-    best: dict[str, object] = {}
+    best: dict[str, Measurement | MeasurementFailure] = {}
     for _ in range(repeats):
         for name, result in device.measure(list(models.items())):
             if isinstance(result, MeasurementFailure):
                 best.setdefault(name, result)
-            elif not hasattr(best.get(name), "median_us") or result.median_us < best[name].median_us:
+                continue
+            kept = best.get(name)
+            if not isinstance(kept, Measurement) or result.median_us < kept.median_us:
                 best[name] = result
     return {name: _as_ms(best.get(name)) for name in models}
 
@@ -90,6 +92,7 @@ def _as_ms(result) -> ModelMeasurement:
 
 def _interpreter(tflite: bytes):
     try:
+        # optional runtime: LiteRT, else tflite_runtime
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         from tflite_runtime.interpreter import Interpreter

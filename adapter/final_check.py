@@ -1,5 +1,8 @@
 """What the device says about a search's models: the original measured before the search
-(and checked against the LUT), candidates measured as a fraction of it, and the verdict.
+(and checked against the LUT), candidates measured as a fraction of it, and the verdict;
+then the final check of any search method: its model exported, measured interleaved with
+the original and scored (`final_figures`), and the budget's verdict as the report gives it
+(`budget_fields`).
 
 Every figure is taken interleaved with the original (`profiler.interleave`) under the
 conditions monitor: the reference model is measured before and after, and a look that
@@ -12,12 +15,29 @@ under conditions matching the LUT's (its reference's quiet value).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 from adapter.errors import AdapterError
+from adapter.export import export_tflite, representative_batches, tflite_accuracy
+from adapter.latency import OVER_BUDGET_TOLERANCE, OVER_PRUNED, Budget, Estimator, estimate_ms
+from adapter.train import evaluate, evaluate_split
+from adapter.training.data import Dataset
+from profiler.devices import Device
+from profiler.interleave import Interleaved, measure_interleaved
+from profiler.monitor import ConditionsMonitor
 
-__all__ = ["LUT_TOLERANCE", "ROUNDS", "ModelChecker", "Verdict", "budget_verdict"]
+__all__ = [
+    "LUT_TOLERANCE",
+    "ROUNDS",
+    "ModelChecker",
+    "SearchOutcome",
+    "Verdict",
+    "budget_fields",
+    "budget_verdict",
+    "final_figures",
+]
 
 LUT_TOLERANCE = 0.15  # the LUT's estimate of the original and its measurement agree this well
 ROUNDS = 5
@@ -46,23 +66,26 @@ class ModelChecker:
     LUT's device, with the LUT's quiet reference value) checks the conditions.
     """
 
-    def __init__(self, device, monitor, original_tflite: bytes, out_dir: str | Path, *, rounds: int = ROUNDS,
-                 lut_tolerance: float = LUT_TOLERANCE):
+    def __init__(self, device: Device, monitor: ConditionsMonitor | None, original_tflite: bytes, out_dir: str | Path,
+                 *, rounds: int = ROUNDS, lut_tolerance: float = LUT_TOLERANCE):
         self.device, self.monitor, self.rounds, self.lut_tolerance = device, monitor, rounds, lut_tolerance
         self.original, self.out = original_tflite, Path(out_dir)
-        self.last = None  # the latest `Interleaved`
+        self.last: Interleaved | None = None  # the latest interleaved measurement
 
-    def _measure(self, models: Mapping[str, bytes]):
+    def _measure(self, models: Mapping[str, bytes]) -> Interleaved | None:
         """An interleaved measurement taken while the device was quiet, or None when it stayed
         disturbed for the monitor's tries."""
-        from profiler.interleave import measure_interleaved
-
-        for attempt in range(self.monitor.policy.max_tries if self.monitor else 1):
-            if attempt:
-                self.monitor.wait_quiet()
-            result = measure_interleaved(self.device, models, rounds=self.rounds, monitor=self.monitor)
+        monitor = self.monitor
+        for attempt in range(monitor.policy.max_tries if monitor else 1):
+            if attempt and monitor is not None:
+                monitor.wait_quiet()
+            result = measure_interleaved(self.device, models, rounds=self.rounds, monitor=monitor)
             self.last = result
-            if self.monitor is None or (self.monitor.ok(result.before) and self.monitor.ok(result.after)):
+            if monitor is None:
+                return result
+            # with a monitor, the interleaved measurement has a look before and after it
+            if result.before is not None and result.after is not None and monitor.ok(result.before) \
+                    and monitor.ok(result.after):
                 return result
         return None
 
@@ -89,8 +112,6 @@ class ModelChecker:
 
     def fraction(self, model, name: str = "search") -> float | None:
         """`model`'s latency as a fraction of the original's (None: the device stayed disturbed)."""
-        from adapter.export import export_tflite
-
         self.out.mkdir(parents=True, exist_ok=True)
         tflite = export_tflite(model, self.out / f"{name}.tflite")
         result = self._measure({"original": self.original, name: tflite})
@@ -121,3 +142,84 @@ def budget_verdict(budget, result, *, measured_original_ms: float | None, last=N
     else:
         status, reason = "met", f"{fraction:.1%} of the original measured, {requested:.1%} asked"
     return Verdict(status, requested, fraction, spread, reason, result.conditions())
+
+
+# --------------------------------------------------------------------------- the final check of a search
+
+
+class SearchOutcome(Protocol):
+    """What the report needs of any search method's result (NetAdapt's `NetAdaptResult` is one)."""
+
+    @property
+    def budget_ms(self) -> float: ...  # the budget in the LUT's terms the search ended with
+
+    @property
+    def measured_original_ms(self) -> float | None: ...
+
+    @property
+    def recalibrations(self) -> Sequence[Mapping[str, Any]]: ...
+
+    @property
+    def handed_back(self) -> Mapping[str, Any] | None: ...  # an over-pruned result walked back
+
+
+def _model_figures(model: Any, estimator: Estimator, data: Dataset, x_test: Any, y_test: Any,
+                   tflite: bytes) -> dict[str, Any]:
+    from adapter.pruning.surgery import channel_counts  # Keras: loads TensorFlow (the CLIs have loaded it by now)
+
+    return {
+        "channels": channel_counts(model),
+        "parameters": int(model.count_params()),
+        "estimated_ms": estimate_ms(estimator, model),
+        "holdout_accuracy": evaluate_split(model, data.holdout),
+        "test_accuracy": evaluate(model, x_test, y_test),
+        "tflite_test_accuracy": tflite_accuracy(tflite, x_test, y_test),
+    }
+
+
+def final_figures(models: Mapping[str, Any], estimator: Estimator, data: Dataset, checker: ModelChecker | None,
+                  out: Path, *, int8_of: str | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Export every model of `models` (the original among them) to `out`/NAME.tflite, measure them
+    on the device interleaved with the original (no measurement without a `checker`) and score
+    them; `int8_of` also exports that model quantized (NAME_int8.tflite). Returns each model's
+    figures and the interleaved measurement (None when none was taken)."""
+    x_test, y_test = data.test.arrays()
+    tflites = {name: export_tflite(model, out / f"{name}.tflite") for name, model in models.items()}
+    if int8_of is not None:
+        x_train, _ = data.train.take(min(256, len(data.train))).arrays()
+        tflites[f"{int8_of}_int8"] = export_tflite(
+            models[int8_of], out / f"{int8_of}_int8.tflite", representative_data=representative_batches(x_train)
+        )
+    measured = None
+    if checker is not None:
+        measured = checker.measure({name: tflite for name, tflite in tflites.items() if name != "original"})
+    figures = {name: _model_figures(model, estimator, data, x_test, y_test, tflites[name])
+               for name, model in models.items()}
+    for name in figures:
+        figures[name]["measured_ms"] = measured.median_ms(name) if measured else None
+    if int8_of is not None:
+        figures[int8_of]["int8"] = {
+            "measured_ms": measured.median_ms(f"{int8_of}_int8") if measured else None,
+            "tflite_test_accuracy": tflite_accuracy(tflites[f"{int8_of}_int8"], x_test, y_test),
+        }
+    return figures, measured
+
+
+def budget_fields(budget: Budget, result: SearchOutcome, original: Mapping[str, Any], adapted: Mapping[str, Any],
+                  measured: Any, checker: ModelChecker | None) -> dict[str, Any]:
+    """The budget's part of the report: what was asked, the search's calibration, and the verdict."""
+    fields = {
+        "spec": str(budget), "relative": budget.relative, "estimated_ms": result.budget_ms,
+        "measured_original_ms": result.measured_original_ms, "recalibrations": list(result.recalibrations),
+        "handed_back": result.handed_back, "tolerance": OVER_BUDGET_TOLERANCE, "over_pruned_below": OVER_PRUNED,
+        "estimated_fraction": adapted["estimated_ms"] / original["estimated_ms"],
+        "met_by_estimate": adapted["estimated_ms"] <= result.budget_ms + 1e-9,
+    }
+    if checker is None:
+        return {**fields, "status": "not measured", "met_measured": None, "requested_fraction": budget.fraction(None),
+                "measured_fraction": None, "spread": None, "reason": "no device", "conditions": {}}
+    verdict = budget_verdict(budget, measured, measured_original_ms=result.measured_original_ms, last=checker.last,
+                             over_budget=OVER_BUDGET_TOLERANCE, over_pruned=OVER_PRUNED)
+    return {**fields, "status": verdict.status, "met_measured": verdict.met,
+            "requested_fraction": verdict.requested_fraction, "measured_fraction": verdict.measured_fraction,
+            "spread": verdict.spread, "reason": verdict.reason, "conditions": dict(verdict.conditions)}

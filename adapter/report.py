@@ -2,7 +2,9 @@
 
 `write_report(out_dir, report, history)` takes the report as a plain dict (the schema is
 what `adapter.adapt` builds: budget, original, adapted, baseline, search, files) and the
-NetAdapt history, and writes report.json, report.md and accuracy_latency.png.
+search's steps (anything with `estimated_ms` and `holdout_accuracy`: NetAdapt's iterations),
+and writes report.json, report.md and accuracy_latency.png. The search method's name is
+`report["search"]["method"]` (NetAdapt when absent), so another method reports the same way.
 """
 from __future__ import annotations
 
@@ -74,8 +76,12 @@ _ROWS = (  # (label, key, formatter) of the side-by-side table
 )
 
 
+def _method(report: Mapping) -> str:
+    return str(report.get("search", {}).get("method", "NetAdapt"))
+
+
 def _side_by_side(report: Mapping) -> list[str]:
-    columns = [("original", report["original"]), ("NetAdapt", report["adapted"])]
+    columns = [("original", report["original"]), (_method(report), report["adapted"])]
     if report.get("baseline"):
         columns.append((f"width multiplier α={report['baseline']['alpha']:g}", report["baseline"]))
     lines = ["| | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -87,7 +93,7 @@ def _side_by_side(report: Mapping) -> list[str]:
 def _channels(report: Mapping) -> list[str]:
     original, adapted = report["original"]["channels"], report["adapted"]["channels"]
     baseline = (report.get("baseline") or {}).get("channels")
-    header = "| group | original | NetAdapt |" + (" width multiplier |" if baseline else "")
+    header = f"| group | original | {_method(report)} |" + (" width multiplier |" if baseline else "")
     lines = [header, "|---|---|---|" + ("---|" if baseline else "")]
     for group, count in original.items():
         row = f"| {group} | {count} | {adapted.get(group, '—')} |"
@@ -101,7 +107,7 @@ def render_markdown(report: Mapping) -> str:
     """report.md: the budget verdict, the models side by side, channels per group, the plot."""
     budget, search = report["budget"], report["search"]
     lines = [
-        f"# NetAdapt: {report['model']} on {report['lut']['device']} ({report['lut']['backend']}, "
+        f"# {_method(report)}: {report['model']} on {report['lut']['device']} ({report['lut']['backend']}, "
         f"{report['lut']['threads']} thread(s))",
         "",
         *_budget_lines(budget, report["device"]),
@@ -119,8 +125,8 @@ def render_markdown(report: Mapping) -> str:
     if report.get("baseline"):
         b = report["baseline"]
         lines += ["", f"The width-multiplier baseline was chosen by {b['select_by']} and trained from scratch for "
-                      f"{b['epochs']} epochs (as many as the NetAdapt model saw: base training, the chosen proposals' "
-                      "short-term steps and the long-term fine-tuning)."]
+                      f"{b['epochs']} epochs (as many as the {_method(report)} model saw: base training, the chosen "
+                      "proposals' short-term steps and the long-term fine-tuning)."]
     lines += ["", "## Channels per group", "", *_channels(report), "", "## Iterations", "",
               f"![accuracy vs latency]({PLOT_FILE})", "", "Every iteration is in history.csv, every proposal in proposals.csv."]
     return "\n".join(lines) + "\n"
@@ -129,6 +135,7 @@ def render_markdown(report: Mapping) -> str:
 def plot_accuracy_latency(history: Sequence, path: str | Path, *, report: Mapping) -> None:
     """Holdout accuracy against LUT-estimated latency, one point per iteration, with the budget,
     the long-term fine-tuned result and the baseline."""
+    # slow to import; only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +143,7 @@ def plot_accuracy_latency(history: Sequence, path: str | Path, *, report: Mappin
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.plot([r.estimated_ms for r in history], [r.holdout_accuracy for r in history], "o-", ms=3,
-            label="NetAdapt iterations (short-term fine-tuned)")
+            label=f"{_method(report)} iterations (short-term fine-tuned)")
     adapted = report["adapted"]
     ax.plot([adapted["estimated_ms"]], [adapted["holdout_accuracy"]], "*", ms=14, label="adapted, long-term fine-tuned")
     baseline = report.get("baseline")

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from adapter.data import DEFAULT_HOLDOUT, Split, load_dataset
 from adapter.errors import AdapterError
+from adapter.training.data import DEFAULT_HOLDOUT, Split, load_dataset
 from lut.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, run_command
 from lut.models import MODELS, build_model
+from lut.quiet_tf import import_tensorflow_quietly
 
 __all__ = [
     "OPTIMIZERS",
@@ -43,12 +45,14 @@ SPLIT_SEED = 0  # the holdout is a property of the data set, not of one training
 
 
 def _adam(schedule):
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     return keras.optimizers.Adam(learning_rate=schedule)
 
 
 def _sgd(schedule):
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, nesterov=True)
@@ -125,6 +129,7 @@ def fit(
 
 def _train_step(model, optimizer: str, lr: float, total_steps: int):
     """A compiled step: (x, y) → (mean loss, correct predictions), updating the weights."""
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
     import tensorflow as tf
 
@@ -151,8 +156,6 @@ def _steps(count: int, epoch: int, epochs: int, verbose: bool):
     """range(count), shown as a progress bar when verbose on a terminal."""
     if not (verbose and sys.stderr.isatty()):
         return range(count)
-    from tqdm import tqdm
-
     return tqdm(range(count), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False)
 
 
@@ -182,6 +185,7 @@ def recalibrate_batchnorm(model, data: Split, *, images: int = 2048, batch_size:
     gets the exact mean and (biased, as in training) variance of its input over the images,
     computed in training mode as during `fit`. Returns the number of layers recalibrated.
     """
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
     import tensorflow as tf
 
@@ -339,8 +343,6 @@ def _train(args: argparse.Namespace) -> int:
         raise AdapterError(f"--out must name a .keras file; received {args.out!r}.")
     check_output_file(out, "--out")  # before the data loads and the epochs run, not after
     check_output_file(record_path(out), "--out's record")
-    from lut.quiet_tf import import_tensorflow_quietly
-
     import_tensorflow_quietly()
     print(f"loading {args.data} at {args.resolution} px", flush=True)
     data = load_dataset(args.data, resolution=args.resolution, holdout=args.holdout, seed=SPLIT_SEED)

@@ -110,7 +110,7 @@ class _DaemonProcess:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.host, self.port = "127.0.0.1", int(self._process.stdout.readline())
 
-    def __enter__(self) -> "_DaemonProcess":
+    def __enter__(self) -> _DaemonProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -85,8 +85,8 @@ def main() -> int:
     from lut.quiet_tf import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    from adapter.graph import find_groups
-    from adapter.surgery import prune_to_counts
+    from adapter.pruning.graph import find_groups
+    from adapter.pruning.surgery import prune_to_counts
     from lut.latency import LatencyEstimator, specs_of
     from lut.models import build_model
     from lut.table import LatencyTable

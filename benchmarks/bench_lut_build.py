@@ -51,7 +51,8 @@ def main() -> None:
     n = summary.measured + summary.failed
     print(f"MobileNetV1 α={args.alpha} {args.resolution}px step {args.step}: {len(specs)} entries, {summary.failed} failed")
     print(f"whole LUT:   {summary.total_s / 60:6.2f} min  ({n / summary.total_s * 60:7.0f} entries/min)   target < 10 min")
-    print(f"generating:  {summary.generate_s:6.1f} s    ({n / summary.generate_s * 60:7.0f} entries/min)  {1000 * fast_s_per_entry:.2f} ms/entry")
+    print(f"generating:  {summary.generate_s:6.1f} s    ({n / summary.generate_s * 60:7.0f} entries/min)  "
+          f"{1000 * fast_s_per_entry:.2f} ms/entry")
     print(f"measuring:   {summary.measure_s:6.1f} s    ({n / summary.measure_s * 60:7.0f} entries/min)")
     print(f"naive generation (one TFLiteConverter call per entry, {len(sample)} sampled): {1000 * naive_s_per_entry:.0f} ms/entry")
     print(f"generation speed-up over naive: {naive_s_per_entry / fast_s_per_entry:.0f}x   target >= 10x")

@@ -4,7 +4,7 @@
 
 MobileNetV1 α=0.5 at 32 px on Fashion-MNIST, every proposal, 50 short-term steps of batch
 128 per proposal, a 2,000-image holdout, Δ = 2.5% of the original latency. Runs two
-iterations of `adapter.netadapt.run_iteration` (the first includes the one-time trace of
+iterations of `adapter.search.netadapt.run_iteration` (the first includes the one-time trace of
 the training step) and prints the split of the second: surgery (filter ranking, weight
 slicing, the winner's Keras rebuild), short-term fine-tuning (incl. BN recalibration),
 holdout evaluation and LUT estimation. Then, in the same process, the naive ways:
@@ -59,7 +59,7 @@ def _lut(path: str, model):
 
 def _naive_estimation(run, model, record, target_ms: float) -> float:
     """Seconds to find the proposals by estimating each candidate count on the whole model."""
-    from adapter.graph import find_groups
+    from adapter.pruning.graph import find_groups
     from lut.keras_specs import specs_of_keras
 
     start = time.perf_counter()
@@ -73,31 +73,32 @@ def _naive_estimation(run, model, record, target_ms: float) -> float:
 
 def _naive_training(run, model, iteration: int, proposals: int) -> tuple[float, int]:
     """Seconds per proposal built with `prune` and trained with `model.fit` (one trace each)."""
-    from adapter import netadapt
-    from adapter.graph import analyze
+    from adapter.pruning.graph import analyze
+    from adapter.search.netadapt import proposals, search
 
-    keras_trainer = netadapt._KerasProposals(model, run.config)
+    keras_trainer = proposals._KerasProposals(model, run.config)
     graph = analyze(model)
-    batches = netadapt._iteration_batches(run, iteration)
+    batches = search._iteration_batches(run, iteration)
     times = dict.fromkeys(("surgery_s", "finetune_s", "evaluate_s"), 0.0)
     groups = [g for g in graph.groups if g.size > 8][:proposals]
     for group in groups:
-        keep = {group.id: netadapt._kept_channels(model, group, group.size - 8)}
+        keep = {group.id: proposals._kept_channels(model, group, group.size - 8)}
         keras_trainer.train(model, graph, None, keep, batches, times)
     return {k: v / len(groups) for k, v in times.items()}, len(groups)
 
 
 def main() -> int:
     args = _args()
-    from adapter import netadapt
-    from adapter.data import load_dataset
+    from adapter.latency import Budget
+    from adapter.search import netadapt
+    from adapter.training.data import load_dataset
     from lut.models import build_model, load_model
 
     model = load_model(args.model) if args.model else build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)
     estimator = _lut(args.lut, model)
     data = load_dataset("fashion_mnist", resolution=32, holdout=args.holdout)
     config = netadapt.NetAdaptConfig(
-        netadapt.Budget(0.5, relative=True), initial_reduction=args.reduction, short_term_steps=args.steps,
+        Budget(0.5, relative=True), initial_reduction=args.reduction, short_term_steps=args.steps,
         batch_size=args.batch_size, holdout_size=args.holdout, long_term_epochs=0,
     )
     with tempfile.TemporaryDirectory() as out:

@@ -19,10 +19,12 @@ import math
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from lut.errors import PhonefitError
+from lut.quiet_tf import import_tensorflow_quietly
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -40,6 +42,7 @@ __all__ = [
     "positive_int",
     "quiet_litert_notice",
     "run_command",
+    "run_parsed",
 ]
 
 EXIT_OK, EXIT_NOT_MET, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -70,18 +73,20 @@ class HelpFormatter(argparse.HelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line, `PROG: error: REASON (see --help)`, exit 2."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
 
 
 _KIND_WORDS = {int: "an integer", float: "a number"}
 
 
-def number(kind: type, low: float = -math.inf, high: float = math.inf, *, open_low: bool = True, open_high: bool = False):
+def number(
+    kind: type, low: float = -math.inf, high: float = math.inf, *, open_low: bool = True, open_high: bool = False
+) -> Callable[[str], Any]:
     """An argparse `type`: a finite `kind` (int or float) in the interval from `low` to `high`.
 
     Refuses what does not parse, NaN, infinities and values outside the interval with
@@ -96,7 +101,7 @@ def number(kind: type, low: float = -math.inf, high: float = math.inf, *, open_l
     else:
         wanted = f"{_KIND_WORDS[kind]} in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
 
-    def parse(text: str):
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except (TypeError, ValueError):
@@ -140,7 +145,7 @@ def _folder_problem(folder: Path, option: str, path: Path) -> str | None:
     return None
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """`path` as a file this command can create or overwrite, checked before the work starts.
 
     Refuses a folder, a path under a file, an unwritable file or an unwritable folder
@@ -161,7 +166,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
-def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """`path` as a folder this command can create or write into, checked before the work starts."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -244,6 +249,27 @@ def run_command(prog: str, work: Callable[[], int], *, on_interrupt: str) -> int
         return EXIT_BAD_INPUT
 
 
+def run_parsed(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    work: Callable[[argparse.Namespace], int],
+    *,
+    on_interrupt: str,
+    tensorflow: bool = False,
+) -> int:
+    """Parse `argv` (bad arguments: one line, exit 2) and `run_command` `work(args)`; with
+    `tensorflow`, TensorFlow and LiteRT are loaded quietly first (after the arguments are checked)."""
+    args = parser.parse_args(argv)
+
+    def job() -> int:
+        if tensorflow:
+            import_tensorflow_quietly()
+            quiet_litert_notice()
+        return work(args)
+
+    return run_command(parser.prog, job, on_interrupt=on_interrupt)
+
+
 # --------------------------------------------------------------------------- LiteRT
 
 
@@ -256,6 +282,7 @@ def quiet_litert_notice() -> None:
     still arrive as Python exceptions. Idempotent; does nothing without LiteRT.
     """
     try:
+        # optional runtime: LiteRT, else tflite_runtime
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
@@ -266,7 +293,7 @@ def quiet_litert_notice() -> None:
         return
     original = Interpreter.allocate_tensors
 
-    def allocate_tensors(self, *args, **kwargs):
+    def allocate_tensors(self: Any, *args: Any, **kwargs: Any) -> Any:
         Interpreter.allocate_tensors = original  # only the first allocation prints the notice
         sys.stderr.flush()
         saved = os.dup(2)

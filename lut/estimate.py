@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -42,7 +43,7 @@ def _check_tflite(path: str) -> None:
         )
 
 
-def _estimate(args) -> int:
+def _estimate(args: argparse.Namespace) -> int:
     if str(args.model).endswith(".tflite"):
         _check_tflite(args.model)
     import_tensorflow_quietly()

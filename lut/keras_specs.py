@@ -10,11 +10,13 @@ variant without building it — the NetAdapt loop estimates thousands of those.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+from lut.keras_graph import as_functional, inbound_layers, layers_in_order
 from lut.spec import LayerSpec, UnsupportedLayerError
 
-__all__ = ["specs_of_keras"]
+__all__ = ["channel_slopes", "specs_of_keras"]
 
 
 @dataclasses.dataclass
@@ -27,7 +29,7 @@ class _Tensor:
 
 
 class _Walk:
-    def __init__(self, model, out_channels: Mapping[str, int]):
+    def __init__(self, model: Any, out_channels: Mapping[str, int]):
         self.model, self.out_channels = model, dict(out_channels)
         self.specs: list[LayerSpec] = []
         self.tensors: dict[str, _Tensor] = {}
@@ -41,17 +43,18 @@ class _Walk:
         return self.consumers.get(layer_name, 0) == 1
 
 
-def _config_activation(layer) -> str:
-    name = layer.get_config().get("activation", "linear")
+def _config_activation(layer: Any) -> str:
+    name = str(layer.get_config().get("activation", "linear"))
     return {"linear": "none", "relu": "relu", "relu6": "relu6"}.get(name, name)
 
 
-def _spatial(t: _Tensor, layer) -> tuple[int, int, int]:
+def _spatial(t: _Tensor, layer: Any) -> tuple[int, int, int]:
     if len(t.shape) != 3:
         raise UnsupportedLayerError(
             f"Layer {layer.name!r} ({type(layer).__name__}) expects an (h, w, c) input. Received shape {t.shape}."
         )
-    return t.shape
+    h, w, c = t.shape
+    return h, w, c
 
 
 def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -60,7 +63,9 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pad_then_window(walk: _Walk, t: _Tensor, kernel, stride, padding: str) -> tuple[_Tensor, str]:
+def _pad_then_window(
+    walk: _Walk, t: _Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: str
+) -> tuple[_Tensor, str]:
     """Absorb a pending ZeroPadding2D into a SAME window op, or emit it as a pad op."""
     if t.pads is None:
         return t, padding
@@ -74,13 +79,13 @@ def _pad_then_window(walk: _Walk, t: _Tensor, kernel, stride, padding: str) -> t
     return walk.emit(spec, t.shape), padding
 
 
-def _window_out(h: int, w: int, kernel, stride, padding: str) -> tuple[int, int]:
+def _window_out(h: int, w: int, kernel: tuple[int, ...], stride: tuple[int, ...], padding: str) -> tuple[int, int]:
     if padding == "same":
         return -(-h // stride[0]), -(-w // stride[1])
     return (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
 
 
-def _conv(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _conv(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     cfg = layer.get_config()
     kernel, stride = tuple(cfg["kernel_size"]), tuple(cfg["strides"])
     if tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1) or cfg.get("groups", 1) != 1:
@@ -95,7 +100,7 @@ def _conv(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return walk.emit(spec, (*_window_out(h, w, kernel, stride, padding), cout), fusable=True)
 
 
-def _depthwise(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _depthwise(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     cfg = layer.get_config()
     kernel, stride = tuple(cfg["kernel_size"]), tuple(cfg["strides"])
     if cfg.get("depth_multiplier", 1) != 1 or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1):
@@ -109,7 +114,7 @@ def _depthwise(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return walk.emit(spec, (*_window_out(h, w, kernel, stride, padding), c), fusable=True)
 
 
-def _dense(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _dense(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     if len(t.shape) != 1:
         raise UnsupportedLayerError(
@@ -127,21 +132,21 @@ def _dense(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return out
 
 
-def _fusable_activation(layer) -> str:
+def _fusable_activation(layer: Any) -> str:
     activation = _config_activation(layer)
     if activation not in ("none", "relu", "relu6"):
         raise _activation_error(layer, activation)
     return activation
 
 
-def _activation_error(layer, activation: str) -> UnsupportedLayerError:
+def _activation_error(layer: Any, activation: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(
         f"Layer {layer.name!r} ({type(layer).__name__}) uses activation {activation!r}; phonefit measures "
         "linear, relu, relu6 (fused) and softmax."
     )
 
 
-def _batch_norm(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _batch_norm(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     producer = walk.specs[t.fusable] if t.fusable is not None else None
     if producer is None or producer.op == "add" or producer.activation != "none":
@@ -152,7 +157,7 @@ def _batch_norm(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return t
 
 
-def _relu(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _relu(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     cfg = layer.get_config()
     if type(layer).__name__ == "Activation":
@@ -174,14 +179,14 @@ def _relu(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return _Tensor(t.shape)
 
 
-def _softmax(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _softmax(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     if len(t.shape) != 1:
         raise UnsupportedLayerError(f"Layer {layer.name!r} (softmax) must act on a flat (classes,) tensor. Received shape {t.shape}.")
     return walk.emit(LayerSpec("softmax", 1, 1, t.shape[0], t.shape[0]), t.shape)
 
 
-def _add(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _add(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     shapes = {t.shape for t in inputs}
     if len(inputs) != 2 or len(shapes) != 1:
         raise UnsupportedLayerError(
@@ -193,7 +198,7 @@ def _add(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return walk.emit(LayerSpec("add", h, w, c, c), (h, w, c), fusable=True)
 
 
-def _global_average(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _global_average(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     h, w, c = _spatial(inputs[0], layer)
     keepdims = layer.get_config().get("keepdims", False)
     if (h, w) == (1, 1) and keepdims:  # averaging one pixel into the same shape: the converter drops it
@@ -201,7 +206,7 @@ def _global_average(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return walk.emit(LayerSpec("mean", h, w, c, c), (1, 1, c) if keepdims else (c,))
 
 
-def _pool(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _pool(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     cfg = layer.get_config()
     kernel = tuple(cfg["pool_size"])
     stride = tuple(cfg["strides"] or kernel)
@@ -211,7 +216,7 @@ def _pool(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return walk.emit(LayerSpec(op, h, w, c, c, kernel, stride, padding), (*_window_out(h, w, kernel, stride, padding), c))
 
 
-def _zero_padding(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _zero_padding(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     h, w, c = _spatial(t, layer)
     (top, bottom), (left, right) = layer.get_config()["padding"]
@@ -221,13 +226,13 @@ def _zero_padding(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return _Tensor((h + top + bottom, w + left + right, c), pads=(top, bottom, left, right))
 
 
-def _reshape_like(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _reshape_like(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     h, w, c = t.shape if len(t.shape) == 3 else (1, 1, t.shape[0])
     if type(layer).__name__ == "Flatten":
-        out = (h * w * c,)
+        out: tuple[int, ...] = (h * w * c,)
     else:
-        target = tuple(layer.get_config()["target_shape"])
+        target: tuple[int, ...] = tuple(layer.get_config()["target_shape"])
         if -1 not in target and _product(target) != h * w * c:
             # The target was written for the unpruned width; keep the channels last.
             target = (*target[:-1], h * w * c // max(_product(target[:-1]), 1))
@@ -237,19 +242,19 @@ def _reshape_like(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
     return walk.emit(LayerSpec("reshape", h, w, c, out[-1]), out)
 
 
-def _product(values) -> int:
+def _product(values: Iterable[int]) -> int:
     result = 1
     for v in values:
         result *= v
     return result
 
 
-def _identity(walk: _Walk, layer, inputs: list[_Tensor]) -> _Tensor:
+def _identity(walk: _Walk, layer: Any, inputs: list[_Tensor]) -> _Tensor:
     (t,) = inputs
     return _Tensor(t.shape)
 
 
-_HANDLERS: dict[str, Callable[[_Walk, object, list[_Tensor]], _Tensor]] = {
+_HANDLERS: dict[str, Callable[[_Walk, Any, list[_Tensor]], _Tensor]] = {
     "Conv2D": _conv,
     "DepthwiseConv2D": _depthwise,
     "Dense": _dense,
@@ -268,23 +273,19 @@ _HANDLERS: dict[str, Callable[[_Walk, object, list[_Tensor]], _Tensor]] = {
 }
 
 
-def _inbound_layers(layer) -> list:
-    node = layer._inbound_nodes[0]
-    return [t._keras_history.operation for t in node.input_tensors]
-
-
-def specs_of_keras(model, out_channels: Mapping[str, int] | None = None) -> list[LayerSpec]:
-    """The specs of a functional Keras model in execution order.
+def specs_of_keras(model: Any, out_channels: Mapping[str, int] | None = None) -> list[LayerSpec]:
+    """The specs of a functional (or Sequential) Keras model in execution order.
 
     `out_channels` maps Conv2D/Dense layer names to a different number of filters/units:
     the specs are those of the model pruned that way (channels propagate through
     depthwise, BN, add, pooling and reshape as in the pruned model).
     """
+    model = as_functional(model)  # a Sequential is read as the functional model it is
     walk = _Walk(model, out_channels or {})
-    layers = model.operations
+    layers = layers_in_order(model)
     for layer in layers:
         if type(layer).__name__ != "InputLayer":
-            for parent in _inbound_layers(layer):
+            for parent in inbound_layers(layer):
                 walk.consumers[parent.name] = walk.consumers.get(parent.name, 0) + 1
     for layer in layers:
         kind = type(layer).__name__
@@ -296,9 +297,34 @@ def specs_of_keras(model, out_channels: Mapping[str, int] | None = None) -> list
             raise UnsupportedLayerError(
                 f"Layer {layer.name!r} of class {kind} is not supported. Supported layers: {', '.join(sorted(_HANDLERS))}."
             )
-        inputs = [walk.tensors[parent.name] for parent in _inbound_layers(layer)]
+        inputs = [walk.tensors[parent.name] for parent in inbound_layers(layer)]
         out = handler(walk, layer, inputs)
         if out.fusable is not None and not walk.single_consumer(layer.name):
             out = dataclasses.replace(out, fusable=None)  # TFLite cannot fuse into a shared output
         walk.tensors[layer.name] = out
     return walk.specs
+
+
+def channel_slopes(
+    model: Any,
+    shrunk: Mapping[str, Mapping[str, int]],
+    specs_of: Callable[[Any, Mapping[str, int]], list[LayerSpec]] = specs_of_keras,
+) -> tuple[list[LayerSpec], dict[str, list[tuple[int, int, int]]]]:
+    """The specs of `model`, and how they follow each group's channel count.
+
+    `shrunk` maps a group name to its layers' filter counts one filter smaller; the walk is
+    run once with each group shrunk and compared spec by spec with the model's. A spec's
+    channel fields are affine in a group's count (a direct consumer: slope 1; a Flatten
+    before a Dense: slope H×W; a Concatenate adds an offset), so `(index, Δcin, Δcout)` per
+    changed spec gives its specs at any count without walking the model again.
+    """
+    base = specs_of(model, {})
+    slopes = {}
+    for name, counts in shrunk.items():
+        smaller = specs_of(model, counts)
+        slopes[name] = [
+            (i, a.cin - b.cin, a.cout - b.cout)
+            for i, (a, b) in enumerate(zip(base, smaller, strict=True))
+            if (a.cin, a.cout) != (b.cin, b.cout)
+        ]
+    return base, slopes

@@ -34,10 +34,14 @@ import dataclasses
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+from lut.keras_specs import specs_of_keras
+from lut.models import load_model
 from lut.spec import CHANNEL_PRESERVING_OPS, LayerSpec, LutError
 from lut.table import LatencyTable
+from lut.tflite_ops import specs_of_tflite
 
 __all__ = ["CONTEXT_META_KEY", "CacheContext", "LatencyEstimator", "estimate_latency_ms", "specs_of"]
 
@@ -52,8 +56,8 @@ class CacheContext:
     shows) are the device's, measured; the shape (`ramp_start`, `ramp_end` in units of that
     size, `plateau`, and the activations' shares) was fitted on 90 random prunings of
     MobileNetV1 α=0.5 at 32 and 128 px and V2 α=0.5 at 128 px, measured whole and
-    interleaved on this project's development CPU (`lut.validate`, seed 0); other devices
-    may need other shapes, which `lut.validate` shows.
+    interleaved on this project's development CPU (`adapter.validate_lut`, seed 0); other devices
+    may need other shapes, which `adapter.validate_lut` shows.
     """
 
     fetch_ns_per_byte: float
@@ -64,7 +68,7 @@ class CacheContext:
     activation_reach: float = 0.5  # the share of activation bytes counted in what an invocation touches
     activation_miss: float = 0.1  # the share of activation bytes fetched like missed weights
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         values = dataclasses.astuple(self)
         if not all(isinstance(v, (int, float)) and v == v and v >= 0 for v in values) or self.cache_bytes <= 0 \
                 or self.ramp_end <= self.ramp_start:
@@ -82,7 +86,7 @@ class CacheContext:
         return self.miss_fraction(specs) * self.fetch_ns_per_byte * fetched / 1000
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "CacheContext | None":
+    def from_meta(cls, meta: Mapping[str, str]) -> CacheContext | None:
         text = meta.get(CONTEXT_META_KEY)
         if not text:
             return None
@@ -168,7 +172,7 @@ _TILED_OPS = frozenset({"depthwise_conv2d"})
 
 
 def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) -> float:
-    def outside(name: str, value: int, measured) -> LutError:
+    def outside(name: str, value: int, measured: Iterable[int]) -> LutError:
         return LutError(
             f"{spec.key} is outside the channels measured in {path}: {name} {value}, measured {name} "
             f"{min(measured)}..{max(measured)}; extend the LUT with `python -m profiler.build_lut` for the model it "
@@ -200,11 +204,9 @@ def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) 
     return _lerp(spec.cin, i0, i1, y0, y1)
 
 
-def specs_of(model) -> list[LayerSpec]:
+def specs_of(model: Any) -> list[LayerSpec]:
     """The specs of a Keras model, or of a `.tflite` given as bytes or as a file path."""
     if isinstance(model, (bytes, bytearray)):
-        from lut.tflite_ops import specs_of_tflite
-
         return specs_of_tflite(bytes(model))
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
@@ -214,14 +216,10 @@ def specs_of(model) -> list[LayerSpec]:
                     return specs_of(f.read())
             except OSError as e:
                 raise LutError(f"Cannot read {path}: {e.strerror}.") from e
-        from lut.models import load_model
-
         return specs_of(load_model(path))
-    from lut.keras_specs import specs_of_keras
-
     return specs_of_keras(model)
 
 
-def estimate_latency_ms(model, table: LatencyTable) -> float:
+def estimate_latency_ms(model: Any, table: LatencyTable) -> float:
     """Σ LUT(op) over the ops of `model` (Keras model, .keras/.tflite path, or .tflite bytes), in ms."""
     return LatencyEstimator(table).total_us(specs_of(model)) / 1000

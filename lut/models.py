@@ -1,7 +1,7 @@
 """The named architectures phonefit profiles, trains and adapts: keras.applications' MobileNetV1 and V2.
 
 Models take (resolution, resolution, 3) float32 input scaled to [-1, 1] (what
-`adapter.data` produces; the models hold no preprocessing layer) and end in a softmax over
+`adapter.training.data` produces; the models hold no preprocessing layer) and end in a softmax over
 `classes`. The classifier head is keras.applications' own, layer for layer and name for
 name, and is built here so that a model with ImageNet weights (whose keras.applications
 head only exists for 1000 classes) has the same head for any number of classes:
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from lut.keras_graph import as_functional
 from lut.spec import LutError
 
 __all__ = [
@@ -34,22 +37,27 @@ class ModelSpec:
     """How to build one architecture: its backbone, its head and its ImageNet widths."""
 
     name: str
-    backbone: Callable  # (alpha, input_shape, weights) -> headless keras.Model
-    head: Callable  # (features, classes) -> softmax output tensor
+    backbone: Callable[[float, tuple[int, int, int], str | None], Any]  # (alpha, input_shape, weights) -> headless keras.Model
+    head: Callable[[Any, int], Any]  # (features, classes) -> softmax output tensor
     imagenet_alphas: tuple[float, ...]
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, head: Callable, imagenet_alphas: tuple[float, ...]):
+_Backbone = Callable[[float, tuple[int, int, int], str | None], Any]
+
+
+def register_model(
+    name: str, *, head: Callable[[Any, int], Any], imagenet_alphas: tuple[float, ...]
+) -> Callable[[_Backbone], _Backbone]:
     """Register the decorated `backbone(alpha, input_shape, weights)` as model `name`.
 
     `head(features, classes)` puts the classifier on the backbone's output; `imagenet_alphas`
     are the widths that have ImageNet weights.
     """
 
-    def register(backbone: Callable) -> Callable:
+    def register(backbone: _Backbone) -> _Backbone:
         if name in MODELS:
             raise ValueError(f"A model named {name!r} is already registered.")
         MODELS[name] = ModelSpec(name, backbone, head, tuple(imagenet_alphas))
@@ -58,7 +66,8 @@ def register_model(name: str, *, head: Callable, imagenet_alphas: tuple[float, .
     return register
 
 
-def _mobilenet_v1_head(features, classes: int):
+def _mobilenet_v1_head(features: Any, classes: int) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     from keras import layers
 
     x = layers.GlobalAveragePooling2D(keepdims=True)(features)
@@ -68,7 +77,8 @@ def _mobilenet_v1_head(features, classes: int):
     return layers.Activation("softmax", name="predictions")(x)
 
 
-def _mobilenet_v2_head(features, classes: int):
+def _mobilenet_v2_head(features: Any, classes: int) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     from keras import layers
 
     x = layers.GlobalAveragePooling2D()(features)
@@ -76,7 +86,8 @@ def _mobilenet_v2_head(features, classes: int):
 
 
 @register_model("mobilenet_v1", head=_mobilenet_v1_head, imagenet_alphas=(0.25, 0.5, 0.75, 1.0))
-def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str | None):
+def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str | None) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     return keras.applications.MobileNet(
@@ -87,7 +98,8 @@ def _mobilenet_v1(alpha: float, input_shape: tuple[int, int, int], weights: str 
 @register_model(
     "mobilenet_v2", head=_mobilenet_v2_head, imagenet_alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 )
-def _mobilenet_v2(alpha: float, input_shape: tuple[int, int, int], weights: str | None):
+def _mobilenet_v2(alpha: float, input_shape: tuple[int, int, int], weights: str | None) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     return keras.applications.MobileNetV2(
@@ -102,7 +114,7 @@ def build_model(
     resolution: int = 224,
     classes: int = 1000,
     weights: str | None = None,
-):
+) -> Any:
     """A new `name` model: width multiplier `alpha`, input (resolution, resolution, 3).
 
     `weights`: None (random initialisation) or "imagenet" (downloads the ImageNet backbone
@@ -130,7 +142,8 @@ def build_model(
     return _assemble(spec, float(alpha), resolution, classes, weights)
 
 
-def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weights: str | None):
+def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weights: str | None) -> Any:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     try:
@@ -146,7 +159,7 @@ def _assemble(spec: ModelSpec, alpha: float, resolution: int, classes: int, weig
     return keras.Model(backbone.input, outputs, name=f"{spec.name}_{alpha:g}_{resolution}")
 
 
-def load_model(path_or_name: str | os.PathLike, **build_kwargs):
+def load_model(path_or_name: str | os.PathLike[str], **build_kwargs: Any) -> Any:
     """A saved model (a `.keras` file, loaded uncompiled) or a new one built by name.
 
     `build_kwargs` (alpha, resolution, classes, weights) apply to names only; a file is
@@ -165,6 +178,7 @@ def load_model(path_or_name: str | os.PathLike, **build_kwargs):
     if not path.is_file():
         raise LutError(f"Model file {text} does not exist: train one with `python -m adapter.train`.")
     _check_keras_archive(path)
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     try:
@@ -180,8 +194,6 @@ def load_model(path_or_name: str | os.PathLike, **build_kwargs):
 
 def _check_keras_archive(path: Path) -> None:
     """A `.keras` file is a zip archive holding config.json: say what the file is when it is not."""
-    import zipfile
-
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -207,36 +219,6 @@ def _check_keras_archive(path: Path) -> None:
         f"{path} is {what}; expected a .keras model, the zip archive model.save('x.keras') writes. "
         "Save the model again (a truncated file: copy it again)."
     )
-
-
-def as_functional(model, source: str = "the model"):
-    """`model` as a functional Keras model, the graph phonefit reads; a Sequential is rebuilt as one.
-
-    Refuses what has no layer graph (a subclassed model), no fixed image input, or several inputs.
-    """
-    import keras
-
-    if isinstance(model, keras.Sequential):
-        if not model.built or not getattr(model, "inputs", None):
-            raise LutError(
-                f"{source} is a keras.Sequential without an input shape; expected a model that knows its input: "
-                "start it with keras.Input((H, W, C)) and save it again."
-            )
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
-    elif not hasattr(model, "operations") or not getattr(model, "inputs", None):
-        raise LutError(
-            f"{source} is a subclassed {type(model).__name__}; expected a functional or Sequential Keras model, "
-            "whose layer graph phonefit can read. Build it with keras.Model(inputs, outputs)."
-        )
-    if len(model.inputs) != 1:
-        raise LutError(f"{source} has {len(model.inputs)} inputs; expected one image input.")
-    shape = tuple(model.inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise LutError(
-            f"{source} takes inputs of shape {tuple(model.inputs[0].shape)}; expected images of a fixed size "
-            "(batch, H, W, C). Give keras.Input a fixed shape, e.g. keras.Input((224, 224, 3))."
-        )
-    return model
 
 
 def _spec(name: str) -> ModelSpec:

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from lut.errors import LutError
 
 __all__ = ["LayerSpec", "OPS", "CHANNEL_PRESERVING_OPS", "ACTIVATIONS", "DTYPES", "LutError", "UnsupportedLayerError"]
 
 
+def _pads(text: str) -> tuple[int, int, int, int]:
+    """The `pads=` field of a key: "t,b,l,r", or all zero when empty."""
+    if not text:
+        return (0, 0, 0, 0)
+    top, bottom, left, right = (int(p) for p in text.split(","))
+    return (top, bottom, left, right)
+
+
 class UnsupportedLayerError(LutError):
-    """A model contains a layer (or TFLite op) phonefit cannot key into a LUT."""
+    """A model contains a layer (or TFLite op, or layer setting) phonefit cannot key into a LUT or
+    prune through (`adapter.pruning.graph` raises it too: one class, whichever floor finds the layer)."""
 
 
 # The ops phonefit measures.  Prunable ops change cost with (cin, cout); the others are
@@ -72,7 +82,7 @@ class LayerSpec:
     dtype: str = "float32"
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.op not in OPS:
             raise LutError(f"`op` must be one of {', '.join(OPS)}. Received: op={self.op!r}.")
         for name in ("h", "w", "cin", "cout"):
@@ -109,7 +119,7 @@ class LayerSpec:
         return text
 
     @classmethod
-    def from_key(cls, key: str) -> "LayerSpec":
+    def from_key(cls, key: str) -> LayerSpec:
         match = _KEY_RE.match(key)
         if not match:
             raise LutError(
@@ -131,10 +141,10 @@ class LayerSpec:
             padding=g["padding"],
             activation=g["activation"],
             dtype=dtype,
-            pads=tuple(int(p) for p in g["pads"].split(",")) if g["pads"] else (0, 0, 0, 0),
+            pads=_pads(g["pads"]),
         )
 
-    def replace(self, **changes) -> "LayerSpec":
+    def replace(self, **changes: Any) -> LayerSpec:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -143,8 +153,8 @@ class LayerSpec:
         if self.op in ("mean", "fully_connected", "softmax", "reshape"):
             return (1, 1) if self.op != "reshape" else (self.h, self.w)
         if self.op == "pad":
-            t, b, l, r = self.pads
-            return self.h + t + b, self.w + l + r
+            top, bottom, left, right = self.pads
+            return self.h + top + bottom, self.w + left + right
         if self.op == "add":
             return self.h, self.w
         (kh, kw), (sh, sw) = self.kernel, self.stride

@@ -25,6 +25,7 @@ import math
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from lut.spec import LayerSpec, LutError
 
@@ -64,7 +65,7 @@ class Measurement:
     std_us: float
     count: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.count >= 1 and 0 < self.min_us <= self.median_us <= self.max_us):
             raise LutError(
                 "A measurement needs count >= 1 and 0 < min <= median <= max. "
@@ -80,7 +81,7 @@ class MeasurementFailure:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class LatencyTable:
@@ -106,7 +107,7 @@ class LatencyTable:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: str | os.PathLike, meta: Mapping[str, object]) -> "LatencyTable":
+    def create(cls, path: str | os.PathLike[str], meta: Mapping[str, object]) -> LatencyTable:
         """Open `path` for measuring under the conditions in `meta`, creating it if missing.
 
         An existing LUT is resumed only if it was made under the same conditions
@@ -135,7 +136,7 @@ class LatencyTable:
         return table
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "LatencyTable":
+    def open(cls, path: str | os.PathLike[str]) -> LatencyTable:
         """Open an existing LUT; a file that is not a phonefit LUT (of this schema), or whose
         latencies are not positive finite numbers, raises `LutError`.
 
@@ -182,10 +183,10 @@ class LatencyTable:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "LatencyTable":
+    def __enter__(self) -> LatencyTable:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---------------------------------------------------------------- reading
@@ -194,8 +195,9 @@ class LatencyTable:
         return dict(self._db.execute("SELECT key, value FROM meta"))
 
     @property
-    def fingerprint(self) -> dict:
-        return json.loads(self.meta.get("fingerprint", "{}"))
+    def fingerprint(self) -> dict[str, Any]:
+        fingerprint: dict[str, Any] = json.loads(self.meta.get("fingerprint", "{}"))
+        return fingerprint
 
     def lookup(self, spec: LayerSpec) -> Measurement | MeasurementFailure | None:
         """The stored result for `spec`, or None if it was never measured."""
@@ -208,7 +210,7 @@ class LatencyTable:
             return MeasurementFailure(row[1])
         return Measurement(*row[2:])
 
-    def latencies_us(self, **where) -> dict[LayerSpec, float]:
+    def latencies_us(self, **where: object) -> dict[LayerSpec, float]:
         """Median latency of every 'ok' entry whose spec columns equal `where` (e.g. op='conv2d')."""
         clauses = " AND ".join(f"{column} = ?" for column in where)
         for column in where:
@@ -222,15 +224,17 @@ class LatencyTable:
         return {k for (k,) in self._db.execute(sql)}
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        count: int = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return count
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> Any:  # a pandas DataFrame (pandas is imported on use)
         """All entries as a pandas DataFrame, one row per spec."""
+        # slow to import; only the table export needs it
         import pandas as pd
 
         return pd.read_sql_query("SELECT * FROM entries ORDER BY key", self._db)
 
-    def to_csv(self, path: str | os.PathLike) -> None:
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
         self.to_dataframe().to_csv(path, index=False)
 
     # ---------------------------------------------------------------- writing
@@ -253,7 +257,7 @@ class LatencyTable:
         `reference_us`: the conditions monitor's reference measured with it."""
         self.record_many([(spec, result, reference_us)])
 
-    def record_many(self, results: Iterable[tuple]) -> None:
+    def record_many(self, results: Iterable[tuple[Any, ...]]) -> None:
         """Store `(spec, result)` or `(spec, result, reference_us)` items in one commit."""
         self._check_writable()
         rows = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +24,10 @@ _DTYPES = {"FLOAT32": "float32", "INT8": "int8"}  # TensorType name -> LayerSpec
 
 
 @functools.cache
-def tflite_schema():
+def tflite_schema() -> Any:
     """The TFLite schema's generated Python module (LiteRT's copy, else TensorFlow's)."""
     try:
+        # optional: LiteRT's copy of the schema, else TensorFlow's
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:
         try:
@@ -42,7 +44,7 @@ def _enum_names(enum_class: type) -> dict[int, str]:
     return {value: name for name, value in vars(enum_class).items() if not name.startswith("_")}
 
 
-def read_model(model: bytes):
+def read_model(model: bytes) -> Any:
     """Unpack `model` (the bytes of a `.tflite` file) into the schema's mutable `ModelT`."""
     if not isinstance(model, (bytes, bytearray, memoryview)):
         raise LutError(f"`model` must be the bytes of a .tflite file. Received: {type(model).__name__}.")
@@ -69,15 +71,22 @@ class _Op:
     index: int
     opcode: str  # BuiltinOperator name, e.g. "CONV_2D"
     version: int
-    options: dict
+    options: dict[str, Any]
     inputs: tuple[_Tensor | None, ...]  # None where an optional input is absent
     outputs: tuple[_Tensor, ...]
+
+    def input(self, index: int) -> _Tensor:
+        """Input `index`, which the op's parser needs present."""
+        tensor = self.inputs[index] if index < len(self.inputs) else None
+        if tensor is None:
+            raise _Unsupported(f"input {index} is absent")
+        return tensor
 
 
 _NUMPY_DTYPES = {"FLOAT32": "<f4", "INT32": "<i4", "INT64": "<i8", "INT8": "i1", "UINT8": "u1", "INT16": "<i2"}
 
 
-def _tensor(model, subgraph, index: int) -> _Tensor | None:
+def _tensor(model: Any, subgraph: Any, index: int) -> _Tensor | None:
     if index < 0:
         return None
     tensor = subgraph.tensors[index]
@@ -90,13 +99,13 @@ def _tensor(model, subgraph, index: int) -> _Tensor | None:
     return _Tensor(shape, dtype, data)
 
 
-def _options_dict(options) -> dict:
+def _options_dict(options: Any) -> dict[str, Any]:
     if options is None:
         return {}
     return {name: _plain(value) for name, value in vars(options).items()}
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
     """An option value as plain data: vectors as lists, nested option tables as dicts."""
     if isinstance(value, (list, np.ndarray)):
         return np.asarray(value).tolist()
@@ -124,19 +133,19 @@ def _ops(model: bytes) -> list[_Op]:
                 version=int(code.version),
                 options=_options_dict(op.builtinOptions),
                 inputs=tuple(_tensor(flat, subgraph, i) for i in (op.inputs if op.inputs is not None else ())),
-                outputs=tuple(_tensor(flat, subgraph, i) for i in (op.outputs if op.outputs is not None else ())),
+                outputs=tuple(t for i in (op.outputs if op.outputs is not None else ()) if (t := _tensor(flat, subgraph, i))),
             )
         )
     return ops
 
 
-def _tensor_details(tensor: _Tensor | None) -> dict | None:
+def _tensor_details(tensor: _Tensor | None) -> dict[str, Any] | None:
     if tensor is None:
         return None
     return {"shape": tensor.shape, "dtype": tensor.dtype.lower(), "const": tensor.data is not None}
 
 
-def op_details(model: bytes) -> list[dict]:
+def op_details(model: bytes) -> list[dict[str, Any]]:
     """Every op of `model`'s main subgraph in execution order, as plain data to compare exactly.
 
     Each op is `{"opcode", "version", "options", "inputs", "outputs"}`: the builtin
@@ -176,7 +185,7 @@ def _nhwc(tensor: _Tensor) -> tuple[int, int, int]:
 
 
 def _dtype(op: _Op) -> str:
-    dtype = op.inputs[0].dtype
+    dtype = op.input(0).dtype
     if dtype not in _DTYPES:
         raise _Unsupported(f"expected a {' or '.join(_DTYPES)} input, received {dtype}")
     return _DTYPES[dtype]
@@ -190,7 +199,7 @@ def _activation(op: _Op) -> str:
     return _ACTIVATIONS[code]
 
 
-def _window(op: _Op, kernel: tuple[int, int]) -> dict:
+def _window(op: _Op, kernel: tuple[int, int]) -> dict[str, Any]:
     options = op.options
     if options.get("dilationHFactor", 1) != 1 or options.get("dilationWFactor", 1) != 1:
         raise _Unsupported(f"dilation {options['dilationHFactor']}x{options['dilationWFactor']} (only 1x1 is keyed)")
@@ -203,49 +212,49 @@ def _window(op: _Op, kernel: tuple[int, int]) -> dict:
 
 
 def _conv2d(op: _Op) -> LayerSpec:
-    h, w, cin = _nhwc(op.inputs[0])
-    cout, kh, kw, filter_cin = op.inputs[1].shape
+    h, w, cin = _nhwc(op.input(0))
+    cout, kh, kw, filter_cin = op.input(1).shape
     if filter_cin != cin:
         raise _Unsupported(f"grouped convolution (filter depth {filter_cin}, input channels {cin})")
     return LayerSpec("conv2d", h, w, cin, cout, dtype=_dtype(op), **_window(op, (kh, kw)))
 
 
 def _depthwise_conv2d(op: _Op) -> LayerSpec:
-    h, w, cin = _nhwc(op.inputs[0])
-    _, kh, kw, cout = op.inputs[1].shape
+    h, w, cin = _nhwc(op.input(0))
+    _, kh, kw, cout = op.input(1).shape
     if cout != cin:
         raise _Unsupported(f"depth multiplier {cout // cin} (only 1 is keyed)")
     return LayerSpec("depthwise_conv2d", h, w, cin, cout, dtype=_dtype(op), **_window(op, (kh, kw)))
 
 
 def _fully_connected(op: _Op) -> LayerSpec:
-    units, features = op.inputs[1].shape
-    if int(np.prod(op.inputs[0].shape)) != features:
-        raise _Unsupported(f"input shape {list(op.inputs[0].shape)} for {features} input features (batch must be 1)")
+    units, features = op.input(1).shape
+    if int(np.prod(op.input(0).shape)) != features:
+        raise _Unsupported(f"input shape {list(op.input(0).shape)} for {features} input features (batch must be 1)")
     return LayerSpec("fully_connected", 1, 1, features, units, activation=_activation(op), dtype=_dtype(op))
 
 
 def _add(op: _Op) -> LayerSpec:
-    shapes = [tuple(t.shape) for t in op.inputs]
+    shapes = [tuple(op.input(i).shape) for i in range(2)]
     # On a 1x1 map the converter flattens one operand of a residual add: (1,1,1,c) + (c,).
     one_pixel = shapes[0][:3] == (1, 1, 1) and shapes[1] == shapes[0][3:]
-    if (shapes[0] != shapes[1] and not one_pixel) or any(t.data is not None for t in op.inputs):
+    if (shapes[0] != shapes[1] and not one_pixel) or any(op.input(i).data is not None for i in range(2)):
         raise _Unsupported("an ADD of a constant or with broadcasting (only two equal-shaped activations are keyed)")
-    h, w, c = _nhwc(op.inputs[0])
+    h, w, c = _nhwc(op.input(0))
     return LayerSpec("add", h, w, c, c, activation=_activation(op), dtype=_dtype(op))
 
 
 def _mean(op: _Op) -> LayerSpec:
-    axes = op.inputs[1].data
-    if len(op.inputs[0].shape) != 4 or axes is None or sorted(axes.ravel().tolist()) != [1, 2]:
+    axes = op.input(1).data
+    if len(op.input(0).shape) != 4 or axes is None or sorted(axes.ravel().tolist()) != [1, 2]:
         raise _Unsupported("a MEAN that is not a global average pool (axes [1, 2] of a 4-D tensor)")
-    h, w, c = _nhwc(op.inputs[0])
+    h, w, c = _nhwc(op.input(0))
     return LayerSpec("mean", h, w, c, c, dtype=_dtype(op))
 
 
 def _pool(name: str) -> Callable[[_Op], LayerSpec]:
     def parse(op: _Op) -> LayerSpec:
-        h, w, c = _nhwc(op.inputs[0])
+        h, w, c = _nhwc(op.input(0))
         window = _window(op, (op.options["filterHeight"], op.options["filterWidth"]))
         return LayerSpec(name, h, w, c, c, dtype=_dtype(op), **window)
 
@@ -253,21 +262,21 @@ def _pool(name: str) -> Callable[[_Op], LayerSpec]:
 
 
 def _pad(op: _Op) -> LayerSpec:
-    paddings = op.inputs[1].data
-    if len(op.inputs[0].shape) != 4 or paddings is None or paddings.shape != (4, 2) or paddings[[0, 3]].any():
+    paddings = op.input(1).data
+    if len(op.input(0).shape) != 4 or paddings is None or paddings.shape != (4, 2) or paddings[[0, 3]].any():
         raise _Unsupported("a PAD of other than the spatial dimensions of a 4-D tensor")
-    h, w, c = _nhwc(op.inputs[0])
+    h, w, c = _nhwc(op.input(0))
     (top, bottom), (left, right) = paddings[1].tolist(), paddings[2].tolist()
     return LayerSpec("pad", h, w, c, c, dtype=_dtype(op), pads=(top, bottom, left, right))
 
 
 def _reshape(op: _Op) -> LayerSpec:
-    h, w, c = _nhwc(op.inputs[0])
+    h, w, c = _nhwc(op.input(0))
     return LayerSpec("reshape", h, w, c, op.outputs[0].shape[-1], dtype=_dtype(op))
 
 
 def _softmax(op: _Op) -> LayerSpec:
-    h, w, c = _nhwc(op.inputs[0])
+    h, w, c = _nhwc(op.input(0))
     return LayerSpec("softmax", h, w, c, c, dtype=_dtype(op))
 
 

@@ -16,13 +16,20 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+from tqdm import tqdm
+
 from lut.cli import ArgumentParser, check_output_file, positive_float, positive_int, quiet_litert_notice, run_command
+from lut.latency import CONTEXT_META_KEY, CacheContext, LatencyEstimator
+from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
-from lut.latency import CacheContext
+from profiler.context import measure_cache_context
+from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
+from profiler.layers import SingleOpFactory
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
+from profiler.plan import plan_specs
 
 __all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "open_lut", "main"]
 
@@ -61,14 +68,12 @@ class BuildSummary:
         )
 
 
-def default_lut_path(device: str, backend: str, threads: int) -> str:
+def default_lut_path(device: str, backend: str, threads: object) -> str:
     return f"luts/{device}-gpu.sqlite" if backend == "gpu" else f"luts/{device}-cpu-{threads}t.sqlite"
 
 
 def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator[tuple[str, bytes]]:
     """Single-op models generated lazily, the time spent generating them added to `summary`."""
-    from profiler.layers import SingleOpFactory
-
     factory = SingleOpFactory()
     for spec in specs:
         start = time.perf_counter()
@@ -77,25 +82,24 @@ def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator
         yield spec.key, model
 
 
-def open_lut(path, device, step: int) -> LatencyTable:
+def open_lut(path: str | os.PathLike[str], device: Device, step: int) -> LatencyTable:
     """The LUT at `path` for measuring on `device` on a `step` channel grid: created with the
     device's conditions, fingerprint and step, or opened to resume (same conditions only)."""
     return LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": step})
 
 
-def measure_invoke_overhead_us(device, repeats: int = OVERHEAD_REPEATS) -> float:
+def measure_invoke_overhead_us(device: Device, repeats: int = OVERHEAD_REPEATS) -> float:
     """Median latency of a trivial single-op model on `device`: one invocation's overhead."""
-    from profiler.layers import SingleOpFactory
-
     model = SingleOpFactory().build(OVERHEAD_SPEC)
     results = [result for _, result in device.measure([(f"overhead{i}", model) for i in range(repeats)])]
     medians = sorted(r.median_us for r in results if isinstance(r, Measurement))
     if not medians:
-        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key}: {results[0].error}")
+        failure = next((r.error for r in results if isinstance(r, MeasurementFailure)), "no result")
+        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key}: {failure}")
     return medians[len(medians) // 2]
 
 
-def open_monitor(device, table: LatencyTable, policy: MonitorPolicy | None, log=None) -> ConditionsMonitor | None:
+def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | None, log=None) -> ConditionsMonitor | None:
     """The conditions monitor for measuring into `table` (None without a policy): the
     reference's quiet value is the LUT's, measured now when the LUT has none."""
     if policy is None:
@@ -108,9 +112,12 @@ def open_monitor(device, table: LatencyTable, policy: MonitorPolicy | None, log=
     return monitor
 
 
-def _measured(device, monitor: ConditionsMonitor | None, models) -> Iterator[tuple[str, object, float | None]]:
+def _measured(
+    device: Device, monitor: ConditionsMonitor | None, models: Iterable[tuple[str, bytes]]
+) -> Iterator[tuple[str, Measurement | MeasurementFailure, float | None]]:
     if monitor is None:
-        return ((model_id, result, None) for model_id, result in device.measure(models))
+        # devices stream their input (Device.measure says Sequence; the profiler branch types it Iterable)
+        return ((model_id, result, None) for model_id, result in device.measure(models))  # type: ignore[arg-type]
     return monitor.measure(models)
 
 
@@ -133,8 +140,6 @@ def build_lut(
     that stays disturbed raises `DriftError`, what was measured before stays), and each
     stores the reference's value. Records the device fingerprint and what the monitor saw.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     monitor = open_monitor(device, table, policy, log or (lambda message: tqdm.write(message, file=sys.stderr)))
     if "invoke_overhead_us" not in table.meta:
@@ -172,12 +177,9 @@ def build_lut(
     return summary
 
 
-def calibrate_cache_context(device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
+def calibrate_cache_context(device: Device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
                             log=print) -> CacheContext:
     """The device's cache context (`profiler.context`), measured into the LUT once."""
-    from lut.latency import CONTEXT_META_KEY, LatencyEstimator
-    from profiler.context import measure_cache_context
-
     estimator = LatencyEstimator(table)
     if estimator.context is not None:
         return estimator.context
@@ -201,13 +203,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0].rstrip(".") + ". Resumable: rerun the same command to finish an interrupted run.",
     )
     parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
-    parser.add_argument("--devices", metavar="FILE", help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
-    parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu", help="which processor of the device to measure; 'both' writes one LUT each")
-    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras", help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT (default: mobilenet_v1)")
+    parser.add_argument("--devices", metavar="FILE",
+                        help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
+    parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu",
+                        help="which processor of the device to measure; 'both' writes one LUT each")
+    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras",
+                        help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT "
+                             "(default: mobilenet_v1)")
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of named models")
     parser.add_argument("--resolution", type=positive_int, default=224, help="input size of named models (pixels)")
     parser.add_argument("--classes", type=positive_int, default=1000, help="classes of named models")
-    parser.add_argument("--step", type=positive_int, help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
+    parser.add_argument("--step", type=positive_int,
+                        help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
     parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
@@ -234,10 +241,6 @@ def _main(args: argparse.Namespace) -> int:
             check_output_file(path, option)  # before hours of measuring, not after
     import_tensorflow_quietly()
     quiet_litert_notice()
-    from lut.models import load_model
-    from profiler.devices import open_device
-    from profiler.plan import plan_specs
-
     backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
     models = [
         load_model(name, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
@@ -251,13 +254,15 @@ def _main(args: argparse.Namespace) -> int:
             out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
             check_output_file(out, "--out")
             with open_lut(out, device, step) as table:
+                def log(message: str, out: str = out) -> None:
+                    print(f"{out}: {message}", file=sys.stderr)
+
                 print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
                 policy = monitor_policy(args)
                 summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress,
                                     policy=policy)
                 print(f"{out}: {summary}")
-                calibrate_cache_context(device, table, policy=policy,
-                                        log=lambda message: print(f"{out}: {message}", file=sys.stderr))
+                calibrate_cache_context(device, table, policy=policy, log=log)
                 if args.csv:
                     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
                     table.to_csv(args.csv)

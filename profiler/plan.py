@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from lut.keras_specs import specs_of_keras
+from lut.keras_graph import inbound_layers, layers_in_order, producer_of
+from lut.keras_specs import channel_slopes
 from lut.spec import CHANNEL_PRESERVING_OPS, LayerSpec
 from profiler.errors import ProfilerError
 
@@ -32,29 +33,29 @@ def prunable_layers(model) -> list[str]:
     Excluded are the classifier layers: those whose channels reach a model output through
     channel-preserving layers only (activations, reshape, dropout, add …).
     """
-    classifier, stack = set(), [t._keras_history.operation for t in model.outputs]
+    classifier, stack = set(), [producer_of(t) for t in model.outputs]
     while stack:
         layer = stack.pop()
         if type(layer).__name__ in ("Conv2D", "Dense"):
             classifier.add(layer.name)
         elif type(layer).__name__ != "InputLayer":
-            stack.extend(t._keras_history.operation for t in layer._inbound_nodes[0].input_tensors)
+            stack.extend(inbound_layers(layer))
     return [
         layer.name
-        for layer in model.operations
+        for layer in layers_in_order(model)
         if type(layer).__name__ in ("Conv2D", "Dense") and layer.name not in classifier
     ]
 
 
 def _free_fields(model) -> list[tuple[LayerSpec, bool, bool]]:
     """Each spec of the model with whether its cin and its cout follow pruning."""
-    original = specs_of_keras(model)
     shrunk_filters = {}
     for name in prunable_layers(model):
         cfg = model.get_layer(name).get_config()
         shrunk_filters[name] = cfg.get("filters", cfg.get("units")) - 1
-    shrunk = specs_of_keras(model, shrunk_filters)
-    return [(a, a.cin != b.cin, a.cout != b.cout) for a, b in zip(original, shrunk, strict=True)]
+    original, slopes = channel_slopes(model, {"every prunable layer": shrunk_filters})
+    free = {i: (d_in != 0, d_out != 0) for i, d_in, d_out in slopes["every prunable layer"]}
+    return [(spec, *free.get(i, (False, False))) for i, spec in enumerate(original)]
 
 
 def _variants(spec: LayerSpec, free_cin: bool, free_cout: bool, step: int) -> Iterable[LayerSpec]:

@@ -9,16 +9,16 @@ from pathlib import Path
 import keras
 import pytest
 
-from tests.conftest import LENIENT_FLAGS
-
 from adapter.adapt import run_cli
+from adapter.baseline import main as baseline_main
+from tests.conftest import LENIENT_FLAGS
 from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny MobileNetV1 (.keras), its synthetic LUT, and a small Fashion-MNIST .npz."""
-    from adapter.data import load_dataset
+    from adapter.training.data import load_dataset
     from lut.models import build_model
 
     folder = tmp_path_factory.mktemp("cli")
@@ -41,7 +41,7 @@ def _argv(files, tmp_path, **changes):
 
 
 def _one_line_error(capsys, argv, match: str, *, baseline_only: bool = False) -> str:
-    assert run_cli(argv, baseline_only=baseline_only) == 2
+    assert (baseline_main if baseline_only else run_cli)(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(("python -m adapter.adapt: error:", "python -m adapter.baseline: error:"))
     assert "Traceback" not in "\n".join(err)
@@ -166,8 +166,9 @@ def test_resume_reuses_the_fine_tuned_model_only_if_it_is_the_searchs_model(file
     from types import SimpleNamespace
 
     from adapter.adapt import _long_term
-    from adapter.netadapt import Budget, NetAdaptConfig
-    from adapter.surgery import channel_counts, prune_to_counts
+    from adapter.latency import Budget
+    from adapter.pruning.surgery import channel_counts, prune_to_counts
+    from adapter.search.netadapt import NetAdaptConfig
 
     original = keras.models.load_model(files["model"])
     searched = SimpleNamespace(model=prune_to_counts(original, {"conv_pw_13": 64}))

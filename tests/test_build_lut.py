@@ -52,7 +52,8 @@ def test_build_lut_measures_every_planned_entry_with_its_conditions(tmp_path, ti
 def test_sigkill_then_rerun_finishes_without_duplicate_or_lost_rows(tmp_path, tiny_v1):
     out = tmp_path / "host.sqlite"
     planned = {s.key for s in plan_specs([tiny_v1], 32)}
-    args = [sys.executable, "-m", "profiler.build_lut", "--no-progress", *LENIENT_FLAGS, "--device", "host", *TINY, "--step", "32", "--out", str(out)]
+    args = [sys.executable, "-m", "profiler.build_lut", "--no-progress", *LENIENT_FLAGS,
+            "--device", "host", *TINY, "--step", "32", "--out", str(out)]
     victim = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and (not out.exists() or len(_rows(out)) < 40):
@@ -75,7 +76,8 @@ def test_sigkill_then_rerun_finishes_without_duplicate_or_lost_rows(tmp_path, ti
 def test_unknown_device_fails_with_the_list_of_known_devices(tmp_path):
     run = _build_lut("--device", "pixel9", *TINY, "--out", str(tmp_path / "x.sqlite"), cwd=tmp_path)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("python -m profiler.build_lut: error: Unknown device 'pixel9'. Known devices: host")
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m profiler.build_lut: error: Unknown device 'pixel9'. Known devices: host")
     assert "Traceback" not in run.stderr and not (tmp_path / "x.sqlite").exists()
 
 

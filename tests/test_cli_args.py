@@ -18,7 +18,7 @@ from lut.errors import LutError, PhonefitError
 
 REPO = Path(__file__).parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-COMMANDS = ("profiler.build_lut", "lut.validate", "lut.estimate", "adapter.train", "adapter.adapt",
+COMMANDS = ("profiler.build_lut", "adapter.validate_lut", "lut.estimate", "adapter.train", "adapter.adapt",
             "adapter.baseline", "adapter.demo")
 
 
@@ -43,7 +43,7 @@ def test_help_shows_each_default_once_and_every_option_of_validate_has_help():
     build = " ".join(_cli("-m", "profiler.build_lut", "--help").stdout.split())
     assert build.count("(default: 224)") == 1 and "(default: %" not in build
     assert "(pixels) (default: 224)" in build and "default: 8 on CPU" in build
-    validate = _cli("-m", "lut.validate", "--help").stdout
+    validate = _cli("-m", "adapter.validate_lut", "--help").stdout
     described = validate.split("options:")[1]
     for option in ("--alpha ALPHA", "--resolution RESOLUTION", "--classes CLASSES", "--seed SEED", "--no-progress"):
         after = described.split(option, 1)[1].split("\n  -", 1)[0]
@@ -59,8 +59,8 @@ def test_help_shows_each_default_once_and_every_option_of_validate_has_help():
         (["profiler.build_lut", "--alpha", "nan"], "argument --alpha: must be a positive number. Received: 'nan'."),
         (["profiler.build_lut", "--threads", "-1"], "argument --threads: must be a positive integer. Received: '-1'."),
         (["profiler.build_lut", "--backend", "npu"], "argument --backend: invalid choice: 'npu'"),
-        (["lut.validate", "--lut", "x", "--samples", "0"], "argument --samples: must be a positive integer. Received: '0'."),
-        (["lut.validate", "--lut", "x", "--repeats", "inf"], "argument --repeats: must be a positive integer. Received: 'inf'."),
+        (["adapter.validate_lut", "--lut", "x", "--samples", "0"], "argument --samples: must be a positive integer. Received: '0'."),
+        (["adapter.validate_lut", "--lut", "x", "--repeats", "inf"], "argument --repeats: must be a positive integer. Received: 'inf'."),
         (["adapter.baseline", "--model", "m", "--lut", "l", "--budget", "0.5", "--out", "o", "--alpha-step", "0"],
          "argument --alpha-step: must be a number in (0, 1). Received: '0'."),
         (["adapter.baseline", "--model", "m", "--lut", "l", "--budget", "0.5", "--out", "o", "--alpha-step", "-0.1"],
@@ -97,8 +97,8 @@ def test_number_types_refuse_what_is_not_a_finite_number_in_range():
 
 @pytest.mark.timeout(60)
 def test_the_width_grid_of_the_baseline_is_finite_and_refuses_steps_that_loop():
-    from adapter.baseline import MAX_ALPHAS, alpha_grid
     from adapter.errors import AdapterError
+    from adapter.search.width_multiplier import MAX_ALPHAS, alpha_grid
 
     assert alpha_grid(0.25, 0.1) == [0.15, 0.05]
     assert alpha_grid(0.25, 0.025)[-1] == 0.025 and len(alpha_grid(0.25, 0.025)) == 9

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import stat
 import subprocess
 import sys
 import tempfile
@@ -15,10 +14,9 @@ from pathlib import Path
 import keras
 import pytest
 
-from tests.conftest import LENIENT_FLAGS
-
 from lut.errors import LutError
 from lut.table import LatencyTable
+from tests.conftest import LENIENT_FLAGS
 
 REPO = Path(__file__).parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
@@ -30,7 +28,7 @@ needs_unprivileged = pytest.mark.skipif(
 )
 
 
-_MEASURING = ("profiler.build_lut", "lut.validate", "adapter.adapt", "adapter.baseline")
+_MEASURING = ("profiler.build_lut", "adapter.validate_lut", "adapter.adapt", "adapter.baseline")
 
 
 def _cli(*argv, cwd=REPO, timeout=300, unprivileged=False) -> subprocess.CompletedProcess:
@@ -81,7 +79,7 @@ def tiny_files(tmp_path_factory, tiny_v1):
         ("profiler.build_lut", ["--device", "host", *TINY, "--out", "{F}/l.sqlite"]),
         ("profiler.build_lut", ["--device", "host", *TINY, "--out", "l.sqlite", "--csv", "{F}/l.csv"]),
         ("adapter.train", ["--epochs", "1", "--out", "{F}/m.keras"]),
-        ("lut.validate", ["--lut", "{lut}", *TINY, "--samples", "2", "--json", "{F}/v.json"]),
+        ("adapter.validate_lut", ["--lut", "{lut}", *TINY, "--samples", "2", "--json", "{F}/v.json"]),
         ("adapter.adapt", ["--model", "{model}", "--lut", "{lut}", "--budget", "0.6", "--out", "{F}/run"]),
         ("adapter.baseline", ["--model", "{model}", "--lut", "{lut}", "--budget", "0.6", "--out", "{F}/run"]),
         ("adapter.demo", ["--out", "{F}/demo"]),

@@ -16,8 +16,8 @@ from lut.table import LatencyTable
 from profiler.build_lut import OVERHEAD_REPEATS
 from profiler.context import _REPEATS, FETCH_BRANCHES
 from profiler.monitor import _START_REPEATS
-from tests.conftest import LENIENT_FLAGS
 from tests.adb_daemon import LoopbackAdbDaemon
+from tests.conftest import LENIENT_FLAGS
 from tests.test_adb_device import loop_entry, write_devices_toml
 
 REPO = Path(__file__).parents[1]

@@ -1,4 +1,4 @@
-"""adapter.data: the IDX parser, the holdout carved from training data, the three sources."""
+"""adapter.training.data: the IDX parser, the holdout carved from training data, the three sources."""
 import gzip
 import os
 import struct
@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter.data import (
+from adapter.errors import AdapterError
+from adapter.training.data import (
     FASHION_MNIST_DIR_ENV,
     Split,
     load_dataset,
     parse_idx,
     read_idx,
 )
-from adapter.errors import AdapterError
 
 FASHION_MNIST = Path(os.environ.get(FASHION_MNIST_DIR_ENV) or "/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from lut.latency import LatencyEstimator, estimate_latency_ms
 from lut.keras_specs import specs_of_keras
+from lut.latency import LatencyEstimator, estimate_latency_ms
 from lut.spec import LayerSpec, LutError
 from lut.table import LatencyTable, Measurement
 

@@ -3,7 +3,7 @@
 `tests/data/host_v1a05_32.csv.gz` is a LUT for MobileNetV1 α=0.5 at 32 px (step 16) built
 on this project's development CPU on a quiet machine, with its cache context; and
 `host_v1a05_32_wholes.json` holds 30 random prunings of that model measured whole there,
-interleaved (5 rounds, median), by `python -m lut.validate --samples 30 --seed 0`.
+interleaved (5 rounds, median), by `python -m adapter.validate_lut --samples 30 --seed 0`.
 """
 import csv
 import gzip
@@ -30,9 +30,9 @@ def _recorded_lut(path) -> LatencyTable:
 
 @pytest.mark.timeout(300)
 def test_the_cache_context_predicts_recorded_whole_models_the_entries_sum_misses(tmp_path):
+    from adapter.pruning.surgery import prune_to_counts
     from lut.latency import specs_of
     from lut.models import build_model
-    from adapter.surgery import prune_to_counts
 
     wholes = json.loads((DATA / "host_v1a05_32_wholes.json").read_text())
     model = build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)
@@ -78,7 +78,7 @@ def _interleaved(original_us, adapted_us):
 ])
 def test_a_relative_budget_is_judged_by_the_ratio_of_interleaved_medians(adapted, status):
     from adapter.final_check import budget_verdict
-    from adapter.netadapt import Budget
+    from adapter.latency import Budget
 
     # a machine-wide slowdown in round 3 hits both models and cancels in the ratio
     original = (100, 101, 150, 99, 100)
@@ -92,7 +92,7 @@ def test_a_relative_budget_is_judged_by_the_ratio_of_interleaved_medians(adapted
 
 def test_no_verdict_is_taken_when_the_device_stayed_disturbed():
     from adapter.final_check import budget_verdict
-    from adapter.netadapt import Budget
+    from adapter.latency import Budget
     from profiler.interleave import Interleaved
     from profiler.monitor import Check
 

@@ -81,3 +81,41 @@ def test_unfusable_standalone_activation_is_unsupported():
     x = keras.layers.ReLU(name="lonely")(inputs)
     with pytest.raises(UnsupportedLayerError, match="'lonely'"):
         specs_of_keras(keras.Model(inputs, x))
+
+
+def _sequential(with_input: bool = True) -> keras.Sequential:
+    layers = [
+        keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu"),
+        keras.layers.DepthwiseConv2D(3, padding="same"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(4, activation="softmax"),
+    ]
+    return keras.Sequential(([keras.Input((16, 16, 3))] if with_input else []) + layers)
+
+
+def test_a_sequential_model_object_is_read_as_its_functional_graph(tmp_path):
+    from lut.latency import estimate_latency_ms, specs_of
+    from lut.table import LatencyTable, Measurement
+
+    model = _sequential()
+    specs = specs_of_keras(model)
+    assert specs == specs_of_tflite(keras_to_tflite(model))
+    assert specs[0] == LayerSpec("conv2d", 16, 16, 3, 8, (3, 3), (2, 2), "same", "relu")
+    assert specs_of(model) == specs  # the estimator's entry point takes it too
+    assert specs_of_keras(model, {model.layers[0].name: 4})[0].cout == 4
+    with LatencyTable.create(tmp_path / "lut.sqlite", {"device": "test"}) as table:
+        for spec in specs:
+            table.record(spec, Measurement(10.0, 10.0, 10.0, 10.0, 0.0, 1))
+        assert estimate_latency_ms(model, table) > 0
+
+
+@pytest.mark.parametrize("model, expected", [
+    (_sequential(with_input=False), "is a keras.Sequential without an input shape"),
+    ({"not": "a model"}, "is a dict; expected a functional or Sequential Keras model"),
+])
+def test_what_has_no_layer_graph_is_one_line_phonefit_error(model, expected):
+    from lut.errors import PhonefitError
+
+    with pytest.raises(PhonefitError, match=expected) as e:
+        specs_of_keras(model)
+    assert "\n" not in str(e.value)

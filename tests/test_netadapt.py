@@ -1,4 +1,4 @@
-"""NetAdapt (adapter.netadapt) and the proposal trainer (adapter.flex) on tiny real models.
+"""NetAdapt (adapter.search.netadapt) and the proposal trainer (adapter.training.flex) on tiny real models.
 
 Schedule and proposal logic run on a synthetic but plausible LUT (latency grows with the
 work of each op, a fixed cost per op), written with `LatencyTable` for every spec the
@@ -17,17 +17,18 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import LENIENT, LENIENT_FLAGS
-
-from adapter import netadapt
 from adapter.errors import AdapterError
-from adapter.flex import FlexTrainer, model_weights, unsupported_layers
-from adapter.graph import analyze, find_groups
-from adapter.netadapt import Budget, NetAdaptConfig
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
+from adapter.latency import Budget, GroupLatency, ensure_estimable, estimate_ms
+from adapter.pruning.graph import analyze, find_groups
+from adapter.pruning.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
+from adapter.search import netadapt
+from adapter.search.netadapt import NetAdaptConfig
+from adapter.search.netadapt import proposals as netadapt_proposals
+from adapter.training.flex import FlexTrainer, model_weights, unsupported_layers
 from lut.keras_specs import specs_of_keras
 from lut.latency import LatencyEstimator
 from lut.table import LatencyTable, Measurement
+from tests.conftest import LENIENT, LENIENT_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DEVICE = "fakephone"  # not in any devices.toml: CLIs find the LUT's device unreachable
@@ -91,7 +92,7 @@ def estimator(lut_path):
 @pytest.fixture(scope="module")
 def small_data():
     """A couple hundred Fashion-MNIST images per split."""
-    from adapter.data import load_dataset
+    from adapter.training.data import load_dataset
 
     if not Path(os.environ.get("PHONEFIT_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
@@ -161,14 +162,16 @@ def test_config_refuses_bad_values_naming_them(changes, match):
 
 def test_proposals_are_the_largest_grid_counts_that_meet_the_target(v1, estimator):
     groups = find_groups(v1)
-    latency = netadapt._GroupLatency(v1, groups, estimator, specs_of_keras)
-    original = netadapt.estimate_ms(estimator, v1)
+    latency = GroupLatency(v1, groups, estimator, specs_of_keras)
+    original = estimate_ms(estimator, v1)
     assert latency.total_ms == pytest.approx(original)
     target = original * 0.97
-    proposals = {p.group: p for p in netadapt._proposals(latency, 8, target)}
+    proposals = {p.group: p for p in netadapt_proposals._proposals(latency, 8, target)}
     assert proposals, "a 3% cut must be reachable by some group"
     for group in groups:
-        full = lambda count: netadapt.estimate_ms(estimator, v1, {name: count for name in group.producers})  # noqa: E731
+        def full(count: int, group=group) -> float:
+            return estimate_ms(estimator, v1, {name: count for name in group.producers})
+
         counts = latency.candidates(group.id, 8)
         assert counts == list(range((group.size - 1) // 8 * 8, 0, -8))
         for count in counts:  # the per-group shortcut is exact
@@ -185,16 +188,16 @@ def test_tied_residual_groups_of_mobilenet_v2_are_pruned_together(v2, estimator)
     tied = [g for g in find_groups(v2) if len(g.producers) > 1]
     assert tied, "MobileNetV2 ties each stage's block outputs through its residual adds"
     group = max(tied, key=lambda g: len(g.producers))
-    latency = netadapt._GroupLatency(v2, find_groups(v2), estimator, specs_of_keras)
+    latency = GroupLatency(v2, find_groups(v2), estimator, specs_of_keras)
     count = latency.candidates(group.id, 8)[0]
-    keep = netadapt._kept_channels(v2, group, count)
+    keep = netadapt_proposals._kept_channels(v2, group, count)
     expected = np.sort(np.argsort(-filter_norms(v2, group), kind="stable")[:count])
     np.testing.assert_array_equal(keep, expected)
     pruned = prune(v2, {group.id: keep})
     for name in group.producers:
         assert pruned.get_layer(name).get_config()["filters"] == count
     assert channel_counts(pruned)[group.id] == count
-    assert latency.total_ms_at(group.id, count) == pytest.approx(netadapt.estimate_ms(estimator, pruned))
+    assert latency.total_ms_at(group.id, count) == pytest.approx(estimate_ms(estimator, pruned))
     # Proposals are trained as sliced weights: exactly the weights surgery gives the pruned model.
     sliced = pruned_weights(analyze(v2), model_weights(v2), {group.id: keep})
     for layer_name, weights in model_weights(pruned).items():
@@ -207,11 +210,11 @@ def test_selection_by_accuracy_or_by_accuracy_lost_per_millisecond():
         return netadapt.ProposalResult(netadapt.Proposal(group, 8, ms), accuracy, 0.0, {}, {})
 
     results = [result("a", 9.0, 0.80), result("b", 8.0, 0.79), result("c", 9.5, 0.80)]
-    assert netadapt._select(results, "accuracy", 0.81, 10.0).proposal.group == "a"  # ties: the faster
+    assert netadapt_proposals._select(results, "accuracy", 0.81, 10.0).proposal.group == "a"  # ties: the faster
     # a loses 0.01 for 1 ms, b 0.02 for 2 ms, c 0.01 for 0.5 ms: a and b tie at −0.01/ms, b is less accurate
-    assert netadapt._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "a"
+    assert netadapt_proposals._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "a"
     results.append(result("d", 7.0, 0.80))
-    assert netadapt._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "d"
+    assert netadapt_proposals._select(results, "accuracy_per_latency", 0.81, 10.0).proposal.group == "d"
 
 
 # --------------------------------------------------------------------------- the proposal trainer
@@ -229,7 +232,7 @@ def test_flex_trainer_trains_pruned_variants_that_load_into_keras_exactly(v2, sm
     trainer.recalibrate(x)
     trained = trainer.weights()
     assert trained[groups[0].producers[0]]["kernel"].shape[-1] == 8
-    netadapt._assign_weights(variant, trained)
+    netadapt_proposals._assign_weights(variant, trained)
     outputs = trainer.predict(x)
     np.testing.assert_allclose(outputs, np.asarray(variant(x, training=False)), atol=1e-5)
     loss_after = float(keras.losses.sparse_categorical_crossentropy(y, outputs).numpy().mean())
@@ -253,7 +256,7 @@ def test_flex_trainer_names_layers_it_cannot_train():
 
 def test_run_meets_the_budget_by_estimate_and_records_every_iteration(v1, small_data, estimator, tmp_path):
     config = _config("0.7", initial_reduction=0.1)
-    measured = 1.1 * netadapt.estimate_ms(estimator, v1)  # as if the device measured the original 10% slower
+    measured = 1.1 * estimate_ms(estimator, v1)  # as if the device measured the original 10% slower
     result = netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, measured_original_ms=measured,
                                    log=lambda line: None)
     history = netadapt.read_history(tmp_path)
@@ -270,7 +273,7 @@ def test_run_meets_the_budget_by_estimate_and_records_every_iteration(v1, small_
         assert record.channels == {**previous.channels, record.group: record.count}
         saved = keras.models.load_model(tmp_path / f"iter_{record.iteration:03d}.keras")
         assert channel_counts(saved) == record.channels
-        assert netadapt.estimate_ms(estimator, saved) == pytest.approx(record.estimated_ms)
+        assert estimate_ms(estimator, saved) == pytest.approx(record.estimated_ms)
         rows = [r.split(",") for r in proposals if r.startswith(f"{record.iteration},")]
         assert len(rows) == record.proposals and [r[1] for r in rows if r[-1] == "1"] == [record.group]
         assert 0 <= record.holdout_accuracy <= 1 and record.seconds > 0
@@ -282,11 +285,11 @@ def test_run_meets_the_budget_by_estimate_and_records_every_iteration(v1, small_
 
 def test_a_result_measured_over_the_budget_recalibrates_and_the_search_goes_on(v1, small_data, estimator, tmp_path):
     config = _config("0.7", initial_reduction=0.1)
-    original = netadapt.estimate_ms(estimator, v1)
+    original = estimate_ms(estimator, v1)
     measured = []
 
     def measure(model):  # pruned models run 10% slower than the LUT says, relative to the original
-        measured.append(1.1 * netadapt.estimate_ms(estimator, model) / original)
+        measured.append(1.1 * estimate_ms(estimator, model) / original)
         return measured[-1]
 
     result = netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, measured_original_ms=original,
@@ -305,11 +308,11 @@ def test_a_result_measured_over_the_budget_recalibrates_and_the_search_goes_on(v
 def test_an_over_pruned_result_hands_back_the_least_pruned_iteration_within_the_budget(v1, small_data, estimator,
                                                                                      tmp_path):
     config = _config("0.7", initial_reduction=0.1)
-    original = netadapt.estimate_ms(estimator, v1)
+    original = estimate_ms(estimator, v1)
     checked = []
 
     def measure(model):  # the device says pruned models are 30% faster than the LUT does
-        checked.append(0.7 * netadapt.estimate_ms(estimator, model) / original)
+        checked.append(0.7 * estimate_ms(estimator, model) / original)
         return checked[-1]
 
     result = netadapt.run_netadapt(v1, small_data, estimator, config, tmp_path, measured_original_ms=original,
@@ -353,10 +356,10 @@ def test_missing_lut_entries_are_measured_on_the_device_in_one_batch(v1, tmp_pat
     estimator = LatencyEstimator(LatencyTable.open(path))
     assert {s.key for s in estimator.missing(specs)} == dropped
     with pytest.raises(AdapterError, match="no device is reachable"):
-        netadapt.ensure_estimable(estimator, specs, None)
+        ensure_estimable(estimator, specs, None)
     device = HostDevice(threads=1, policy=TimingPolicy(min_runs=5, min_seconds=0.0, max_seconds=0.05))
     lines = []
-    assert netadapt.ensure_estimable(estimator, specs, device, log=lines.append, policy=LENIENT) == 2
+    assert ensure_estimable(estimator, specs, device, log=lines.append, policy=LENIENT) == 2
     assert estimator.missing(specs) == [] and "measuring 2 layer(s)" in lines[0]
     assert estimator.invoke_overhead_us == 0.4  # estimates made before stay comparable
     for key in dropped:

@@ -1,10 +1,10 @@
-"""Channel groups and structured pruning of small real Keras models (adapter.graph / .surgery)."""
+"""Channel groups and structured pruning of small real Keras models (adapter.pruning.graph / .surgery)."""
 import keras
 import numpy as np
 import pytest
 
-from adapter.graph import PruningError, UnsupportedLayerError, analyze, find_groups
-from adapter.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
+from adapter.pruning.graph import PruningError, UnsupportedLayerError, analyze, find_groups
+from adapter.pruning.surgery import channel_counts, filter_norms, prune, prune_to_counts, pruned_weights
 
 L = keras.layers
 

@@ -8,10 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter.data import load_dataset
 from adapter.errors import AdapterError
-from lut.spec import LutError
-from lut.models import MODELS, build_model, load_model
 from adapter.train import (
     TrainingRecord,
     evaluate,
@@ -21,6 +18,9 @@ from adapter.train import (
     recalibrate_batchnorm,
     record_path,
 )
+from adapter.training.data import load_dataset
+from lut.models import MODELS, build_model, load_model
+from lut.spec import LutError
 
 REPO = Path(__file__).resolve().parents[1]
 needs_fashion_mnist = pytest.mark.skipif(

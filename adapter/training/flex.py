@@ -9,13 +9,13 @@ proposal, several seconds, more than its 50 training steps on a small model.
 (physically smaller) weights: the computation is the pruned network's, never a masked
 full one, and the same weights in a Keras model give the same outputs.
 
-Each supported Keras layer type has one forward function in `FORWARD_RULES`. A model with
-another layer type, a regularizer or a constraint is not supported (`unsupported_layers`
-names them); callers then train with Keras itself.
+Each supported Keras layer type has one forward function (`adapter.training.forward`), the `forward`
+of its pruning rule in `adapter.pruning.graph.LAYER_RULES`. A model with another layer type, a
+regularizer or a constraint is not supported (`unsupported_layers` names them); callers then
+train with Keras itself.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
@@ -24,163 +24,36 @@ import numpy as np
 import tensorflow as tf
 
 from adapter.errors import AdapterError
+from adapter.pruning.graph import LAYER_RULES
+from adapter.training import forward as fw
+from adapter.training.forward import Forward, Node, Pass
+from lut.keras_graph import inbound_layers, layers_in_order, producer_of
 
-__all__ = ["FORWARD_RULES", "FlexTrainer", "model_weights", "unsupported_layers"]
+__all__ = ["FlexTrainer", "model_weights", "unsupported_layers"]
 
 Weights = dict[str, dict[str, np.ndarray]]  # layer name -> weight name -> value
 
 
-@dataclasses.dataclass(frozen=True)
-class _Node:
-    """One layer of the traced network: what it computes and from which layers' outputs."""
-
-    name: str
-    index: int
-    forward: Callable
-    config: dict
-    inputs: tuple[str, ...]
-    trainable: bool
+def _forward_of(layer) -> Forward | None:
+    rule = LAYER_RULES.get(type(layer))
+    return rule.forward if rule is not None else None
 
 
-class _Pass:
-    """One forward pass: training or inference, its random seed (two int32), and where
-    BatchNormalization inputs go."""
-
-    def __init__(self, training: bool, seed=None, collect_norm_inputs: bool = False):
-        self.training, self.seed = training, seed
-        self.norm_inputs: list | None = [] if collect_norm_inputs else None
-
-
-def _activation(config: dict, x):
-    return keras.activations.get(config.get("activation", "linear"))(x)
-
-
-def _with_bias(config: dict, w: dict, x):
-    return x + w["bias"] if config.get("use_bias", False) else x
-
-
-def _conv2d(node: _Node, w: dict, xs: list, run: _Pass):
-    c = node.config
-    y = tf.nn.conv2d(xs[0], w["kernel"], c["strides"], c["padding"].upper(), dilations=c["dilation_rate"])
-    return _activation(c, _with_bias(c, w, y))
-
-
-def _depthwise_conv2d(node: _Node, w: dict, xs: list, run: _Pass):
-    c = node.config
-    strides = (1, *c["strides"], 1)
-    y = tf.nn.depthwise_conv2d(xs[0], w["kernel"], strides, c["padding"].upper(), dilations=c["dilation_rate"])
-    return _activation(c, _with_bias(c, w, y))
-
-
-def _dense(node: _Node, w: dict, xs: list, run: _Pass):
-    return _activation(node.config, _with_bias(node.config, w, tf.matmul(xs[0], w["kernel"])))
-
-
-def _batch_norm(node: _Node, w: dict, xs: list, run: _Pass):
-    x, c = xs[0], node.config
-    if run.norm_inputs is not None:
-        run.norm_inputs.append(x)
-    if run.training and node.trainable:
-        # keras.ops, not tf.nn: Keras' moments stop the gradient through the mean in the
-        # variance, and the gradients must be those of the Keras model.
-        mean, variance = keras.ops.moments(x, axes=list(range(len(x.shape) - 1)))
-    else:
-        mean, variance = w["moving_mean"], w["moving_variance"]
-    return keras.ops.batch_normalization(
-        x, mean, variance, axis=-1, offset=w.get("beta"), scale=w.get("gamma"), epsilon=c["epsilon"]
-    )
-
-
-def _relu(node: _Node, w: dict, xs: list, run: _Pass):
-    c = node.config
-    return keras.activations.relu(
-        xs[0], negative_slope=c["negative_slope"], max_value=c["max_value"], threshold=c["threshold"]
-    )
-
-
-def _activation_layer(node: _Node, w: dict, xs: list, run: _Pass):
-    return _activation(node.config, xs[0])
-
-
-def _zero_padding2d(node: _Node, w: dict, xs: list, run: _Pass):
-    (top, bottom), (left, right) = node.config["padding"]
-    return tf.pad(xs[0], [[0, 0], [top, bottom], [left, right], [0, 0]])
-
-
-def _global_average_pooling2d(node: _Node, w: dict, xs: list, run: _Pass):
-    return tf.reduce_mean(xs[0], axis=[1, 2], keepdims=node.config["keepdims"])
-
-
-def _pooling2d(reduce: Callable) -> Callable:
-    def forward(node: _Node, w: dict, xs: list, run: _Pass):
-        c = node.config
-        return reduce(xs[0], c["pool_size"], c["strides"] or c["pool_size"], c["padding"].upper())
-
-    return forward
-
-
-def _dropout(node: _Node, w: dict, xs: list, run: _Pass):
-    rate = node.config["rate"]
-    if not run.training or rate == 0 or run.seed is None:
-        return xs[0]
-    # Stateless: a step's dropout depends on (seed, step, layer) only, so runs repeat exactly.
-    return tf.nn.experimental.stateless_dropout(xs[0], rate, seed=run.seed + tf.constant([0, node.index * 7919]))
-
-
-def _reshape(node: _Node, w: dict, xs: list, run: _Pass):
-    # The last entry of the target is the channel axis, whose width pruning may change
-    # (as adapter.surgery resizes it); every other entry stays as configured.
-    target = list(node.config["target_shape"])
-    if -1 not in target[:-1]:
-        target[-1] = -1
-    return tf.reshape(xs[0], [tf.shape(xs[0])[0], *target])
-
-
-def _flatten(node: _Node, w: dict, xs: list, run: _Pass):
-    return tf.reshape(xs[0], [tf.shape(xs[0])[0], -1])
-
-
-def _add(node: _Node, w: dict, xs: list, run: _Pass):
-    return tf.add_n(xs)
-
-
-def _concatenate(node: _Node, w: dict, xs: list, run: _Pass):
-    return tf.concat(xs, axis=node.config["axis"])
-
-
-def _identity(node: _Node, w: dict, xs: list, run: _Pass):
-    return xs[0]
-
-
-_L = keras.layers
-FORWARD_RULES: dict[type, Callable] = {
-    _L.InputLayer: _identity,
-    _L.Conv2D: _conv2d,
-    _L.DepthwiseConv2D: _depthwise_conv2d,
-    _L.Dense: _dense,
-    _L.BatchNormalization: _batch_norm,
-    _L.ReLU: _relu,
-    _L.Activation: _activation_layer,
-    _L.ZeroPadding2D: _zero_padding2d,
-    _L.GlobalAveragePooling2D: _global_average_pooling2d,
-    _L.MaxPooling2D: _pooling2d(tf.nn.max_pool2d),
-    _L.AveragePooling2D: _pooling2d(tf.nn.avg_pool2d),
-    _L.Dropout: _dropout,
-    _L.Reshape: _reshape,
-    _L.Flatten: _flatten,
-    _L.Add: _add,
-    _L.Concatenate: _concatenate,
-}
+def _node(index: int, layer) -> Node:
+    forward = _forward_of(layer)
+    assert forward is not None  # unsupported_layers found none without one
+    inputs = () if isinstance(layer, keras.layers.InputLayer) else _inbound_names(layer)
+    return Node(layer.name, index, forward, layer.get_config(), inputs, layer.trainable)
 
 
 def _why_unsupported(layer) -> str | None:
-    if type(layer) not in FORWARD_RULES:
+    if _forward_of(layer) is None:
         return f"{layer.name} ({type(layer).__name__})"
     config = layer.get_config()
     extras = [k for k, v in config.items() if k.endswith(("_regularizer", "_constraint")) and v is not None]
     if extras or config.get("groups", 1) != 1 or config.get("data_format") == "channels_first":
         return f"{layer.name} ({type(layer).__name__} with {', '.join(extras) or 'groups or channels_first'})"
-    if isinstance(layer, _L.BatchNormalization) and (config["renorm"] or config["axis"] not in (-1, [-1], 3, [3])):
+    if isinstance(layer, keras.layers.BatchNormalization) and (config["renorm"] or config["axis"] not in (-1, [-1], 3, [3])):
         return f"{layer.name} (BatchNormalization with renorm or a non-channel axis)"
     return None
 
@@ -206,8 +79,7 @@ def _any_size(variable) -> tf.TensorShape:
 
 
 def _inbound_names(layer) -> tuple[str, ...]:
-    node = layer._inbound_nodes[0]
-    return tuple(t._keras_history.operation.name for t in node.input_tensors)
+    return tuple(parent.name for parent in inbound_layers(layer))
 
 
 class FlexTrainer:
@@ -225,19 +97,15 @@ class FlexTrainer:
         unsupported = unsupported_layers(model)
         if unsupported:
             raise AdapterError(
-                f"FlexTrainer supports the layers {sorted(t.__name__ for t in FORWARD_RULES)} without "
+                f"FlexTrainer supports the layers {sorted(t.__name__ for t, r in LAYER_RULES.items() if r.forward)} without "
                 f"regularizers or constraints; received {', '.join(unsupported)}."
             )
         if optimizer not in _UPDATES:
             raise AdapterError(f"Unknown optimizer {optimizer!r}: expected one of {sorted(_UPDATES)}.")
         self._update = _UPDATES[optimizer]
-        self._nodes = [
-            _Node(layer.name, index, FORWARD_RULES[type(layer)], layer.get_config(),
-                  () if isinstance(layer, _L.InputLayer) else _inbound_names(layer), layer.trainable)
-            for index, layer in enumerate(model.operations)
-        ]
-        self._input_name = model.inputs[0]._keras_history.operation.name
-        self._output_name = model.outputs[0]._keras_history.operation.name
+        self._nodes = [_node(index, layer) for index, layer in enumerate(layers_in_order(model))]
+        self._input_name = producer_of(model.inputs[0]).name
+        self._output_name = producer_of(model.outputs[0]).name
         self._variables = {
             layer.name: {
                 v.name: tf.Variable(keras.ops.convert_to_numpy(v), shape=_any_size(v),
@@ -262,11 +130,11 @@ class FlexTrainer:
                              tf.TensorSpec((), tf.float32), tf.TensorSpec((2,), tf.int32)],
         )
         self._predict = tf.function(
-            lambda x: self._forward(x, _Pass(training=False)), input_signature=[image], autograph=False
+            lambda x: self._forward(x, Pass(training=False)), input_signature=[image], autograph=False
         )
         self._norm_moments = tf.function(self._batch_norm_moments, input_signature=[image], autograph=False)
 
-    def _forward(self, x, run: _Pass):
+    def _forward(self, x, run: Pass):
         outputs = {self._input_name: x}
         for node in self._nodes:
             if node.name == self._input_name:
@@ -277,7 +145,7 @@ class FlexTrainer:
 
     def _step(self, x, y, lr, iteration, seed):
         with tf.GradientTape() as tape:
-            probabilities = self._forward(x, _Pass(training=True, seed=seed))
+            probabilities = self._forward(x, Pass(training=True, seed=seed))
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probabilities))
         gradients = tape.gradient(loss, self._trainable)
         for variable, gradient, first, second in zip(self._trainable, gradients, *self._slots):
@@ -285,7 +153,7 @@ class FlexTrainer:
         return loss
 
     def _batch_norm_moments(self, x):
-        run = _Pass(training=True, collect_norm_inputs=True)
+        run = Pass(training=True, collect_norm_inputs=True)
         self._forward(x, run)
         moments = []
         for value in run.norm_inputs:
@@ -340,7 +208,7 @@ class FlexTrainer:
         for start in range(0, len(x), batch_size):
             moments = [[np.asarray(t) for t in m] for m in self._norm_moments(x[start : start + batch_size])]
             totals = moments if totals is None else [[a + b for a, b in zip(t, m)] for t, m in zip(totals, moments)]
-        norms = [n for n in self._nodes if n.forward is _batch_norm]
+        norms = [n for n in self._nodes if n.forward is fw.batch_norm]
         for node, (total, squares, count) in zip(norms, totals or []):
             mean = total / count
             self._variables[node.name]["moving_mean"].assign(mean.astype(np.float32))

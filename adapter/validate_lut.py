@@ -1,6 +1,6 @@
 """Check a LUT against whole-model measurements on its device.
 
-    python -m lut.validate --lut luts/host-cpu-1t.sqlite --device host \\
+    python -m adapter.validate_lut --lut luts/host-cpu-1t.sqlite --device host \\
         --model mobilenet_v1 --alpha 0.5 --resolution 128 --samples 30 --seed 0 --json out.json
 
 Draws random channel-pruned variants of the model (every prunable group's channel count
@@ -8,51 +8,52 @@ drawn from the LUT's step grid), converts each to .tflite, measures it whole on 
 device, and compares with the LUT estimate.  Prints a table and a summary, writes the
 figures as JSON and a predicted-vs-measured scatter plot (PNG next to the JSON).
 
-This is the one `lut` module that reaches into `profiler` (to measure) and `adapter` (to
-prune): it checks the whole chain the adapter relies on.
+It checks the whole chain the adapter relies on, so it lives on the adapter's floor: it prunes
+(`adapter.pruning.graph`, `adapter.pruning.surgery`) and measures (`profiler`). Until issue 10 it was
+`python -m lut.validate`; the error figures it prints are `lut.summary.summarize`.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from lut.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, quiet_litert_notice, run_command
+import numpy as np
+from tqdm import tqdm
+
+from lut.cli import (
+    ArgumentParser,
+    check_output_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    quiet_litert_notice,
+    run_command,
+)
 from lut.latency import LatencyEstimator, specs_of
+from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LutError
-from profiler.monitor import add_monitor_arguments, monitor_policy  # the measuring half (issue 10 moves it up)
+from lut.summary import summarize
 from lut.table import LatencyTable, MeasurementFailure
+from profiler.build_lut import open_monitor
+from profiler.convert import keras_to_tflite
+from profiler.devices import Device, open_device
+from profiler.monitor import ConditionsMonitor, add_monitor_arguments, monitor_policy
+from profiler.plan import channel_grid
 
-__all__ = ["summarize", "validate", "main"]
-
-
-def summarize(predicted_us: Sequence[float], measured_us: Sequence[float]) -> dict[str, float]:
-    """Error figures of predictions against measurements (percent errors relative to measured)."""
-    errors = [(p - m) / m for p, m in zip(predicted_us, measured_us, strict=True)]
-    n = len(errors)
-    if n == 0:
-        raise LutError("Nothing to summarize: no variant was measured.")
-    return {
-        "n": n,
-        "within_5pct": sum(abs(e) <= 0.05 for e in errors) / n,
-        "within_10pct": sum(abs(e) <= 0.10 for e in errors) / n,
-        "rmspe": 100 * math.sqrt(sum(e * e for e in errors) / n),
-        "mean_abs_pct_err": 100 * sum(abs(e) for e in errors) / n,
-        "mean_pct_err": 100 * sum(errors) / n,
-    }
+__all__ = ["main", "summarize", "validate"]
 
 
-def _random_counts(groups, step: int, rng) -> dict[str, int]:
-    from profiler.plan import channel_grid
-
+def _random_counts(groups: Any, step: int, rng: np.random.Generator) -> dict[str, int]:
     return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
 
 
-def validate(model, table: LatencyTable, device, *, samples: int, seed: int, repeats: int = 5, progress: bool = True,
-             monitor=None) -> list[dict]:
+def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, seed: int, repeats: int = 5,
+             progress: bool = True, monitor: ConditionsMonitor | None = None) -> list[dict[str, Any]]:
     """Measure `samples` random pruned variants of `model` on `device`; one row per variant.
 
     The variants are measured interleaved, `repeats` rounds through all of them, and each
@@ -62,12 +63,10 @@ def validate(model, table: LatencyTable, device, *, samples: int, seed: int, rep
     With `monitor` (a `profiler.monitor.ConditionsMonitor`), every chunk of measurements is
     kept only when the device was quiet around it.
     """
-    import numpy as np
-    from tqdm import tqdm
-
-    from adapter.graph import find_groups
-    from adapter.surgery import prune_to_counts
-    from profiler.convert import keras_to_tflite
+    # Pruning needs Keras, which loads TensorFlow: imported here, so that --help and bad arguments
+    # answer before it loads.
+    from adapter.pruning.graph import find_groups
+    from adapter.pruning.surgery import prune_to_counts
 
     step = int(table.meta.get("step", 8))
     estimator = LatencyEstimator(table)
@@ -94,7 +93,8 @@ def validate(model, table: LatencyTable, device, *, samples: int, seed: int, rep
             for i, (name, counts, predicted, _) in enumerate(variants)]
 
 
-def _plot(rows: list[dict], path: str, title: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    # slow to import; only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +116,7 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(
-        prog="python -m lut.validate",
+        prog="python -m adapter.validate_lut",
         description="Compare a LUT's estimates with whole-model measurements of random pruned variants.",
     )
     parser.add_argument("--lut", required=True, help="LUT file made by profiler.build_lut")
@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=positive_int, default=1000, help="classes of a named model")
     parser.add_argument("--samples", type=positive_int, default=30, help="variants to draw (the first is the unpruned model)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random channel counts")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="rounds through all variants, interleaved; each variant's median over them counts")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="rounds through all variants, interleaved; each variant's median over them counts")
     parser.add_argument("--json", metavar="FILE", help="write the summary and every variant here, and a scatter plot next to it (.png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_monitor_arguments(parser)
@@ -136,25 +137,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(parser.prog, lambda: _main(args), on_interrupt="nothing was written; run the same command again")
 
 
-def _main(args) -> int:
+def _main(args: argparse.Namespace) -> int:
     if args.json:  # before measuring every variant, not after
         check_output_file(args.json, "--json")
         check_output_file(os.path.splitext(args.json)[0] + ".png", "--json's plot")
     import_tensorflow_quietly()
     quiet_litert_notice()
 
-    from lut.models import load_model
-    from profiler.devices import open_device
-
     with LatencyTable.open(args.lut) as table:
         meta = table.meta
         model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
-        device = open_device(args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices)
+        device = open_device(
+            args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices
+        )
         if meta.get("device") != args.device:
             print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
         try:
-            from profiler.build_lut import open_monitor
-
             monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, file=sys.stderr))
             rows = validate(
                 model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats,

@@ -10,10 +10,7 @@ padded or resized to the resolution (see `Split`).
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
 import os
-import struct
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from adapter.errors import AdapterError
+from adapter.training.idx import parse_idx, read_idx
 
 __all__ = [
     "DEFAULT_HOLDOUT",
@@ -50,54 +48,7 @@ _FASHION_MNIST_FILES = {  # role -> (file stem, dimensions of its IDX array)
     "x_test": ("t10k-images-idx3-ubyte", 3),
     "y_test": ("t10k-labels-idx1-ubyte", 1),
 }
-# IDX type byte -> element type; multi-byte values are big-endian (yann.lecun.com/exdb/mnist).
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_GZIP_MAGIC = b"\x1f\x8b"
 _PREPARE_CHUNK = 2048  # images converted at once by `Split.arrays`, to bound peak memory
-
-
-# --------------------------------------------------------------------------- IDX files
-
-
-def parse_idx(raw: bytes, *, source: str = "<bytes>") -> np.ndarray:
-    """The array stored in IDX bytes: magic 0x0000TTDD (type TT, DD dimensions), big-endian.
-
-    Raises `AdapterError` for anything that is not a complete IDX array.
-    """
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise AdapterError(
-            f"{source} is not an IDX file: expected a magic number 0x0000TTDD with type TT in "
-            f"{{{', '.join(f'0x{t:02X}' for t in _IDX_DTYPES)}}} and DD ≥ 1 dimensions; "
-            f"received 0x{raw[:4].hex().upper() or 'nothing'}."
-        )
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise AdapterError(
-            f"{source} is truncated: expected {ndim} dimension sizes in its header; "
-            f"received {len(raw)} bytes in all."
-        )
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = math.prod(dims) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise AdapterError(
-            f"{source} has the wrong size: expected {expected} data bytes for dimensions "
-            f"{'×'.join(map(str, dims))}; received {len(raw) - header}."
-        )
-    array = np.frombuffer(raw, dtype=dtype, count=math.prod(dims), offset=header)
-    return array.reshape(dims).astype(dtype.newbyteorder("="), copy=False)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """The array in an IDX file, gzip-compressed or not (told apart by content, not name)."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise AdapterError(f"{path} is a damaged gzip file ({e}); reinstall or re-download it.") from e
-    return parse_idx(raw, source=str(path))
 
 
 # --------------------------------------------------------------------------- splits
@@ -109,6 +60,7 @@ def _prepare_batch(images, resolution: int):
     Scales to [-1, 1], copies grey to 3 channels, then pads (the source is a little smaller
     than the resolution: its pixels stay exact) or resizes (anything else) to the resolution.
     """
+    # heavy: imported on use, so --help and bad input answer at once
     import tensorflow as tf
 
     pixel_max = 255.0 if images.dtype in (np.uint8, tf.uint8) else 1.0
@@ -137,6 +89,7 @@ def _augmenter(seed: int):
     augmentation, 0.883 with mirroring, 0.861 with mirroring and ±10% shifts (bilinear
     shifts blur 32 px images): so only mirroring.
     """
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     flip = keras.layers.RandomFlip("horizontal", seed=seed)
@@ -211,6 +164,7 @@ class Split:
         With `shuffle`, the order changes every pass (reproducibly, from `seed`). With
         `augment` (for training), each image is mirrored left-right at random.
         """
+        # heavy: imported on use, so --help and bad input answer at once
         import tensorflow as tf
 
         if batch_size < 1:
@@ -381,6 +335,7 @@ def _load_image_folder(path: Path, resolution: int, seed: int, test_fraction: fl
 
 
 def _read_image_folder(path: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    # TensorFlow loads with Keras: imported on use, so --help and bad input answer at once
     import keras
 
     try:

@@ -3,7 +3,7 @@
 `prune` physically shrinks the model (the result is a smaller Keras model, not a mask):
 each layer's config is edited (`filters`, `units`, a Reshape's `target_shape`) and the
 model re-built with `keras.models.clone_model(clone_function=...)`; then each remaining
-weight is copied from the original, sliced along the axes `adapter.graph.LAYER_RULES`
+weight is copied from the original, sliced along the axes `adapter.pruning.graph.LAYER_RULES`
 names.  Group ids are the names of the groups' first producers, so they stay the same
 from one pruned model to the next.
 """
@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from adapter.graph import ChannelGroup, LayerChannels, ModelGraph, PruningError, analyze, rule_for
+from adapter.pruning.graph import ChannelGroup, LayerChannels, ModelGraph, PruningError, analyze, rule_for
+from lut.keras_graph import producer_of
 
 __all__ = ["filter_norms", "prune", "prune_to_counts", "pruned_weights", "channel_counts"]
 
@@ -37,6 +38,7 @@ def filter_norms(model: keras.Model, group: ChannelGroup) -> np.ndarray:
                 "again after each prune."
             ) from e
         rule = rule_for(layer)
+        assert rule.norm_weight is not None  # a producer's rule names the weight its filters are ranked by
         kernel = keras.ops.convert_to_numpy(_variable(layer, rule.norm_weight))
         if kernel.shape[-1] != group.size:
             raise PruningError(
@@ -66,7 +68,7 @@ def pruned_weights(
     """The weights `prune(model, keep)` would give, without building the pruned model.
 
     `graph` is `analyze(model)`; `weights` maps layer name -> weight name -> array (as
-    `adapter.flex.model_weights` returns them); `keep` is as for `prune`.  Each array is
+    `adapter.training.flex.model_weights` returns them); `keep` is as for `prune`.  Each array is
     sliced exactly as `prune` slices it; layers that lose nothing share the given arrays.
     """
     return _sliced_weights(graph, weights, _validated_keep(graph, keep))
@@ -152,7 +154,7 @@ def _rebuild(model: keras.Model, graph: ModelGraph, keep: Mapping[str, np.ndarra
 
 
 def _same_input(tensor):
-    layer = tensor._keras_history.operation
+    layer = producer_of(tensor)
     return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=layer.name)
 
 
@@ -178,7 +180,7 @@ def _sliced_weights(graph: ModelGraph, weights, keep: Mapping[str, np.ndarray]) 
             values = dict(values)
             for positions, axes in ((in_positions, rule.prune_in), (out_positions, rule.prune_out)):
                 for weight, axis in axes if positions is not None else ():
-                    if weight in values:
+                    if weight in values and positions is not None:
                         values[weight] = np.take(values[weight], positions, axis=axis)
         sliced[name] = values
     return sliced
