@@ -49,7 +49,7 @@ import secrets
 import shlex
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 
 import numpy as np
@@ -58,11 +58,10 @@ from lut.spec import LutError
 from lut.table import Measurement, MeasurementFailure
 from profiler.benchmark_output import BenchmarkOutputError, parse_benchmark_output
 from profiler.device_config import AdbSettings, ensure_adb_key, parse_adb_settings
-from profiler.devices import register_device_kind
 from profiler.errors import ProfilerError
 from profiler.monitor import REFERENCE_ID
 
-__all__ = ["AdbDevice", "RunnerRecord", "parse_runner_records", "runner_script"]
+__all__ = ["AdbDevice", "RunnerRecord", "open_adb", "parse_runner_records", "runner_script"]
 
 _LOG = logging.getLogger("phonefit.adb")
 _SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -855,7 +854,7 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-@register_device_kind("adb")
-def _open_adb(name: str, config: dict, backend: str, threads: int | None) -> AdbDevice:
+def open_adb(name: str, config: Mapping[str, object], backend: str, threads: int | None) -> AdbDevice:
+    """The registry's factory of the `adb` kind (`profiler.devices.open_device`)."""
     settings = config.get("settings") if isinstance(config.get("settings"), AdbSettings) else parse_adb_settings(name, config)
     return AdbDevice(settings, backend, threads)

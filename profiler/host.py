@@ -6,16 +6,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from lut.table import Measurement, MeasurementFailure
-from profiler.devices import register_device_kind
 from profiler.errors import ProfilerError
 from profiler.monitor import HostLoad
 
-__all__ = ["HostDevice", "TimingPolicy", "load_interpreter", "time_interpreter"]
+__all__ = ["HostDevice", "TimingPolicy", "load_interpreter", "open_host", "time_interpreter"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +177,8 @@ class HostDevice:
         pass
 
 
-@register_device_kind("host")
-def _open_host(name: str, config: dict, backend: str, threads: int) -> HostDevice:
+def open_host(name: str, config: Mapping[str, object], backend: str, threads: int | None) -> HostDevice:
+    """The registry's factory of the `host` kind (`profiler.devices.open_device`)."""
     if backend != "cpu":
         raise ProfilerError(f"The host device measures the CPU only. Received: backend={backend!r}; use --backend cpu.")
-    return HostDevice(name, threads)
+    return HostDevice(name, threads or 1)
