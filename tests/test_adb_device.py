@@ -24,7 +24,8 @@ import pytest
 
 
 from lut.table import Measurement, MeasurementFailure
-from profiler.adb import AdbDevice, _batch_archive, _split_batches, parse_runner_records, runner_script
+from profiler.adb import AdbDevice, parse_runner_records, runner_script
+from profiler.adb.archive import batch_archive, split_batches
 from profiler.build_lut import OVERHEAD_REPEATS
 from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
 from profiler.devices import known_devices, open_device
@@ -202,7 +203,7 @@ def _make_batch(tmp_path: Path, names: list[str]) -> Path:
     """A batch directory as AdbDevice pushes it: the models in models/batch.tar, nothing else."""
     batch = tmp_path / "batch"
     (batch / "models").mkdir(parents=True)
-    (batch / "models" / "batch.tar").write_bytes(_batch_archive([(name, f"model {name}".encode(), name) for name in names]))
+    (batch / "models" / "batch.tar").write_bytes(batch_archive([(name, f"model {name}".encode(), name) for name in names]))
     return batch
 
 
@@ -270,16 +271,16 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
 
 def test_batches_end_at_their_size_or_before_their_bytes_pass_the_cap():
     models = [(f"m{i}", b"x" * size) for i, size in enumerate([10, 10, 10, 30, 5, 50, 1, 1])]
-    batches = list(_split_batches(iter(models), 3, 40))
+    batches = list(split_batches(iter(models), 3, 40))
     assert [[model_id for model_id, _ in batch] for batch in batches] == [
         ["m0", "m1", "m2"], ["m3", "m4"], ["m5"], ["m6", "m7"]]  # m5 is over the cap alone: it goes alone
-    assert list(_split_batches(iter([]), 3, 40)) == []
+    assert list(split_batches(iter([]), 3, 40)) == []
 
 
 def test_batch_archive_is_a_plain_ustar_archive():
     entries = [(f"id{i}", bytes(range(256)) * 3 + b"x" * i, f"m{i:03d}_conv2d.tflite") for i in range(3)]
     entries.append(("empty", b"", "m003_empty.tflite"))
-    archive = _batch_archive(entries)
+    archive = batch_archive(entries)
     assert len(archive) % 512 == 0 and archive.endswith(bytes(1024))
     with tarfile.open(fileobj=io.BytesIO(archive)) as read:  # checks every header's checksum
         members = read.getmembers()
@@ -287,7 +288,7 @@ def test_batch_archive_is_a_plain_ustar_archive():
         assert all(m.isreg() and m.mode == 0o644 and (m.uid, m.gid, m.uname, m.gname) == (0, 0, "", "") for m in members)
         assert [read.extractfile(m).read() for m in members] == [data for _, data, _ in entries]
     with pytest.raises(ValueError, match="at most 100 bytes"):
-        _batch_archive([("x", b"", "m" * 101)])
+        batch_archive([("x", b"", "m" * 101)])
 
 
 def test_runner_on_android_shell_and_toybox_tools(tmp_path):
@@ -471,7 +472,7 @@ def test_measures_real_single_op_models_over_adb(tmp_path, daemon, tflite_models
 
 
 def test_earlier_batches_are_removed_between_batches_once_they_fill_the_budget(tmp_path, daemon, tflite_models, monkeypatch):
-    monkeypatch.setattr("profiler.adb._SWEEP_BYTES", 1)  # every batch fills it
+    monkeypatch.setattr("profiler.adb.device.SWEEP_BYTES", 1)  # every batch fills it
     device = open_loop(tmp_path, daemon, batch_size=1)
     try:
         results = list(device.measure([(f"m{i}", tflite_models["dense"]) for i in range(3)]))
