@@ -20,12 +20,14 @@ from typing import Protocol, TypeAlias
 from lut.table import Measurement, MeasurementFailure
 from profiler.device_config import load_device_configs
 from profiler.errors import ProfilerError
+from profiler.timing import TimingPolicy
 
 __all__ = [
     "DEVICE_KINDS",
     "Device",
     "DeviceFactory",
     "LoadProbe",
+    "Measure",
     "Result",
     "known_devices",
     "open_device",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 Result: TypeAlias = Measurement | MeasurementFailure
+# `Device.measure`, or anything that measures like it
+Measure: TypeAlias = Callable[[Sequence[tuple[str, bytes]]], Iterator[tuple[str, Result]]]
 
 
 class Device(Protocol):
@@ -76,8 +80,14 @@ class LoadProbe(Protocol):
         """Tasks running or ready to run now."""
 
 
-# factory(name, devices.toml entry, backend, threads or None: the device's own) -> Device
-DeviceFactory: TypeAlias = Callable[[str, Mapping[str, object], str, "int | None"], Device]
+class DeviceFactory(Protocol):
+    """Opens a device of one kind: its name, devices.toml entry, backend, threads (None: the
+    device's own setting) and how the host times a model (a backend that times otherwise
+    ignores it)."""
+
+    def __call__(self, name: str, config: Mapping[str, object], backend: str, threads: int | None, /, *,
+                 timing: TimingPolicy | None = None) -> Device: ...
+
 
 # kind -> "module:function" of its factory, imported when a device of the kind is opened.
 _BUILT_IN_KINDS: dict[str, str] = {
@@ -116,17 +126,26 @@ def known_devices(devices_file: str | None = None) -> list[str]:
     return ["host", *sorted(load_device_configs(devices_file))]
 
 
-def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, devices_file: str | None = None) -> Device:
+def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, devices_file: str | None = None,
+                timing: TimingPolicy | None = None) -> Device:
     """Open the device called `name` for measuring with `backend` and `threads`.
 
-    `threads=None` takes the device's own setting (devices.toml), 1 on the host.
+    Args:
+        name: "host", or a phone of the devices.toml registry.
+        backend: "cpu" or "gpu" (the host has only "cpu").
+        threads: the threads a model runs on; None takes the device's own setting
+            (devices.toml), 1 on the host.
+        devices_file: the devices.toml to read (None: ./devices.toml, then the user's).
+        timing: how the host times each model (None: `TimingPolicy()`, made for single ops;
+            whole models want longer). A phone times with benchmark_model as its
+            devices.toml says and does not use it.
     """
     if backend not in ("cpu", "gpu"):
         raise ProfilerError(f"`backend` must be 'cpu' or 'gpu'. Received: backend={backend!r}.")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ProfilerError(f"`threads` must be a positive integer. Received: threads={threads!r}.")
     if name == "host":
-        return _factory("host")(name, {}, backend, threads or 1)
+        return _factory("host")(name, {}, backend, threads or 1, timing=timing)
     configs = load_device_configs(devices_file)
     if name not in configs:
         raise ProfilerError(
@@ -136,4 +155,4 @@ def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, 
         )
     config = configs[name]
     kind = config.get("kind", "adb")
-    return _factory(str(kind))(name, config, backend, threads)
+    return _factory(str(kind))(name, config, backend, threads, timing=timing)

@@ -54,11 +54,19 @@ from lut.table import Measurement, MeasurementFailure
 from profiler.adb.archive import batch_archive, remote_name, split_batches
 from profiler.adb.connection import CONNECTION_ERRORS, LOG, SETUP_TIMEOUT_S, Connection, RunnerInterrupted, reason
 from profiler.adb.phone import BATTERY_COMMAND, FACTS_COMMAND, battery_temp_c, check_abi, parse_phone
-from profiler.adb.records import Outcome, RunnerRecord, error_text, parse_runner_records, result_from_record, runner_script
+from profiler.adb.records import (
+    Outcome,
+    RunnerRecord,
+    error_text,
+    parse_runner_records,
+    result_from_record,
+    runner_script,
+)
 from profiler.adb.wire import push_files
 from profiler.device_config import AdbSettings, parse_adb_settings
 from profiler.errors import ProfilerError
 from profiler.monitor import REFERENCE_ID
+from profiler.timing import TimingPolicy
 
 __all__ = ["SWEEP_BYTES", "AdbDevice", "open_adb"]
 
@@ -89,7 +97,7 @@ class _Batch:
 
 
 def _cpus(mask: str) -> int:
-    return bin(int(mask, 16)).count("1")
+    return int(mask, 16).bit_count()
 
 
 class AdbDevice:
@@ -107,7 +115,8 @@ class AdbDevice:
             cpus = _cpus(run.taskset)
             raise ProfilerError(
                 f"{threads} threads need {threads} CPUs, but [{settings.name}.{backend}] taskset = "
-                f"{run.taskset!r} in {settings.source} allows {cpus}. Use --threads {cpus} or a wider mask."
+                f"{run.taskset!r} in {settings.source} allows {cpus}. Use --threads {cpus} or a wider mask. "
+                f"Received: threads={threads}, taskset={run.taskset!r}."
             )
         self.name, self.backend, self.threads = settings.name, backend, threads
         self._settings, self._run = settings, run
@@ -362,8 +371,18 @@ class AdbDevice:
             self._battery_last = temperature
 
 
-def open_adb(name: str, config: Mapping[str, object], backend: str, threads: int | None) -> AdbDevice:
-    """The registry's factory of the `adb` kind (`profiler.devices.open_device`)."""
+def open_adb(name: str, config: Mapping[str, object], backend: str, threads: int | None, *,
+             timing: TimingPolicy | None = None) -> AdbDevice:
+    """The registry's factory of the `adb` kind (`profiler.devices.open_device`).
+
+    Args:
+        name: the phone's name in devices.toml.
+        config: its entry: `{"settings": AdbSettings}` as `load_device_configs` reads it, or
+            the raw table.
+        backend: "cpu" or "gpu".
+        threads: benchmark_model's threads (None: the backend's `threads` in devices.toml, else 1).
+        timing: not used: a phone times models with benchmark_model as its devices.toml says.
+    """
     settings = config.get("settings")
     if not isinstance(settings, AdbSettings):
         settings = parse_adb_settings(name, config)
