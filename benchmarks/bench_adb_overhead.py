@@ -78,7 +78,7 @@ _TIMEOUT_S = 60
 def _models(count: int) -> list[tuple[str, bytes]]:
     """`count` distinct single-op models: 1x1 convolutions and 3x3 depthwise convolutions."""
     from lut.spec import LayerSpec
-    from profiler.layers import SingleOpFactory
+    from profiler.single_op import SingleOpFactory
 
     factory, specs = SingleOpFactory(), []
     for i in range(count):
@@ -110,7 +110,7 @@ class _DaemonProcess:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.host, self.port = "127.0.0.1", int(self._process.stdout.readline())
 
-    def __enter__(self) -> "_DaemonProcess":
+    def __enter__(self) -> _DaemonProcess:
         return self
 
     def __exit__(self, *exc) -> None:
