@@ -14,23 +14,23 @@ import shutil
 import signal
 import stat
 import subprocess
-import tarfile
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-
 from lut.table import Measurement, MeasurementFailure
-from profiler.adb import AdbDevice, parse_runner_records, runner_script
+from profiler.adb import parse_runner_records, runner_script
 from profiler.adb.archive import batch_archive, split_batches
+from profiler.adb.connection import ensure_adb_key
 from profiler.build_lut import OVERHEAD_REPEATS
-from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
+from profiler.context import _REPEATS, FETCH_BRANCHES
+from profiler.device_config import DEFAULT_REMOTE_DIR, load_device_configs
 from profiler.devices import known_devices, open_device
 from profiler.errors import ProfilerError
-from profiler.context import _REPEATS, FETCH_BRANCHES
 from profiler.monitor import _START_REPEATS, ConditionsMonitor, DriftError, MonitorPolicy
 from tests.adb_daemon import Faults, LoopbackAdbDaemon
 from tests.conftest import LENIENT_FLAGS
@@ -154,16 +154,25 @@ def test_backend_tables_override_phone_wide_run_settings(tmp_path):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"address": "10.0.0.2", "benchmark_model": "bm"}, r"\[pixel\]: `address` must be \"HOST:PORT\".*Received: address='10.0.0.2'"),
+        ({"address": "10.0.0.2", "benchmark_model": "bm"},
+         r"\[pixel\]: `address` must be \"HOST:PORT\".*Received: address='10.0.0.2'"),
         ({"address": "10.0.0.2:5555"}, r"\[pixel\]: `benchmark_model` .* is required"),
-        ({"address": "a:1", "benchmark_model": "bm", "num_runs": 0}, r"\[pixel\]: `num_runs` must be a positive integer. Received: num_runs=0"),
-        ({"address": "a:1", "benchmark_model": "bm", "batchsize": 8}, r"\[pixel\]: unknown setting 'batchsize'. Known settings: .*batch_size"),
-        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/data/local/tmp/../../system"}, r"\[pixel\]: `remote_dir` must be a directory below /data/local/tmp/"),
-        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/sdcard/phonefit"}, r"\[pixel\]: `remote_dir` must be a directory below"),
-        ({"address": "a:1", "benchmark_model": "bm", "transport": "bluetooth"}, r"\[pixel\]: `transport` must be \"tcp\" or \"usb\""),
-        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"taskset": "big"}}, r"\[pixel.cpu\]: `taskset` must be a non-zero hexadecimal"),
-        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"flags": ["--num_threads=4"]}}, r"\[pixel.cpu\]: `flags` may not set --num_threads"),
-        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": "--use_gpu=true"}}, r"\[pixel.gpu\]: `flags` must be a list of benchmark_model flags"),
+        ({"address": "a:1", "benchmark_model": "bm", "num_runs": 0},
+         r"\[pixel\]: `num_runs` must be a positive integer. Received: num_runs=0"),
+        ({"address": "a:1", "benchmark_model": "bm", "batchsize": 8},
+         r"\[pixel\]: unknown setting 'batchsize'. Known settings: .*batch_size"),
+        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/data/local/tmp/../../system"},
+         r"\[pixel\]: `remote_dir` must be a directory below /data/local/tmp/"),
+        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/sdcard/phonefit"},
+         r"\[pixel\]: `remote_dir` must be a directory below"),
+        ({"address": "a:1", "benchmark_model": "bm", "transport": "bluetooth"},
+         r"\[pixel\]: `transport` must be \"tcp\" or \"usb\""),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"taskset": "big"}},
+         r"\[pixel.cpu\]: `taskset` must be a non-zero hexadecimal"),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"flags": ["--num_threads=4"]}},
+         r"\[pixel.cpu\]: `flags` may not set --num_threads"),
+        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": "--use_gpu=true"}},
+         r"\[pixel.gpu\]: `flags` must be a list of benchmark_model flags"),
     ],
 )
 def test_bad_entries_name_file_entry_and_field(tmp_path, entry, message):
@@ -457,7 +466,7 @@ def test_measures_real_single_op_models_over_adb(tmp_path, daemon, tflite_models
         }
         results = list(device.measure(list(tflite_models.items())))
         session = device._session
-        assert sorted(phone_files(daemon.root / "phonefit" / "runs"))[0] == session.rsplit("/", 2)[-1]
+        assert min(phone_files(daemon.root / "phonefit" / "runs")) == session.rsplit("/", 2)[-1]
     finally:
         device.close()
     assert [model_id for model_id, _ in results] == ["conv", "dw", "dense"]
@@ -518,7 +527,8 @@ def test_auth_accepted_for_an_authorized_key(tmp_path):
 def test_auth_rejected_fails_with_what_to_do(tmp_path):
     with LoopbackAdbDaemon(tmp_path / "phone", auth="reject") as daemon:
         start = time.monotonic()
-        with pytest.raises(ProfilerError, match=r"loop at 127.0.0.1:\d+ did not accept this computer's ADB key .*adbkey.pub: unlock the phone, accept"):
+        refused = r"loop at 127.0.0.1:\d+ did not accept this computer's ADB key .*adbkey.pub: unlock the phone, accept"
+        with pytest.raises(ProfilerError, match=refused):
             open_loop(tmp_path, daemon)
         assert time.monotonic() - start < 10
 
@@ -603,7 +613,8 @@ def test_consecutive_failures_stop_the_run_after_recording_them(tmp_path, tflite
         device = open_loop(tmp_path, daemon, max_consecutive_failures=2, batch_size=2)
         seen = []
         try:
-            with pytest.raises(ProfilerError, match=r"2 models in a row failed on loop; stopping. Last error: benchmark_model exited with status 134"):
+            stopped = r"2 models in a row failed on loop; stopping. Last error: benchmark_model exited with status 134"
+            with pytest.raises(ProfilerError, match=stopped):
                 for model_id, result in device.measure([("fine", conv), ("crash-1", conv), ("crash-2", conv), ("never", conv)]):
                     seen.append((model_id, type(result).__name__))
         finally:

@@ -7,18 +7,21 @@ runs it again; every failure a user can act on is one `ProfilerError` line sayin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from adb_shell import adb_device, exceptions
+from adb_shell.auth.keygen import keygen, write_public_keyfile
 from adb_shell.auth.sign_pythonrsa import PythonRSASigner
 
 from profiler.adb.wire import check_adb_shell, tcp_transport
-from profiler.device_config import AdbSettings, ensure_adb_key
+from profiler.device_config import AdbSettings
 from profiler.errors import ProfilerError
 
-__all__ = ["CONNECTION_ERRORS", "SETUP_TIMEOUT_S", "Connection", "RunnerInterrupted", "reason"]
+__all__ = ["CONNECTION_ERRORS", "SETUP_TIMEOUT_S", "Connection", "RunnerInterrupted", "ensure_adb_key", "reason"]
 
 LOG = logging.getLogger("phonefit.adb")
 SETUP_TIMEOUT_S = 60.0  # any request but a batch's run
@@ -45,6 +48,26 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 # What a phone that is reached but refuses a file operation raises: no retry helps.
 _REFUSALS = (exceptions.AdbCommandFailureException, exceptions.PushFailedError, exceptions.DevicePathInvalidError)
+
+
+def ensure_adb_key(path: Path) -> Path:
+    """`path` (an ADB private key) and `path.pub`, generated if missing; the private key is mode 0600."""
+    path = Path(path).expanduser()
+    public = Path(f"{path}.pub")
+    try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file 0600 first: keygen rewrites it in place, keeping the mode.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            keygen(str(path))
+        elif not public.exists():
+            write_public_keyfile(str(path), str(public))
+    except (OSError, ValueError) as e:
+        raise ProfilerError(
+            f"Cannot create the ADB key {path}: {e}. Set `adb_key` in devices.toml to a writable path. "
+            f"Received: adb_key={str(path)!r}."
+        ) from e
+    return path
 
 
 def reason(error: BaseException) -> str:
@@ -153,7 +176,8 @@ class Connection:
             return PythonRSASigner.FromRSAKeyPath(str(key))
         except (OSError, ValueError) as e:
             raise ProfilerError(
-                f"Cannot read the ADB key {key} ({e}); set `adb_key` of [{self.settings.name}] in {self.settings.source}."
+                f"`adb_key` must be an ADB private key (RSA, PEM). Received: adb_key={str(key)!r} ({e}). "
+                f"Set `adb_key` of [{self.settings.name}] in {self.settings.source}."
             ) from e
 
     def _make_adb(self) -> adb_device.AdbDevice:
@@ -163,7 +187,10 @@ class Connection:
             return adb_device.AdbDevice(tcp_transport(settings.host, settings.port),
                                         default_transport_timeout_s=SETUP_TIMEOUT_S)
         if adb_device.UsbTransport is None:
-            raise ProfilerError(f"{settings.name} is a USB phone; USB needs libusb: pip install 'adb-shell[usb]'.")
+            raise ProfilerError(
+                f"{settings.name} is a USB phone; USB needs libusb: pip install 'adb-shell[usb]'. "
+                f"Received: transport='usb' in {settings.source}, adb-shell without its usb extra."
+            )
         # Raises UsbDeviceNotFoundError, a connection error: unplugged phones are retried.
         return adb_device.AdbDeviceUsb(serial=settings.serial, default_transport_timeout_s=SETUP_TIMEOUT_S)
 

@@ -71,7 +71,12 @@ def parse_phone(output: str) -> dict[str, object]:
 def check_abi(binary: bytes, phone: dict[str, object], *, name: str, path: object, source: str) -> None:
     """A benchmark_model built for another processor fails every model; say so at once.
 
-    `binary` is the file at `path`, which `[name]` of `source` (a devices.toml) names.
+    Args:
+        binary: the benchmark_model file's bytes (an ELF executable; anything else is not checked).
+        phone: what the phone said of itself (`parse_phone`), its `abilist` or `abi` used.
+        name: the phone's name in devices.toml.
+        path: where `binary` was read from.
+        source: the devices.toml that names `path`.
     """
     if binary[:4] != b"\x7fELF" or len(binary) < 20:
         return
