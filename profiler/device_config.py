@@ -134,8 +134,7 @@ def _flag_list(value: object) -> bool:
 _Field = tuple[Callable[[object], bool], str, Callable[[Any], object]]  # convert runs on checked values
 _BACKEND_FIELDS: dict[str, _Field] = {
     "threads": (_positive_int, "a positive integer", int),
-    "taskset": (_hex_mask,
-                "a non-zero hexadecimal CPU mask such as \"f0\"", lambda v: format(int(v, 16), "x")),
+    "taskset": (_hex_mask, "a non-zero hexadecimal CPU mask such as \"f0\"", lambda v: format(int(v, 16), "x")),
     "flags": (_flag_list, "a list of benchmark_model flags such as [\"--use_gpu=true\"]", tuple),
     "warmup_runs": (_non_negative_int, "a non-negative integer", int),
     "num_runs": (_positive_int, "a positive integer", int),
