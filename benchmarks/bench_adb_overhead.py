@@ -60,9 +60,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lut.spec import LayerSpec  # noqa: E402
 from profiler.adb import AdbDevice  # noqa: E402
 from profiler.benchmark_output import parse_benchmark_output  # noqa: E402
 from profiler.device_config import parse_adb_settings  # noqa: E402
+from profiler.single_op import SingleOpFactory  # noqa: E402
 
 _STAND_IN = """#!/bin/sh
 # benchmark_model stand-in: the real tool's output for a 40 us op, printed at once.
@@ -77,9 +79,6 @@ _TIMEOUT_S = 60
 
 def _models(count: int) -> list[tuple[str, bytes]]:
     """`count` distinct single-op models: 1x1 convolutions and 3x3 depthwise convolutions."""
-    from lut.spec import LayerSpec
-    from profiler.single_op import SingleOpFactory
-
     factory, specs = SingleOpFactory(), []
     for i in range(count):
         channels = 8 + i // 2

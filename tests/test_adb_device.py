@@ -21,13 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
+from adb_shell import adb_device
 
-from lut.table import Measurement, MeasurementFailure
+from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.adb import parse_runner_records, runner_script
 from profiler.adb.archive import batch_archive, split_batches
 from profiler.adb.connection import ensure_adb_key
 from profiler.build_lut import OVERHEAD_REPEATS
 from profiler.context import _REPEATS, FETCH_BRANCHES
+from profiler.convert import keras_to_tflite
 from profiler.device_config import DEFAULT_REMOTE_DIR, load_device_configs
 from profiler.devices import known_devices, open_device
 from profiler.errors import ProfilerError
@@ -98,9 +100,7 @@ def phone_files(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tflite_models() -> dict[str, bytes]:
     """Three real single-op models: a 3x3 conv, a depthwise conv and a dense layer."""
-    import keras
-
-    from profiler.convert import keras_to_tflite
+    import keras  # TensorFlow takes seconds to import: only the tests that use models pay for it
 
     layers = {
         "conv": ((8, 8, 8), keras.layers.Conv2D(16, 3, padding="same", activation="relu6")),
@@ -545,8 +545,6 @@ def test_unreachable_phone_fails_in_one_line(tmp_path):
 
 
 def test_usb_phone_without_libusb_says_what_to_install(tmp_path):
-    from adb_shell import adb_device
-
     if adb_device.UsbTransport is not None:
         pytest.skip("adb-shell[usb] is installed here")
     path = write_devices_toml(tmp_path / "devices.toml", {"lab": {
@@ -667,9 +665,6 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
                "--model", str(tmp_path / "tiny.keras"), "--out", str(out), "--no-progress", *LENIENT_FLAGS]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr[-3000:]
-
-    from lut.table import LatencyTable
-
     with LatencyTable.open(out) as table:
         meta, frame = table.meta, table.to_dataframe()
         fingerprint = table.fingerprint

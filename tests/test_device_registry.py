@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from profiler import devices
 from profiler.adb import wire
 from profiler.adb.archive import batch_archive
 from profiler.devices import DEVICE_KINDS, open_device, register_device_kind
@@ -31,8 +32,6 @@ def test_the_host_takes_the_callers_timing_policy():
 
 
 def test_a_registered_kind_wins_and_unknown_kinds_are_listed(monkeypatch):
-    from profiler import devices
-
     opened = []
 
     @register_device_kind("host")
