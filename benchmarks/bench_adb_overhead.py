@@ -60,9 +60,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lut.spec import LayerSpec  # noqa: E402
 from profiler.adb import AdbDevice  # noqa: E402
 from profiler.benchmark_output import parse_benchmark_output  # noqa: E402
 from profiler.device_config import parse_adb_settings  # noqa: E402
+from profiler.single_op import SingleOpFactory  # noqa: E402
 
 _STAND_IN = """#!/bin/sh
 # benchmark_model stand-in: the real tool's output for a 40 us op, printed at once.
@@ -77,9 +79,6 @@ _TIMEOUT_S = 60
 
 def _models(count: int) -> list[tuple[str, bytes]]:
     """`count` distinct single-op models: 1x1 convolutions and 3x3 depthwise convolutions."""
-    from lut.spec import LayerSpec
-    from profiler.layers import SingleOpFactory
-
     factory, specs = SingleOpFactory(), []
     for i in range(count):
         channels = 8 + i // 2
@@ -144,7 +143,7 @@ def _naive(device: AdbDevice, models: list[tuple[str, bytes]], remote: str) -> f
     Each call pushes to paths of its own, as a LUT build pushes every model once: like the
     batched protocol, the phone creates one file per model and removes none meanwhile.
     """
-    adb, start, run = device._adb, time.perf_counter(), next(_NAIVE_RUNS)
+    adb, start, run = device._link.adb, time.perf_counter(), next(_NAIVE_RUNS)
     for i, (_, data) in enumerate(models):
         path = f"{remote}/naive/{run}/m{i:03d}.tflite"
         adb.push(io.BytesIO(data), path)
@@ -168,7 +167,7 @@ def _message_counts(device: AdbDevice, run) -> dict[str, int]:
     """ADB streams opened and messages sent by the computer while `run()` runs: figures
     that do not depend on the load of this machine, and that set the cost on a real link,
     where every message the computer waits for costs a network round trip."""
-    adb, counts = device._adb, {"streams": 0, "messages": 0}
+    adb, counts = device._link.adb, {"streams": 0, "messages": 0}
     io_manager = adb._io_manager
     open_stream, send = adb._open, io_manager.send
 
@@ -206,7 +205,7 @@ def _device_work(device: AdbDevice, remote: str, chunk: list[tuple[str, bytes]])
     )
     # the builtin printf writes the file: no process but the one a model's run takes
     sizes = " ".join(str(len(data)) for _, data in chunk)
-    output = device._adb.shell(
+    output = device._link.adb.shell(
         f"mkdir -p {directory}; s=$(date +%s%N); i=0; for size in {sizes}; do "
         f"printf \"%${{size}}s\" '' > {directory}/m$i.tflite; {command}; i=$((i + 1)); done; "
         "e=$(date +%s%N); echo $((e - s))"
@@ -243,7 +242,7 @@ def _measure(args: argparse.Namespace, models: list[tuple[str, bytes]]) -> tuple
             batch_size = device._settings.batch_size
             try:
                 remote = device._session
-                device._adb.push(io.BytesIO(models[0][1]), f"{remote}/work.tflite")
+                device._link.adb.push(io.BytesIO(models[0][1]), f"{remote}/work.tflite")
                 _batched(device, models[:8])  # warm both paths: imports, daemon threads, caches
                 _naive(device, models[:8], remote)
                 chunks = [models[i : i + batch_size] for i in range(0, len(models), batch_size)]

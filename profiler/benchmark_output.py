@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import TypedDict
 
 from profiler.errors import ProfilerError
 
-__all__ = ["BenchmarkOutputError", "BenchmarkResult", "parse_benchmark_output", "GPU_DELEGATE_STATES"]
+__all__ = ["GPU_DELEGATE_STATES", "BenchmarkOutputError", "BenchmarkResult", "parse_benchmark_output"]
 
 GPU_DELEGATE_STATES = ("full", "partial", "none")
 
@@ -69,6 +70,17 @@ _GPU_REQUESTED_RE = re.compile(
 # line of one run agree to this relative tolerance.
 _SUMMARY_TOLERANCE = 1e-3
 _QUOTE_LINES = 6
+
+
+class _Stats(TypedDict):
+    """The figures of one statistics line, named as `BenchmarkResult`'s fields."""
+
+    avg_us: float
+    std_us: float
+    min_us: float
+    max_us: float
+    count: int
+    median_us: float | None
 
 
 class BenchmarkOutputError(ProfilerError):
@@ -120,6 +132,7 @@ def parse_benchmark_output(text: str) -> BenchmarkResult:
             f"summary; it is not a benchmark_model run. Received: {_quote(_telling_lines(lines))}."
         )
     if stats is None:
+        assert summary is not None  # the case of neither is above
         raise BenchmarkOutputError(
             "benchmark_model output has a summary but no `count=… avg=…` statistics line of the measured "
             f"runs. Received: {_quote([summary[0]])}."
@@ -143,7 +156,7 @@ def parse_benchmark_output(text: str) -> BenchmarkResult:
     )
 
 
-def _last_stats(lines: list[str]) -> tuple[str, dict] | None:
+def _last_stats(lines: list[str]) -> tuple[str, _Stats] | None:
     """The last run-statistics line and its values (count, avg, std, min, max, median)."""
     for line in reversed(lines):
         if any(marker in line for marker in _NOT_A_RUN):
@@ -161,7 +174,7 @@ def _last_stats(lines: list[str]) -> tuple[str, dict] | None:
             std = 0.0
             rest = short.group("rest")
         median = _MEDIAN_RE.search(rest)
-        values = {
+        values: _Stats = {
             "avg_us": avg,
             "std_us": std,
             "min_us": low,
@@ -198,7 +211,7 @@ def _last_summary(lines: list[str]) -> tuple[str, dict[str, float]] | None:
     return None
 
 
-def _check_consistent(stats_line: str, values: dict, summary_line: str, figures: dict) -> None:
+def _check_consistent(stats_line: str, values: _Stats, summary_line: str, figures: dict[str, float]) -> None:
     """The summary repeats the measured average: a mismatch means two runs' output got mixed."""
     avg, summary_avg = values["avg_us"], figures["inference_avg_us"]
     if abs(avg - summary_avg) > _SUMMARY_TOLERANCE * max(abs(avg), abs(summary_avg), 1.0):
@@ -208,7 +221,7 @@ def _check_consistent(stats_line: str, values: dict, summary_line: str, figures:
         )
 
 
-def _check_order(line: str, values: dict) -> None:
+def _check_order(line: str, values: _Stats) -> None:
     low, avg, high = values["min_us"], values["avg_us"], values["max_us"]
     if not (0 <= low <= avg * (1 + _SUMMARY_TOLERANCE) and avg <= high * (1 + _SUMMARY_TOLERANCE)):
         raise BenchmarkOutputError(

@@ -9,16 +9,18 @@ per byte is `fetch_ns_per_byte`; the total size at which half of that cost shows
 cache's effective size, `cache_bytes`.
 
 Fitting the ramp's plateau on the LUT's own models measured whole was tried and left out:
-one whole-model measurement on a shared machine varies by ±10%, which at 128 px (where the
-fetch cost is 12% of the model) moved the fitted plateau from 0.2 to 1.25.
+one whole-model measurement on a shared machine varies too much for the fit to settle
+(docs/profiler-figures.md).
 """
 from __future__ import annotations
 
+import itertools
 import statistics
-from collections.abc import Sequence
 
 from lut.latency import CacheContext
 from lut.table import Measurement
+from profiler.convert import keras_to_tflite
+from profiler.devices import Measure
 from profiler.errors import ProfilerError
 
 __all__ = ["FETCH_BRANCHES", "measure_cache_context", "whole_model_us"]
@@ -29,19 +31,17 @@ _REPEATS = 3
 
 
 def _branch_model(branches: int, units: int = _FETCH_UNITS) -> bytes:
-    import keras
-
-    from profiler.convert import keras_to_tflite
+    import keras  # TensorFlow takes seconds to import: only a sweep pays for it
 
     x = keras.Input((units,), batch_size=1)
     outputs = [keras.layers.Dense(units, name=f"branch{i}")(x) for i in range(branches)]
     return keras_to_tflite(keras.Model(x, outputs if branches > 1 else outputs[0]))
 
 
-def whole_model_us(measure, name: str, model: bytes, repeats: int = _REPEATS) -> float:
+def whole_model_us(measure: Measure, name: str, model: bytes, repeats: int = _REPEATS) -> float:
     """The lowest of `repeats` medians of `model` measured by `measure` (a `Device.measure`-like
     callable): load only ever adds time."""
-    medians = []
+    medians: list[float] = []
     for _ in range(repeats):
         for _, result in measure([(name, model)]):
             if not isinstance(result, Measurement):
@@ -50,7 +50,7 @@ def whole_model_us(measure, name: str, model: bytes, repeats: int = _REPEATS) ->
     return min(medians)
 
 
-def measure_cache_context(measure, invoke_overhead_us: float) -> CacheContext:
+def measure_cache_context(measure: Measure, invoke_overhead_us: float) -> CacheContext:
     """Run the fetch sweep with `measure` (see the module doc) and return the device's context."""
     weight_bytes = 4 * (_FETCH_UNITS * _FETCH_UNITS + _FETCH_UNITS)
     per_branch = {}
@@ -69,7 +69,7 @@ def _half_way_bytes(per_branch: dict[int, float], warm: float, cold: float, weig
     """The total weight size at which a branch pays half its cold fetch cost (interpolated)."""
     share = {k: (us - warm) / (cold - warm) for k, us in per_branch.items()}
     ks = sorted(share)
-    for low, high in zip(ks, ks[1:]):
+    for low, high in itertools.pairwise(ks):
         if share[low] < 0.5 <= share[high]:
             k = low + (0.5 - share[low]) / (share[high] - share[low]) * (high - low)
             return k * weight_bytes

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
 
 __all__ = ["keras_to_tflite"]
 
+KerasModel = Any  # keras.Model: Keras ships no type information
 
-def keras_to_tflite(model, *, representative_data=None) -> bytes:
+
+def keras_to_tflite(model: KerasModel, *, representative_data: Iterable[np.ndarray] | None = None) -> bytes:
     """Convert `model` with its batch dimension fixed to 1.
 
     A fixed batch lets the converter fold the shape arithmetic a dynamic batch needs
@@ -15,21 +21,24 @@ def keras_to_tflite(model, *, representative_data=None) -> bytes:
     a phone runs for the layers.  With `representative_data` (an iterable of input
     batches) the model is quantized to int8 with float input and output.
     """
+    # TensorFlow and Keras take seconds to import: only a conversion pays for them.
     import keras
     import tensorflow as tf
 
     inputs = [keras.Input(batch_shape=(1, *t.shape[1:]), dtype=t.dtype) for t in model.inputs]
-    inputs = inputs[0] if len(inputs) == 1 else inputs
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, model(inputs)))
+    graph_inputs = inputs[0] if len(inputs) == 1 else inputs
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(graph_inputs, model(graph_inputs)))
     if representative_data is not None:
+        batches = representative_data
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
-        def _representative():
-            for batch in representative_data:
+        def _representative() -> Iterator[list[Any]]:
+            for batch in batches:
                 for i in range(len(batch)):
                     yield [tf.cast(batch[i : i + 1], tf.float32)]
 
         converter.representative_dataset = _representative
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every SavedModel it exports
-        return converter.convert()
+        tflite: bytes = converter.convert()
+    return tflite

@@ -25,15 +25,15 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from profiler.errors import ProfilerError
 
 __all__ = [
+    "DEFAULT_REMOTE_DIR",
     "AdbSettings",
     "BackendSettings",
-    "DEFAULT_REMOTE_DIR",
     "devices_file_candidates",
-    "ensure_adb_key",
     "load_device_configs",
     "parse_adb_settings",
 ]
@@ -58,6 +58,11 @@ class BackendSettings:
     min_secs: float = 0.5
     cooldown_s: float = 1.0
     model_timeout_s: float = 60.0
+
+
+_DEFAULT_CPU = BackendSettings(flags=("--use_xnnpack=true",))
+_DEFAULT_GPU = BackendSettings(flags=("--use_gpu=true",))
+_DEFAULT_BACKENDS = {"cpu": _DEFAULT_CPU, "gpu": _DEFAULT_GPU}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +90,8 @@ class AdbSettings:
     drift_pct: float = 10.0
     drift_pause_s: float = 30.0
     drift_max_pauses: int = 3
-    cpu: BackendSettings = BackendSettings(flags=("--use_xnnpack=true",))
-    gpu: BackendSettings = BackendSettings(flags=("--use_gpu=true",))
+    cpu: BackendSettings = _DEFAULT_CPU
+    gpu: BackendSettings = _DEFAULT_GPU
 
     @property
     def address(self) -> str:
@@ -97,36 +102,39 @@ class AdbSettings:
 
 
 # ---------------------------------------------------------------- field checks
-def _positive_int(value):
+def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _non_negative_int(value):
+def _non_negative_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _non_negative_number(value):
+def _non_negative_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def _positive_number(value):
-    return _non_negative_number(value) and value > 0
+def _positive_number(value: object) -> bool:
+    return _non_negative_number(value) and isinstance(value, int | float) and value > 0
 
 
-def _text(value):
+def _hex_mask(value: object) -> bool:
+    return isinstance(value, str) and bool(_HEX_MASK_RE.match(value)) and int(value, 16) > 0
+
+
+def _text(value: object) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def _flag_list(value):
+def _flag_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(f, str) and f.startswith("--") and "\n" not in f for f in value)
 
 
 # field -> (check, what it must be, convert); one table per level, so checks are data.
-_Field = tuple[Callable[[object], bool], str, Callable[[object], object]]
+_Field = tuple[Callable[[object], bool], str, Callable[[Any], object]]  # convert runs on checked values
 _BACKEND_FIELDS: dict[str, _Field] = {
     "threads": (_positive_int, "a positive integer", int),
-    "taskset": (lambda v: isinstance(v, str) and bool(_HEX_MASK_RE.match(v)) and int(v, 16) > 0,
-                "a non-zero hexadecimal CPU mask such as \"f0\"", lambda v: format(int(v, 16), "x")),
+    "taskset": (_hex_mask, "a non-zero hexadecimal CPU mask such as \"f0\"", lambda v: format(int(v, 16), "x")),
     "flags": (_flag_list, "a list of benchmark_model flags such as [\"--use_gpu=true\"]", tuple),
     "warmup_runs": (_non_negative_int, "a non-negative integer", int),
     "num_runs": (_positive_int, "a positive integer", int),
@@ -177,7 +185,7 @@ def _remote_dir_ok(path: str) -> bool:
 
 
 # ---------------------------------------------------------------- loading
-def devices_file_candidates(devices_file: str | os.PathLike | None = None) -> list[Path]:
+def devices_file_candidates(devices_file: str | os.PathLike[str] | None = None) -> list[Path]:
     """Where `devices.toml` is looked for, in order."""
     if devices_file is not None:
         return [Path(devices_file).expanduser()]
@@ -185,7 +193,7 @@ def devices_file_candidates(devices_file: str | os.PathLike | None = None) -> li
     return [Path("devices.toml"), Path(config_home) / "phonefit" / "devices.toml"]
 
 
-def load_device_configs(path: str | os.PathLike | None = None) -> dict[str, dict]:
+def load_device_configs(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, object]]:
     """Every phone of the registry, by name: `{"kind": "adb", "settings": AdbSettings}`.
 
     With `path` that file must exist; without, the first of `./devices.toml` and the user's
@@ -195,7 +203,8 @@ def load_device_configs(path: str | os.PathLike | None = None) -> dict[str, dict
     candidates = devices_file_candidates(path)
     if path is not None and not candidates[0].is_file():
         raise ProfilerError(
-            f"No devices file at {candidates[0]}. Create it (see devices.example.toml) or drop --devices "
+            f"No devices file at {candidates[0]}; expected a devices.toml. Received: --devices {path}. "
+            "Create it (see devices.example.toml) or drop --devices "
             "to use ./devices.toml or ~/.config/phonefit/devices.toml."
         )
     source = next((c for c in candidates if c.is_file()), None)
@@ -213,7 +222,7 @@ def load_device_configs(path: str | os.PathLike | None = None) -> dict[str, dict
         ) from e
     except OSError as e:
         raise ProfilerError(f"Cannot read the devices file {source}: {e.strerror}.") from e
-    configs = {}
+    configs: dict[str, dict[str, object]] = {}
     for name, entry in document.items():
         settings = parse_adb_settings(name, entry, source=str(source))
         configs[name] = {"kind": "adb", "settings": settings}
@@ -245,7 +254,10 @@ def parse_adb_settings(name: str, entry: object, *, source: str = "devices.toml"
     host = port = None
     if transport == "tcp":
         if "address" not in values:
-            raise ProfilerError(f"{where}: a tcp phone needs `address = \"HOST:PORT\"` (the port of `adb tcpip 5555` or of wireless debugging).")
+            raise ProfilerError(
+                f"{where}: a tcp phone needs `address = \"HOST:PORT\"` (the port of `adb tcpip 5555` or of wireless "
+                "debugging). Received: no `address`."
+            )
         host, port = _host_port(where, values.pop("address"))
     elif "serial" not in values and "address" in values:
         raise ProfilerError(f"{where}: a usb phone is chosen by `serial`, not `address`. Received: address={values['address']!r}.")
@@ -266,11 +278,12 @@ def parse_adb_settings(name: str, entry: object, *, source: str = "devices.toml"
         adb_key=_resolve(base, values.pop("adb_key", "~/.android/adbkey")),
         remote_dir=values.pop("remote_dir", DEFAULT_REMOTE_DIR).rstrip("/"),
         **values,
-        **backends,
+        cpu=backends["cpu"],
+        gpu=backends["gpu"],
     )
 
 
-def _backend_settings(where: str, backend: str, shared: dict, table: Mapping) -> BackendSettings:
+def _backend_settings(where: str, backend: str, shared: Mapping[str, Any], table: Mapping[str, object]) -> BackendSettings:
     values = {**shared, **_checked(where, table, _BACKEND_FIELDS)}
     for flag in values.get("flags", ()):
         name = flag.split("=", 1)[0]
@@ -279,15 +292,16 @@ def _backend_settings(where: str, backend: str, shared: dict, table: Mapping) ->
                 f"{where}: `flags` may not set {name}; phonefit sets it from {_FLAGS_SET_BY_PHONEFIT[name]}. "
                 f"Received: {flag!r}."
             )
-    default = AdbSettings.__dataclass_fields__[backend].default
-    return dataclasses.replace(default, **values)
+    return dataclasses.replace(_DEFAULT_BACKENDS[backend], **values)
 
 
-def _checked(where: str, table: Mapping, fields: dict[str, _Field]) -> dict:
-    values = {}
+def _checked(where: str, table: Mapping[str, object], fields: dict[str, _Field]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:
-            known = [*fields, *(k for k in _BACKEND_FIELDS if k != "flags" and fields is _DEVICE_FIELDS), *(_BACKENDS if fields is _DEVICE_FIELDS else ())]
+            known = list(fields)
+            if fields is _DEVICE_FIELDS:  # a phone's table also takes run settings and its backends' tables
+                known += [*(k for k in _BACKEND_FIELDS if k != "flags"), *_BACKENDS]
             raise ProfilerError(f"{where}: unknown setting {key!r}. Known settings: {', '.join(known)}.")
         check, expected, convert = fields[key]
         if not check(value):
@@ -306,25 +320,3 @@ def _host_port(where: str, address: str) -> tuple[str, int]:
 def _resolve(base: Path, path: str) -> Path:
     expanded = Path(path).expanduser()
     return expanded if expanded.is_absolute() else (base / expanded)
-
-
-# ---------------------------------------------------------------- keys
-def ensure_adb_key(path: Path) -> Path:
-    """`path` (an ADB private key) and `path.pub`, generated if missing; the private key is mode 0600."""
-    path = Path(path).expanduser()
-    public = Path(f"{path}.pub")
-    try:
-        if not path.exists():
-            from adb_shell.auth.keygen import keygen
-
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file 0600 first: keygen rewrites it in place, keeping the mode.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            keygen(str(path))
-        elif not public.exists():
-            from adb_shell.auth.keygen import write_public_keyfile
-
-            write_public_keyfile(str(path), str(public))
-    except (OSError, ValueError) as e:
-        raise ProfilerError(f"Cannot create the ADB key {path}: {e}. Set `adb_key` in devices.toml to a writable path.") from e
-    return path

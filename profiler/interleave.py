@@ -15,6 +15,7 @@ import statistics
 from collections.abc import Mapping
 
 from lut.table import Measurement
+from profiler.devices import Device
 from profiler.errors import ProfilerError
 from profiler.monitor import Check, ConditionsMonitor
 
@@ -43,7 +44,7 @@ class Interleaved:
 
     def conditions(self) -> dict[str, object]:
         """What the measurement was taken under, for reports."""
-        def look(check: Check | None):
+        def look(check: Check | None) -> dict[str, float | None] | None:
             if check is None:
                 return None
             return {"reference_us": check.reference_us, "quiet_us": check.quiet_us,
@@ -53,7 +54,7 @@ class Interleaved:
         return {"rounds": len(next(iter(self.rounds_us.values()))), "before": look(self.before), "after": look(self.after)}
 
 
-def measure_interleaved(device, models: Mapping[str, bytes], *, rounds: int = 5,
+def measure_interleaved(device: Device, models: Mapping[str, bytes], *, rounds: int = 5,
                         monitor: ConditionsMonitor | None = None) -> Interleaved:
     """Measure each named `.tflite` once per round for `rounds` rounds on `device`."""
     if rounds < 1:

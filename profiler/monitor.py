@@ -19,6 +19,7 @@ the reference once and says whether a verdict taken now can be trusted.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
@@ -28,7 +29,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import ClassVar
 
+import numpy as np
+
+from lut.cli import number, positive_int
 from lut.table import Measurement, MeasurementFailure
+from profiler.convert import keras_to_tflite
+from profiler.devices import Device, LoadProbe, Result
 from profiler.errors import ProfilerError
 
 __all__ = [
@@ -39,6 +45,9 @@ __all__ = [
     "DriftError",
     "HostLoad",
     "MonitorPolicy",
+    "ResolvedPolicy",
+    "add_monitor_arguments",
+    "monitor_policy",
     "reference_model",
 ]
 
@@ -46,13 +55,14 @@ __all__ = [
 # a 3×3 convolution whose 147 KB of weights stay in the core's cache (compute, a sibling
 # thread), and 24 fully-connected 256 → 256 branches on one input whose 6.3 MB of weights
 # do not (the shared cache and memory bandwidth, which a competing process on another
-# core takes). About 300 µs on this project's development CPU, a few ms on a phone.
+# core takes). Its latency per device: docs/profiler-figures.md.
 REFERENCE_ID = "reference"  # the reference's id in a chunk handed to the device
 REFERENCE_NAME = "reference-v1: conv2d 8x8x64:64 k3x3 + 24 x fully_connected 256:256"
 _REFERENCE_BRANCHES = 24
 _START_REPEATS = 5
 _MIN_WINDOW_S = 0.1
 _KEPT_EVENTS = 50  # disturbed chunks listed in a LUT's metadata (the count covers all)
+_DEFAULT_EVERY = 32  # entries per chunk of a device that does not say (`monitor_every`)
 _BACKOFF_PARTS = 6  # waits of wait_s/6, 2·wait_s/6, 3·wait_s/6: wait_s in all over 4 tries
 
 
@@ -80,7 +90,7 @@ class MonitorPolicy:
     DEFAULTS: ClassVar[dict[str, float]] = {"tolerance_pct": 8.0, "busy_cores": 0.5, "wait_s": 30.0, "max_tries": 4,
                                             "poll_s": 1.0}
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("tolerance_pct", "busy_cores", "wait_s", "poll_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -90,11 +100,27 @@ class MonitorPolicy:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ProfilerError(f"`{name}` must be a positive integer. Received: {name}={value!r}.")
 
-    def for_device(self, device) -> MonitorPolicy:
+    def for_device(self, device: Device) -> ResolvedPolicy:
         """Every field set: this policy's, else the device's own setting, else `DEFAULTS`."""
         own = {**self.DEFAULTS, **getattr(device, "monitor_defaults", {})}
-        unset = {name: own[name] for name in self.DEFAULTS if getattr(self, name) is None}
-        return dataclasses.replace(self, **unset, every=self.every or getattr(device, "monitor_every", 32))
+        value = {name: own[name] if getattr(self, name) is None else getattr(self, name) for name in self.DEFAULTS}
+        return ResolvedPolicy(
+            tolerance_pct=float(value["tolerance_pct"]), busy_cores=float(value["busy_cores"]),
+            every=self.every if self.every is not None else int(getattr(device, "monitor_every", _DEFAULT_EVERY)),
+            wait_s=float(value["wait_s"]), max_tries=int(value["max_tries"]), poll_s=float(value["poll_s"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedPolicy:
+    """A `MonitorPolicy` with every field decided for one device (`MonitorPolicy.for_device`)."""
+
+    tolerance_pct: float
+    busy_cores: float
+    every: int
+    wait_s: float
+    max_tries: int
+    poll_s: float
 
 
 class HostLoad:
@@ -137,10 +163,7 @@ class HostLoad:
 @functools.lru_cache(maxsize=1)
 def reference_model() -> bytes:
     """The reference model's `.tflite` (see `REFERENCE_NAME`), the same bytes on every device."""
-    import keras
-    import numpy as np
-
-    from profiler.convert import keras_to_tflite
+    import keras  # TensorFlow takes seconds to import: only a monitor that opens pays for it
 
     keras.utils.set_random_seed(0)
     image, vector = keras.Input((8, 8, 64), batch_size=1), keras.Input((256,), batch_size=1)
@@ -175,12 +198,19 @@ class Check:
 class ConditionsMonitor:
     """Measures through `device`, keeping only chunks taken while the device was quiet.
 
-    `quiet_us` is the reference's quiet value (None: measure it now, see `quiet_us`).
-    `load` (a `HostLoad`, or None where the device cannot tell) adds the busy check.
+    Args:
+        device: what measures, the reference model and the chunks alike.
+        policy: when measurements are trusted; what it leaves unset the device decides
+            (`MonitorPolicy.for_device`).
+        quiet_us: the reference's quiet value (a LUT's `reference_us`); None measures it now.
+        load: a `LoadProbe` (the host's `HostLoad`) that adds the busy check, or None where
+            the device cannot tell.
+        log: where to say what the monitor does (waiting, measuring again); None: nowhere.
+        sleep: how to pause (tests pass a recorder).
     """
 
-    def __init__(self, device, policy: MonitorPolicy = MonitorPolicy(), *, quiet_us: float | None = None,
-                 load: HostLoad | None = None, log: Callable[[str], None] | None = None,
+    def __init__(self, device: Device, policy: MonitorPolicy = MonitorPolicy(), *, quiet_us: float | None = None,
+                 load: LoadProbe | None = None, log: Callable[[str], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep):
         self.device, self.policy, self.load = device, policy.for_device(device), load
         self._log = log or (lambda message: None)
@@ -263,11 +293,11 @@ class ConditionsMonitor:
         if chunk:
             yield from self._measure_chunk(chunk)
 
-    def _measure_chunk(self, chunk: Sequence[tuple[str, bytes]]):
+    def _measure_chunk(self, chunk: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Result, float | None]]:
         started = time.monotonic()
         for attempt in range(1, self.policy.max_tries + 1):
             self._others()  # start the busy window with the chunk
-            results = []
+            results: list[tuple[str, Result]] = []
             try:
                 results.extend(self.device.measure([*chunk, (REFERENCE_ID, self._model)]))
             except KeyboardInterrupt:
@@ -322,10 +352,8 @@ class ConditionsMonitor:
         }
 
 
-def add_monitor_arguments(parser) -> None:
+def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     """The conditions monitor's command-line options (every measuring command has them)."""
-    from lut.cli import number, positive_int
-
     non_negative_float = number(float, 0, open_low=False)
 
     d = MonitorPolicy.DEFAULTS
@@ -346,7 +374,7 @@ def add_monitor_arguments(parser) -> None:
                        help="trust every measurement (no reference model, no busy check): for debugging only")
 
 
-def monitor_policy(args) -> MonitorPolicy | None:
+def monitor_policy(args: argparse.Namespace) -> MonitorPolicy | None:
     """The policy `add_monitor_arguments`' options ask for (None with --no-monitor); what
     they leave unset the device decides when the monitor opens (`MonitorPolicy.for_device`)."""
     if args.no_monitor:

@@ -118,12 +118,12 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "LoopbackAdbDaemon",
-    "Faults",
-    "REMOTE_ROOT",
-    "DEFAULT_PROPS",
     "CPU_CLUSTERS",
+    "DEFAULT_PROPS",
     "FAKE_BENCHMARK_ENV",
+    "REMOTE_ROOT",
+    "Faults",
+    "LoopbackAdbDaemon",
     "parse_adb_public_key",
 ]
 

@@ -205,8 +205,9 @@ def _load(graph: str, values: dict, given: set[str]):
     """The interpreter, tensors allocated and inputs filled.  LiteRT itself prints `Created
     TensorFlow Lite XNNPACK delegate for CPU.` when it applies XNNPACK, as benchmark_model
     does; like the real tool, no default XNNPACK when another delegate (GPU) is asked for."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    # Imported here, not at the top: bad flags, a missing graph and a hang answer without loading LiteRT.
     import numpy as np
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     xnnpack_off = values["use_gpu"] or ("use_xnnpack" in given and not values["use_xnnpack"])
     resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if xnnpack_off else OpResolverType.AUTO

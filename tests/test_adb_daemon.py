@@ -225,7 +225,7 @@ def test_device_stand_ins_answer_the_fingerprint_commands(tmp_path):
         )
         assert answers.splitlines() == ["Test Phone 9", "SM8650", "gs201", "14", "arm64-v8a", "fallback"]
         assert "[ro.product.model]: [Test Phone 9]" in device.shell("getprop").splitlines()
-        assert re.search(r"^  temperature: 312$", device.shell("dumpsys battery"), re.M)
+        assert re.search(r"^  temperature: 312$", device.shell("dumpsys battery"), re.MULTILINE)
         max_freqs = device.shell("cat /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq").split()
         assert max_freqs == [str(khz) for _, cpus, khz in CPU_CLUSTERS for _ in cpus]
         governors = device.shell("cat /sys/devices/system/cpu/cpufreq/policy*/scaling_governor").split()
@@ -450,7 +450,7 @@ def test_fake_benchmark_prints_benchmark_model_timings(tiny_tflite):
     assert f"INFO: Graph: [{tiny_tflite}]" in out and "INFO: Num threads: [1]" in out
     warmup, measured = (tuple(map(float, m)) for m in STATS_RE.findall(out))
     assert warmup[0] == 2 and measured[0] == 20
-    count, first, curr, low, high, avg, std, p5, median, p95 = measured
+    _count, _first, curr, low, high, avg, _std, p5, median, p95 = measured
     assert 0 < low <= p5 <= median <= p95 <= high and low <= avg <= high and low <= curr <= high
     init, first_inference, warmup_avg, inference_avg = map(float, SUMMARY_RE.search(out).groups())
     assert init > 0 and first_inference == warmup[1] and warmup_avg == warmup[5] and inference_avg == avg

@@ -14,22 +14,25 @@ import shutil
 import signal
 import stat
 import subprocess
-import tarfile
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from adb_shell import adb_device
 
-
-from lut.table import Measurement, MeasurementFailure
-from profiler.adb import AdbDevice, _batch_archive, _split_batches, parse_runner_records, runner_script
+from lut.table import LatencyTable, Measurement, MeasurementFailure
+from profiler.adb import parse_runner_records, runner_script
+from profiler.adb.archive import batch_archive, split_batches
+from profiler.adb.connection import ensure_adb_key
 from profiler.build_lut import OVERHEAD_REPEATS
-from profiler.device_config import DEFAULT_REMOTE_DIR, ensure_adb_key, load_device_configs
+from profiler.context import _REPEATS, FETCH_BRANCHES
+from profiler.convert import keras_to_tflite
+from profiler.device_config import DEFAULT_REMOTE_DIR, load_device_configs
 from profiler.devices import known_devices, open_device
 from profiler.errors import ProfilerError
-from profiler.context import _REPEATS, FETCH_BRANCHES
 from profiler.monitor import _START_REPEATS, ConditionsMonitor, DriftError, MonitorPolicy
 from tests.adb_daemon import Faults, LoopbackAdbDaemon
 from tests.conftest import LENIENT_FLAGS
@@ -97,9 +100,7 @@ def phone_files(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tflite_models() -> dict[str, bytes]:
     """Three real single-op models: a 3x3 conv, a depthwise conv and a dense layer."""
-    import keras
-
-    from profiler.convert import keras_to_tflite
+    import keras  # TensorFlow takes seconds to import: only the tests that use models pay for it
 
     layers = {
         "conv": ((8, 8, 8), keras.layers.Conv2D(16, 3, padding="same", activation="relu6")),
@@ -153,16 +154,25 @@ def test_backend_tables_override_phone_wide_run_settings(tmp_path):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"address": "10.0.0.2", "benchmark_model": "bm"}, r"\[pixel\]: `address` must be \"HOST:PORT\".*Received: address='10.0.0.2'"),
+        ({"address": "10.0.0.2", "benchmark_model": "bm"},
+         r"\[pixel\]: `address` must be \"HOST:PORT\".*Received: address='10.0.0.2'"),
         ({"address": "10.0.0.2:5555"}, r"\[pixel\]: `benchmark_model` .* is required"),
-        ({"address": "a:1", "benchmark_model": "bm", "num_runs": 0}, r"\[pixel\]: `num_runs` must be a positive integer. Received: num_runs=0"),
-        ({"address": "a:1", "benchmark_model": "bm", "batchsize": 8}, r"\[pixel\]: unknown setting 'batchsize'. Known settings: .*batch_size"),
-        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/data/local/tmp/../../system"}, r"\[pixel\]: `remote_dir` must be a directory below /data/local/tmp/"),
-        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/sdcard/phonefit"}, r"\[pixel\]: `remote_dir` must be a directory below"),
-        ({"address": "a:1", "benchmark_model": "bm", "transport": "bluetooth"}, r"\[pixel\]: `transport` must be \"tcp\" or \"usb\""),
-        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"taskset": "big"}}, r"\[pixel.cpu\]: `taskset` must be a non-zero hexadecimal"),
-        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"flags": ["--num_threads=4"]}}, r"\[pixel.cpu\]: `flags` may not set --num_threads"),
-        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": "--use_gpu=true"}}, r"\[pixel.gpu\]: `flags` must be a list of benchmark_model flags"),
+        ({"address": "a:1", "benchmark_model": "bm", "num_runs": 0},
+         r"\[pixel\]: `num_runs` must be a positive integer. Received: num_runs=0"),
+        ({"address": "a:1", "benchmark_model": "bm", "batchsize": 8},
+         r"\[pixel\]: unknown setting 'batchsize'. Known settings: .*batch_size"),
+        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/data/local/tmp/../../system"},
+         r"\[pixel\]: `remote_dir` must be a directory below /data/local/tmp/"),
+        ({"address": "a:1", "benchmark_model": "bm", "remote_dir": "/sdcard/phonefit"},
+         r"\[pixel\]: `remote_dir` must be a directory below"),
+        ({"address": "a:1", "benchmark_model": "bm", "transport": "bluetooth"},
+         r"\[pixel\]: `transport` must be \"tcp\" or \"usb\""),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"taskset": "big"}},
+         r"\[pixel.cpu\]: `taskset` must be a non-zero hexadecimal"),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"flags": ["--num_threads=4"]}},
+         r"\[pixel.cpu\]: `flags` may not set --num_threads"),
+        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": "--use_gpu=true"}},
+         r"\[pixel.gpu\]: `flags` must be a list of benchmark_model flags"),
     ],
 )
 def test_bad_entries_name_file_entry_and_field(tmp_path, entry, message):
@@ -202,7 +212,7 @@ def _make_batch(tmp_path: Path, names: list[str]) -> Path:
     """A batch directory as AdbDevice pushes it: the models in models/batch.tar, nothing else."""
     batch = tmp_path / "batch"
     (batch / "models").mkdir(parents=True)
-    (batch / "models" / "batch.tar").write_bytes(_batch_archive([(name, f"model {name}".encode(), name) for name in names]))
+    (batch / "models" / "batch.tar").write_bytes(batch_archive([(name, f"model {name}".encode(), name) for name in names]))
     return batch
 
 
@@ -270,16 +280,16 @@ def test_runner_records_status_and_output_of_every_model(tmp_path):
 
 def test_batches_end_at_their_size_or_before_their_bytes_pass_the_cap():
     models = [(f"m{i}", b"x" * size) for i, size in enumerate([10, 10, 10, 30, 5, 50, 1, 1])]
-    batches = list(_split_batches(iter(models), 3, 40))
+    batches = list(split_batches(iter(models), 3, 40))
     assert [[model_id for model_id, _ in batch] for batch in batches] == [
         ["m0", "m1", "m2"], ["m3", "m4"], ["m5"], ["m6", "m7"]]  # m5 is over the cap alone: it goes alone
-    assert list(_split_batches(iter([]), 3, 40)) == []
+    assert list(split_batches(iter([]), 3, 40)) == []
 
 
 def test_batch_archive_is_a_plain_ustar_archive():
     entries = [(f"id{i}", bytes(range(256)) * 3 + b"x" * i, f"m{i:03d}_conv2d.tflite") for i in range(3)]
     entries.append(("empty", b"", "m003_empty.tflite"))
-    archive = _batch_archive(entries)
+    archive = batch_archive(entries)
     assert len(archive) % 512 == 0 and archive.endswith(bytes(1024))
     with tarfile.open(fileobj=io.BytesIO(archive)) as read:  # checks every header's checksum
         members = read.getmembers()
@@ -287,7 +297,7 @@ def test_batch_archive_is_a_plain_ustar_archive():
         assert all(m.isreg() and m.mode == 0o644 and (m.uid, m.gid, m.uname, m.gname) == (0, 0, "", "") for m in members)
         assert [read.extractfile(m).read() for m in members] == [data for _, data, _ in entries]
     with pytest.raises(ValueError, match="at most 100 bytes"):
-        _batch_archive([("x", b"", "m" * 101)])
+        batch_archive([("x", b"", "m" * 101)])
 
 
 def test_runner_on_android_shell_and_toybox_tools(tmp_path):
@@ -456,7 +466,7 @@ def test_measures_real_single_op_models_over_adb(tmp_path, daemon, tflite_models
         }
         results = list(device.measure(list(tflite_models.items())))
         session = device._session
-        assert sorted(phone_files(daemon.root / "phonefit" / "runs"))[0] == session.rsplit("/", 2)[-1]
+        assert min(phone_files(daemon.root / "phonefit" / "runs")) == session.rsplit("/", 2)[-1]
     finally:
         device.close()
     assert [model_id for model_id, _ in results] == ["conv", "dw", "dense"]
@@ -471,7 +481,7 @@ def test_measures_real_single_op_models_over_adb(tmp_path, daemon, tflite_models
 
 
 def test_earlier_batches_are_removed_between_batches_once_they_fill_the_budget(tmp_path, daemon, tflite_models, monkeypatch):
-    monkeypatch.setattr("profiler.adb._SWEEP_BYTES", 1)  # every batch fills it
+    monkeypatch.setattr("profiler.adb.device.SWEEP_BYTES", 1)  # every batch fills it
     device = open_loop(tmp_path, daemon, batch_size=1)
     try:
         results = list(device.measure([(f"m{i}", tflite_models["dense"]) for i in range(3)]))
@@ -517,7 +527,8 @@ def test_auth_accepted_for_an_authorized_key(tmp_path):
 def test_auth_rejected_fails_with_what_to_do(tmp_path):
     with LoopbackAdbDaemon(tmp_path / "phone", auth="reject") as daemon:
         start = time.monotonic()
-        with pytest.raises(ProfilerError, match=r"loop at 127.0.0.1:\d+ did not accept this computer's ADB key .*adbkey.pub: unlock the phone, accept"):
+        refused = r"loop at 127.0.0.1:\d+ did not accept this computer's ADB key .*adbkey.pub: unlock the phone, accept"
+        with pytest.raises(ProfilerError, match=refused):
             open_loop(tmp_path, daemon)
         assert time.monotonic() - start < 10
 
@@ -534,8 +545,6 @@ def test_unreachable_phone_fails_in_one_line(tmp_path):
 
 
 def test_usb_phone_without_libusb_says_what_to_install(tmp_path):
-    from adb_shell import adb_device
-
     if adb_device.UsbTransport is not None:
         pytest.skip("adb-shell[usb] is installed here")
     path = write_devices_toml(tmp_path / "devices.toml", {"lab": {
@@ -602,7 +611,8 @@ def test_consecutive_failures_stop_the_run_after_recording_them(tmp_path, tflite
         device = open_loop(tmp_path, daemon, max_consecutive_failures=2, batch_size=2)
         seen = []
         try:
-            with pytest.raises(ProfilerError, match=r"2 models in a row failed on loop; stopping. Last error: benchmark_model exited with status 134"):
+            stopped = r"2 models in a row failed on loop; stopping. Last error: benchmark_model exited with status 134"
+            with pytest.raises(ProfilerError, match=stopped):
                 for model_id, result in device.measure([("fine", conv), ("crash-1", conv), ("crash-2", conv), ("never", conv)]):
                     seen.append((model_id, type(result).__name__))
         finally:
@@ -655,9 +665,6 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
                "--model", str(tmp_path / "tiny.keras"), "--out", str(out), "--no-progress", *LENIENT_FLAGS]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr[-3000:]
-
-    from lut.table import LatencyTable
-
     with LatencyTable.open(out) as table:
         meta, frame = table.meta, table.to_dataframe()
         fingerprint = table.fingerprint

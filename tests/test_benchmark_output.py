@@ -1,6 +1,7 @@
 """`parse_benchmark_output` on representative benchmark_model outputs (no device needed)."""
 import pytest
 
+import profiler
 from profiler.benchmark_output import BenchmarkOutputError, BenchmarkResult, parse_benchmark_output
 from profiler.errors import ProfilerError
 
@@ -279,7 +280,5 @@ def test_min_above_max_raises():
 
 
 def test_exported_by_the_profiler_package():
-    import profiler
-
     assert profiler.parse_benchmark_output is parse_benchmark_output
     assert profiler.BenchmarkResult is BenchmarkResult

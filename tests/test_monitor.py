@@ -16,8 +16,8 @@ from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement
 from profiler.build_lut import build_lut
 from profiler.host import HostDevice, TimingPolicy
-from profiler.layers import SingleOpFactory
 from profiler.monitor import ConditionsMonitor, DriftError, HostLoad, MonitorPolicy
+from profiler.single_op import SingleOpFactory
 
 SPECS = [LayerSpec("conv2d", 8, 8, 16, c, activation="relu6") for c in range(8, 129, 8)]
 FAST = TimingPolicy(min_runs=5, min_seconds=0.0, max_seconds=0.05)
