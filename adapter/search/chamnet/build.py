@@ -210,15 +210,15 @@ def inherit(model, candidate: Candidate, base_model, base: Candidate | None = No
 
     # every channel dimension's pick: the stem's, each stage's (all its blocks' outputs), each block's expansion
     stem_kernel = theirs.conv(None, "stem")[0].get_weights()[0]
-    stage_norms = [sum(_l1(theirs.conv(b, "project")[0].get_weights()[0]) for b in theirs.blocks if b.stage == s)
-                   for s in range(len(base.stages))]
-    picks = {"stem": _top(_l1(stem_kernel), candidate.stem)}
-    for s, stage in enumerate(candidate.stages):
-        picks[("stage", s)] = _top(stage_norms[s], stage.channels)
+    stage_norms = [np.sum([_l1(theirs.conv(b, "project")[0].get_weights()[0]) for b in theirs.blocks if b.stage == s],
+                          axis=0) for s in range(len(base.stages))]
+    stem_pick = _top(_l1(stem_kernel), candidate.stem)
+    stage_picks = [_top(norms, stage.channels) for norms, stage in zip(stage_norms, candidate.stages)]
 
-    def space_of_input(block: Block):
-        return picks["stem"] if block.index == 0 and block.stage == 0 else picks[("stage", block.stage - 1)] \
-            if block.index == 0 else picks[("stage", block.stage)]
+    def space_of_input(block: Block) -> np.ndarray:
+        if block.index:
+            return stage_picks[block.stage]
+        return stem_pick if block.stage == 0 else stage_picks[block.stage - 1]
 
     def put(target_layers, source_layers, in_pick, out_pick, depthwise=False):
         (conv, bn), (base_conv, base_bn) = target_layers, source_layers
@@ -227,7 +227,7 @@ def inherit(model, candidate: Candidate, base_model, base: Candidate | None = No
         conv.set_weights([_copy(kernel, base_kernel, axes)])
         bn.set_weights([_copy(w, bw, [out_pick]) for w, bw in zip(bn.get_weights(), base_bn.get_weights())])
 
-    put(mine.conv(None, "stem"), theirs.conv(None, "stem"), None, picks["stem"])
+    put(mine.conv(None, "stem"), theirs.conv(None, "stem"), None, stem_pick)
     for block in mine.blocks:
         origin = base_blocks.get((block.stage, block.index))
         if origin is None:
@@ -240,7 +240,7 @@ def inherit(model, candidate: Candidate, base_model, base: Candidate | None = No
         in_pick = space_of_input(block)
         if mine.family == "mobilenet_v1":
             put(mine.conv(block, "depthwise"), theirs.conv(origin, "depthwise"), None, in_pick, depthwise=True)
-            put(mine.conv(block, "project"), theirs.conv(origin, "project"), in_pick, picks[("stage", block.stage)])
+            put(mine.conv(block, "project"), theirs.conv(origin, "project"), in_pick, stage_picks[block.stage])
             continue
         if block.id:
             expand, base_expand = mine.conv(block, "expand"), theirs.conv(origin, "expand")
@@ -249,8 +249,8 @@ def inherit(model, candidate: Candidate, base_model, base: Candidate | None = No
         else:
             hidden = in_pick
         put(mine.conv(block, "depthwise"), theirs.conv(origin, "depthwise"), None, hidden, depthwise=True)
-        put(mine.conv(block, "project"), theirs.conv(origin, "project"), hidden, picks[("stage", block.stage)])
-    features = picks[("stage", len(candidate.stages) - 1)]
+        put(mine.conv(block, "project"), theirs.conv(origin, "project"), hidden, stage_picks[block.stage])
+    features = stage_picks[-1]
     if mine.family == "mobilenet_v2":
         last = _top(_l1(theirs.conv(None, "last")[0].get_weights()[0]), candidate.last)
         put(mine.conv(None, "last"), theirs.conv(None, "last"), features, last)

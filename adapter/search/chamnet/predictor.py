@@ -17,6 +17,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,9 @@ class AccuracyPredictor:
 
     def __init__(self, space: SearchSpace, seed: int = 0):
         self.space, self.seed = space, seed
-        self._gp = None
+        self._gp: Any = None  # a fitted sklearn GaussianProcessRegressor
 
-    def fit(self, candidates: Sequence[Candidate], accuracies: Sequence[float]) -> "AccuracyPredictor":
+    def fit(self, candidates: Sequence[Candidate], accuracies: Sequence[float]) -> AccuracyPredictor:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
@@ -49,12 +50,13 @@ class AccuracyPredictor:
         dims = x.shape[1]
         kernel = ConstantKernel(1.0, (1e-2, 1e2)) * Matern(np.ones(dims), (1e-2, 1e2), nu=2.5) + \
             WhiteKernel(1e-2, (1e-6, 1.0))
-        self._gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=3, random_state=self.seed)
+        gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=3, random_state=self.seed)
         with warnings.catch_warnings():
             # a length scale at its upper bound is a dimension that does not matter (what one scale per
             # dimension is for), a noise at its lower bound a repeatable recipe: both are answers, not faults
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self._gp.fit(x, np.asarray(accuracies, dtype=float))
+            gp.fit(x, np.asarray(accuracies, dtype=float))
+        self._gp = gp
         return self
 
     def predict(self, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +76,7 @@ class FlopsRegression:
     classes: int
 
     @classmethod
-    def fit(cls, candidates: Sequence[Candidate], accuracies: Sequence[float], classes: int) -> "FlopsRegression":
+    def fit(cls, candidates: Sequence[Candidate], accuracies: Sequence[float], classes: int) -> FlopsRegression:
         x = np.log([macs(c, classes) for c in candidates])
         slope, intercept = np.polyfit(x, np.asarray(accuracies, dtype=float), 1)
         return cls(float(slope), float(intercept), classes)

@@ -77,7 +77,7 @@ class Candidate:
         return f"{_SHORT[self.family]} r{self.resolution} c{self.stem} | {' '.join(s.text() for s in self.stages)}{tail}"
 
     @classmethod
-    def parse(cls, text: str) -> "Candidate":
+    def parse(cls, text: str) -> Candidate:
         parts = [p.strip() for p in text.split("|")]
         try:
             head = parts[0].split()
@@ -85,10 +85,13 @@ class Candidate:
             resolution, stem = int(head[1].removeprefix("r")), int(head[2].removeprefix("c"))
             stages = []
             for token in parts[1].split():
-                channels, blocks, expansion, stride = _STAGE_RE.match(token).groups()
+                match = _STAGE_RE.match(token)
+                if match is None:
+                    raise ValueError(f"stage {token!r}")
+                channels, blocks, expansion, stride = match.groups()
                 stages.append(Stage(int(channels), int(blocks), int(stride or 1), int(expansion or 1)))
             last = int(parts[2].removeprefix("l")) if len(parts) > 2 else 0
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
+        except (KeyError, IndexError, ValueError) as e:
             raise SpaceError(f"Not a candidate's text: expected e.g. 'v2 r32 c16 | 8x1 16x2e6s2 | l1280'. "
                              f"Received: {text!r}.") from e
         return cls(family, resolution, stem, tuple(stages), last)
@@ -120,7 +123,7 @@ class SearchSpace:
             raise SpaceError(f"Resolutions must be at least 32 px. Received: resolutions={self.resolutions!r}.")
 
     @classmethod
-    def around(cls, base: Candidate, step: int, **options) -> "SearchSpace":
+    def around(cls, base: Candidate, step: int, **options) -> SearchSpace:
         return cls(base, step, **options)
 
     # ------------------------------------------------------------ the choices
