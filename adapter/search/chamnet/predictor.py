@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from adapter.search.chamnet.space import Candidate, SearchSpace, SpaceError
 from adapter.search.chamnet.specs import candidate_specs
@@ -97,7 +98,7 @@ class Quality:
         return f"Kendall τ {self.kendall_tau:.2f}, RMSE {self.rmse_points:.2f} points on {self.n} held-out candidates"
 
 
-def quality(predicted: Sequence[float], measured: Sequence[float]) -> Quality:
+def quality(predicted: npt.ArrayLike, measured: npt.ArrayLike) -> Quality:
     from scipy.stats import kendalltau
 
     p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)

@@ -1,0 +1,169 @@
+"""Training ChamNet's candidates and building its accuracy predictor from them, resumably.
+
+Every candidate is trained with one recipe (`Recipe`), the same for all. The default is
+*adapt, don't restart*: the candidate inherits the base's weights (`build.inherit`) and is
+fine-tuned for a fixed number of steps, which makes tens of candidates affordable on a CPU;
+`from_scratch_epochs` trains each from scratch instead (ChamNet's own protocol, for GPUs).
+Accuracy is measured on the holdout carved out of the training data, never the test set.
+
+`build_predictor` trains, in order, a held-out set (a Sobol sample of its own, never fitted
+on: the predictor's quality is told on it), a Sobol sample to start from, then rounds of
+Bayesian optimization (the candidates of highest expected improvement among a fresh Sobol
+pool, kept to `region`, e.g. the latencies around the budgets that matter) until `total`
+candidates are fitted on. Each candidate is committed to the run store as it finishes, so a
+run killed at any point goes on where it stopped: a candidate is trained once, none is lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from adapter.search.chamnet.build import build, inherit
+from adapter.search.chamnet.predictor import (
+    AccuracyPredictor,
+    FlopsRegression,
+    Quality,
+    expected_improvement,
+    macs,
+    quality,
+)
+from adapter.search.chamnet.space import Candidate, SearchSpace, SpaceError
+from adapter.search.run_store import RunStore
+
+__all__ = ["CANDIDATE_FIELDS", "CandidateTrainer", "PredictorBuild", "Recipe", "build_predictor", "open_store"]
+
+CANDIDATE_FIELDS = ("step", "role", "candidate", "holdout_accuracy", "macs", "seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How every candidate is trained (part of the predictor's identity: another recipe, another predictor)."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    batch_size: int = 128
+    from_scratch_epochs: int = 0  # 0: inherit the base's weights and fine-tune for `steps`
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.from_scratch_epochs:
+            return f"from scratch for {self.from_scratch_epochs} epochs (batch {self.batch_size})"
+        return f"inherit the base's weights, fine-tune {self.steps} steps of {self.batch_size} at lr {self.lr:g}"
+
+
+class CandidateTrainer:
+    """Trains candidates of `base`'s space on `data_source` and measures their holdout accuracy."""
+
+    def __init__(self, base_model, data_source: str, *, holdout: int, seed: int, recipe: Recipe,
+                 load_dataset: Callable[..., Any]):
+        from adapter.search.chamnet.build import candidate_of
+
+        self.base_model, self.base = base_model, candidate_of(base_model)
+        self.classes = int(base_model.output_shape[-1])
+        self.source, self.holdout, self.seed, self.recipe = data_source, holdout, seed, recipe
+        self._load_dataset = load_dataset
+        self._data: dict[int, Any] = {}
+
+    def data(self, resolution: int):
+        """The splits at `resolution` (loaded once per resolution: the same images, resized)."""
+        if resolution not in self._data:
+            self._data[resolution] = self._load_dataset(self.source, resolution=resolution, holdout=self.holdout,
+                                                        seed=self.seed)
+        return self._data[resolution]
+
+    def train(self, candidate: Candidate) -> tuple[float, float]:
+        """(holdout accuracy, seconds) of `candidate` trained by the recipe."""
+        from adapter.train import evaluate_split, fit
+
+        start, recipe, data = time.perf_counter(), self.recipe, self.data(candidate.resolution)
+        model = build(candidate, self.classes)
+        if recipe.from_scratch_epochs:
+            fit(model, data.train, epochs=recipe.from_scratch_epochs, batch_size=recipe.batch_size, seed=recipe.seed)
+        else:
+            inherit(model, candidate, self.base_model, self.base)
+            fit(model, data.train, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+        return evaluate_split(model, data.holdout), time.perf_counter() - start
+
+
+def open_store(out) -> RunStore:
+    return RunStore(out, {"candidates": ("candidates.csv", CANDIDATE_FIELDS)}, state_file="chamnet.json")
+
+
+@dataclasses.dataclass
+class PredictorBuild:
+    """What `build_predictor` made: the fitted predictor and how good it is on the held-out set."""
+
+    predictor: AccuracyPredictor
+    fitted: list[dict[str, Any]]
+    held_out: list[dict[str, Any]]
+    quality: Quality
+    flops_quality: Quality
+
+
+def _identity(trainer: CandidateTrainer, space: SearchSpace) -> dict[str, Any]:
+    return {"base": trainer.base.text(), "classes": trainer.classes, "data": str(trainer.source),
+            "holdout": trainer.holdout, "seed": trainer.seed, "recipe": dataclasses.asdict(trainer.recipe),
+            "space": {"step": space.step, "grow": space.grow, "extra_blocks": space.extra_blocks,
+                      "expansions": list(space.expansions), "resolutions": list(space.resolutions)}}
+
+
+def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunStore, *, total: int = 60,
+                    initial: int = 24, held_out: int = 12, per_round: int = 6, pool: int = 2048,
+                    region: Callable[[Candidate], bool] | None = None,
+                    progress: Callable[[str], None] = print) -> PredictorBuild:
+    """Train candidates into `store` until `total` are fitted on (see the module doc); resumes."""
+    identity = _identity(trainer, space)
+    state = store.state()
+    if state is not None and state.get("identity") != identity:
+        changed = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
+        raise SpaceError(f"{store.out} holds a predictor built for another {', '.join(changed)}; expected the same "
+                         "base model, data, recipe and space. Use another --out for a new predictor.")
+    store.set_state({"identity": identity})
+    rows = store.rows("candidates")
+    done = {(r["role"], r["candidate"]) for r in rows}
+
+    def train(candidate: Candidate, role: str) -> None:
+        if (role, candidate.text()) in done:
+            return
+        accuracy, seconds = trainer.train(candidate)
+        row = {"step": len(rows), "role": role, "candidate": candidate.text(), "holdout_accuracy": accuracy,
+               "macs": macs(candidate, trainer.classes), "seconds": round(seconds, 1)}
+        store.commit_step(len(rows), {"candidates": [row]})
+        rows.append(row)
+        done.add((role, candidate.text()))
+        fitted = sum(r["role"] != "held_out" for r in rows)
+        progress(f"{role} {candidate.text()}: holdout {accuracy:.4f} in {seconds:.0f} s ({fitted}/{total} fitted on)")
+
+    for candidate in space.sample(held_out, seed=trainer.seed + 1):
+        train(candidate, "held_out")
+    for candidate in space.sample(min(initial, total), seed=trainer.seed):
+        train(candidate, "sobol")
+    predictor = AccuracyPredictor(space, seed=trainer.seed)
+    bo_round = 0
+    while (fitted := [r for r in rows if r["role"] != "held_out"]) and len(fitted) < total:
+        predictor.fit([Candidate.parse(r["candidate"]) for r in fitted], [r["holdout_accuracy"] for r in fitted])
+        taken = {r["candidate"] for r in rows}
+        options = [c for c in space.sample(pool, seed=trainer.seed + 100 + bo_round)
+                   if c.text() not in taken and (region is None or region(c))]
+        if not options:
+            raise SpaceError("No untrained candidate of the space lies in the region the predictor is built for; "
+                             "widen the space or the region.")
+        mean, std = predictor.predict(options)
+        gain = expected_improvement(mean, std, best=max(r["holdout_accuracy"] for r in fitted))
+        for index in np.argsort(-gain)[: min(per_round, total - len(fitted))]:
+            train(options[int(index)], f"bo{bo_round + 1}")
+        bo_round += 1
+    fitted = [r for r in rows if r["role"] != "held_out"]
+    tested = [r for r in rows if r["role"] == "held_out"]
+    fit_candidates = [Candidate.parse(r["candidate"]) for r in fitted]
+    fit_accuracy = [r["holdout_accuracy"] for r in fitted]
+    predictor.fit(fit_candidates, fit_accuracy)
+    test_candidates = [Candidate.parse(r["candidate"]) for r in tested]
+    truth = [r["holdout_accuracy"] for r in tested]
+    flops = FlopsRegression.fit(fit_candidates, fit_accuracy, trainer.classes)
+    return PredictorBuild(predictor, fitted, tested, quality(predictor.predict(test_candidates)[0], truth),
+                          quality(flops.predict(test_candidates), truth))
