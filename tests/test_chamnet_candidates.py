@@ -2,6 +2,11 @@
 goes on where the last one stopped, and a store of another recipe is refused."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -76,3 +81,38 @@ def test_the_predictor_build_commits_every_candidate_and_resumes_without_trainin
 
     with open_store(tmp_path / "cham") as store, pytest.raises(SpaceError, match="built for another recipe"):
         build_predictor(_trainer(base, npz, recipe=Recipe(steps=3, batch_size=32)), space, store, **sizes)
+
+
+def _build_command(model, npz, out):
+    return [sys.executable, "-m", "adapter.chamnet", "build-predictor", "--model", str(model), "--data", str(npz),
+            "--out", str(out), "--steps", "2", "--batch-size", "32", "--holdout", "100", "--total", "4",
+            "--initial", "3", "--held-out", "2", "--per-round", "1"]
+
+
+def test_sigkill_during_the_predictor_build_then_the_same_command_finishes_it(base, small_data, tmp_path):  # noqa: F811
+    import csv
+
+    model, npz, out = tmp_path / "base.keras", small_npz(small_data, tmp_path / "small.npz"), tmp_path / "cham"
+    base.save(model)
+    command = _build_command(model, npz, out)
+    cwd = Path(__file__).parents[1]
+    killed = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    before = []
+    for line in killed.stdout:
+        if "fitted on)" in line:
+            before.append(line.split(":")[0])
+            if len(before) == 3:
+                killed.send_signal(signal.SIGKILL)  # no chance to clean up or commit anything more
+                break
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    after = [line.split(":")[0] for line in run.stdout.splitlines() if "fitted on)" in line]
+    with open(out / "candidates.csv") as f:
+        rows = list(csv.DictReader(f))
+    trained = [f"{r['role']} {r['candidate']}" for r in rows]
+    # every candidate committed before the kill kept, none trained again, the build finished
+    assert trained[:3] == before and not set(after) & set(before)
+    assert len(trained) == len(set(trained)) == 6 and [r["role"] for r in rows].count("held_out") == 2
+    assert "predictor: Kendall τ" in run.stdout

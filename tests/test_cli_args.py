@@ -19,7 +19,7 @@ from lut.errors import LutError, PhonefitError
 REPO = Path(__file__).parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 COMMANDS = ("profiler.build_lut", "adapter.validate_lut", "lut.estimate", "adapter.train", "adapter.adapt",
-            "adapter.baseline", "adapter.demo")
+            "adapter.baseline", "adapter.demo", "adapter.chamnet")
 
 
 def _cli(*argv, cwd=REPO, timeout=120) -> subprocess.CompletedProcess:
