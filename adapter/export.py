@@ -15,13 +15,11 @@ from typing import Any
 import numpy as np
 
 from adapter.errors import AdapterError
+from lut.litert import LiteRTMissingError, interpreter_class
 from lut.table import Measurement, MeasurementFailure
 from profiler.convert import keras_to_tflite
 from profiler.devices import Device, open_device
-from profiler.host import (  # the final check's longer timing (issue 10: a policy of open_device)
-    HostDevice,
-    TimingPolicy,
-)
+from profiler.timing import TimingPolicy
 
 __all__ = [
     "ModelMeasurement",
@@ -52,10 +50,9 @@ def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int 
 
 
 def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None) -> Device:
-    """The device that measures whole models: the host with longer timing, else `open_device`."""
-    if name == "host" and backend == "cpu":
-        return HostDevice(name, threads, TimingPolicy(**_HOST_FINAL_TIMING))
-    return open_device(name, backend=backend, threads=threads, devices_file=devices_file)
+    """The device that measures whole models: `name` with the host's longer timing (a phone's is its own)."""
+    return open_device(name, backend=backend, threads=threads, devices_file=devices_file,
+                       timing=TimingPolicy(**_HOST_FINAL_TIMING))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +89,9 @@ def _as_ms(result) -> ModelMeasurement:
 
 def _interpreter(tflite: bytes):
     try:
-        # optional runtime: LiteRT, else tflite_runtime
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        from tflite_runtime.interpreter import Interpreter
-    interpreter = Interpreter(model_content=tflite, num_threads=1)
+        interpreter = interpreter_class()(model_content=tflite, num_threads=1)
+    except LiteRTMissingError as e:
+        raise AdapterError(str(e)) from e
     interpreter.allocate_tensors()
     return interpreter
 

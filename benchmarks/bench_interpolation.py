@@ -65,8 +65,8 @@ def main() -> int:
     parser.add_argument("--save", metavar="FILE", help="record the measurements as JSON (for tests/data/)")
     args = parser.parse_args()
     from profiler.host import HostDevice
-    from profiler.layers import SingleOpFactory
     from profiler.monitor import ConditionsMonitor, MonitorPolicy
+    from profiler.single_op import SingleOpFactory
 
     device, factory = HostDevice(), SingleOpFactory()
     monitor = ConditionsMonitor(device, MonitorPolicy(), load=device.load_probe(), log=print)

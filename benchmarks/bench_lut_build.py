@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from lut.models import build_model  # noqa: E402
 from profiler.build_lut import build_lut, open_lut  # noqa: E402
 from profiler.devices import open_device  # noqa: E402
-from profiler.layers import naive_single_op_model  # noqa: E402
 from profiler.plan import plan_specs  # noqa: E402
+from profiler.single_op import naive_single_op_model  # noqa: E402
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lut.errors import PhonefitError
+from lut.litert import LiteRTMissingError, interpreter_class
 from lut.quiet_tf import import_tensorflow_quietly
 
 __all__ = [
@@ -282,13 +283,9 @@ def quiet_litert_notice() -> None:
     still arrive as Python exceptions. Idempotent; does nothing without LiteRT.
     """
     try:
-        # optional runtime: LiteRT, else tflite_runtime
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError:
-            return
+        Interpreter = interpreter_class()
+    except LiteRTMissingError:
+        return
     if getattr(Interpreter, "_phonefit_quiet", False):
         return
     original = Interpreter.allocate_tensors

@@ -14,7 +14,8 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -27,9 +28,9 @@ from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.context import measure_cache_context
 from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
-from profiler.layers import SingleOpFactory
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
 from profiler.plan import plan_specs
+from profiler.single_op import SingleOpFactory
 
 __all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "open_lut", "main"]
 
@@ -51,7 +52,7 @@ class BuildSummary:
     generate_s: float = 0.0
     measure_s: float = 0.0
     total_s: float = 0.0
-    monitor: dict | None = None
+    monitor: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         rate = self.measured / self.total_s * 60 if self.total_s else 0.0
@@ -99,7 +100,8 @@ def measure_invoke_overhead_us(device: Device, repeats: int = OVERHEAD_REPEATS) 
     return medians[len(medians) // 2]
 
 
-def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | None, log=None) -> ConditionsMonitor | None:
+def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | None,
+                 log: Callable[[str], None] | None = None) -> ConditionsMonitor | None:
     """The conditions monitor for measuring into `table` (None without a policy): the
     reference's quiet value is the LUT's, measured now when the LUT has none."""
     if policy is None:
@@ -122,14 +124,14 @@ def _measured(
 
 
 def build_lut(
-    device,
+    device: Device,
     specs: Iterable[LayerSpec],
     table: LatencyTable,
     *,
     retry_failed: bool = False,
     progress: bool = True,
     policy: MonitorPolicy | None = MonitorPolicy(),
-    log=None,
+    log: Callable[[str], None] | None = None,
 ) -> BuildSummary:
     """Measure on `device` every spec of `specs` that `table` lacks, committing each result.
 
@@ -178,14 +180,14 @@ def build_lut(
 
 
 def calibrate_cache_context(device: Device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
-                            log=print) -> CacheContext:
+                            log: Callable[[str], None] = print) -> CacheContext:
     """The device's cache context (`profiler.context`), measured into the LUT once."""
     estimator = LatencyEstimator(table)
     if estimator.context is not None:
         return estimator.context
     monitor = open_monitor(device, table, policy, log)
 
-    def measure(items):
+    def measure(items: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure]]:
         return ((model_id, result) for model_id, result, _ in _measured(device, monitor, items))
 
     log(f"measuring {device.name}'s cache: what a model pays for weights that do not stay in it")

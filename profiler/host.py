@@ -16,7 +16,7 @@ from profiler.errors import ProfilerError
 from profiler.monitor import HostLoad
 from profiler.timing import TimingPolicy, time_interpreter
 
-__all__ = ["HostDevice", "TimingPolicy", "load_interpreter", "open_host", "time_interpreter"]
+__all__ = ["HostDevice", "load_interpreter", "open_host"]
 
 
 def load_interpreter(model: bytes, threads: int) -> Any:

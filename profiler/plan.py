@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any  # Keras models: Keras ships no types
 
 from lut.keras_graph import inbound_layers, layers_in_order, producer_of
 from lut.keras_specs import channel_slopes
@@ -27,7 +28,7 @@ def channel_grid(channels: int, step: int) -> list[int]:
     return sorted({*range(step, channels + 1, step), channels})
 
 
-def prunable_layers(model) -> list[str]:
+def prunable_layers(model: Any) -> list[str]:
     """Conv2D/Dense layers whose filter count pruning may change.
 
     Excluded are the classifier layers: those whose channels reach a model output through
@@ -47,7 +48,7 @@ def prunable_layers(model) -> list[str]:
     ]
 
 
-def _free_fields(model) -> list[tuple[LayerSpec, bool, bool]]:
+def _free_fields(model: Any) -> list[tuple[LayerSpec, bool, bool]]:
     """Each spec of the model with whether its cin and its cout follow pruning."""
     shrunk_filters = {}
     for name in prunable_layers(model):
@@ -68,7 +69,7 @@ def _variants(spec: LayerSpec, free_cin: bool, free_cout: bool, step: int) -> It
     return (spec.replace(cin=a, cout=b) for a, b in itertools.product(cins, couts))
 
 
-def plan_specs(models: Iterable, step: int) -> list[LayerSpec]:
+def plan_specs(models: Iterable[Any], step: int) -> list[LayerSpec]:
     """All specs to measure for `models`, deduplicated across layers and models, in model order."""
     channel_grid(1, step)  # validates step
     planned: dict[str, LayerSpec] = {}

@@ -115,7 +115,7 @@ class _ClockedInterpreter:
 
 
 def test_a_sample_amortizes_the_cost_of_reading_the_clock():
-    from profiler.host import TimingPolicy, time_interpreter
+    from profiler.timing import TimingPolicy, time_interpreter
 
     policy = TimingPolicy(min_runs=5, min_seconds=0.0)
     one_per_read = _ClockedInterpreter()
@@ -127,7 +127,8 @@ def test_a_sample_amortizes_the_cost_of_reading_the_clock():
 def test_extending_a_lut_keeps_the_invocation_overhead_its_entries_were_measured_with(tmp_path):
     from lut.spec import LayerSpec
     from profiler.build_lut import build_lut
-    from profiler.host import HostDevice, TimingPolicy
+    from profiler.host import HostDevice
+    from profiler.timing import TimingPolicy
 
     device = HostDevice(policy=TimingPolicy(min_runs=5, min_seconds=0.0, max_seconds=0.05))
     spec = LayerSpec.from_key("conv2d:f32:8x8x8:8:k1x1:s1x1:same:relu6")

@@ -15,10 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = {"lut": 0, "profiler": 1, "adapter": 2}  # an import may only point to the same floor or a lower one
 
-# Circles in files of the profiler branch (issue 10's second half, which gives the device registry no
-# backend import): remove after merging it.
-KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"profiler.devices", "profiler.host"})}
-
 
 def _modules() -> dict[str, Path]:
     modules = {}
@@ -117,7 +113,7 @@ def _cycles() -> list[list[str]]:
 
 
 def test_no_two_modules_import_each_other():
-    cycles = [c for c in _cycles() if frozenset(c) not in KNOWN_CYCLES]
+    cycles = _cycles()
     assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 

@@ -4,6 +4,7 @@ The machine running the tests may be busy already (CI, a developer's other work,
 issue's competing process on the other core), so every threshold here is relative to the
 load measured before the test's own competitor starts.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import pytest
 from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement
 from profiler.build_lut import build_lut
-from profiler.host import HostDevice, TimingPolicy
+from profiler.host import HostDevice
 from profiler.monitor import ConditionsMonitor, DriftError, HostLoad, MonitorPolicy
 from profiler.single_op import SingleOpFactory
+from profiler.timing import TimingPolicy
 
 SPECS = [LayerSpec("conv2d", 8, 8, 16, c, activation="relu6") for c in range(8, 129, 8)]
 FAST = TimingPolicy(min_runs=5, min_seconds=0.0, max_seconds=0.05)
@@ -85,9 +87,12 @@ def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tm
     device = HostDevice(policy=FAST)
     busy = MonitorPolicy(tolerance_pct=1000.0, busy_cores=_background_load() + 0.25, every=4, wait_s=0.5,
                          poll_s=0.2, max_tries=2)
+    # Before and after the competitor, other work on a shared machine must not fail the test:
+    # what is tested is the busy phase (a DriftError, nothing kept) and that a rerun finishes.
+    calm = dataclasses.replace(busy, busy_cores=1000.0)
     path = tmp_path / "lut.sqlite"
     with LatencyTable.create(path, device.conditions()) as table:
-        build_lut(device, SPECS[:4], table, progress=False, policy=busy)  # quiet: kept
+        build_lut(device, SPECS[:4], table, progress=False, policy=calm)  # quiet: kept
         assert len(table) == 4
         processes = _competitor()
         try:
@@ -97,7 +102,7 @@ def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tm
         finally:
             _stop(processes)
         assert len(table) == 4  # nothing measured while busy was kept, nothing before it was lost
-        build_lut(device, SPECS, table, progress=False, policy=busy)
+        build_lut(device, SPECS, table, progress=False, policy=calm)
         frame = table.to_dataframe()
     assert len(frame) == len(SPECS) and frame["reference_us"].notna().all()
     quiet = float(LatencyTable.open(path).meta["reference_us"])

@@ -348,7 +348,8 @@ def test_unreachable_budgets_are_refused_before_any_training(v1, small_data, est
 
 
 def test_missing_lut_entries_are_measured_on_the_device_in_one_batch(v1, tmp_path):
-    from profiler.host import HostDevice, TimingPolicy
+    from profiler.host import HostDevice
+    from profiler.timing import TimingPolicy
 
     specs = specs_of_keras(v1)
     dropped = {specs[1].key, specs[-3].key}

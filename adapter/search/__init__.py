@@ -1,7 +1,9 @@
 """Search methods: each decides which smaller model meets the budget, over the shared machinery.
 
 `netadapt` prunes filters iteratively (NetAdapt), `width_multiplier` scales the whole network
-(the baseline a user would compare against); both estimate through `adapter.latency`, and the
+(the baseline a user would compare against), `chamnet` searches an architecture's
+hyper-parameters with an accuracy predictor (ChamNet; its predictor build so far); all estimate
+through `adapter.latency` or the LUT, keep their runs in `run_store`, and the
 CLIs (`adapter.adapt`, `adapter.baseline`) wire them to a session (`adapter.session`), the
 final check and the report.
 """
