@@ -62,18 +62,31 @@ def build(candidate: Candidate, classes: int):
 
     family, bn = candidate.family, _BN[candidate.family]
     inputs = keras.Input((candidate.resolution, candidate.resolution, 3))
-    stem = "conv1" if family == "mobilenet_v1" else "Conv1"
-    x = layers.Conv2D(candidate.stem, 3, strides=2, padding="same", use_bias=False, name=stem)(inputs)
-    x = layers.BatchNormalization(name=f"{stem}_bn" if family == "mobilenet_v1" else "bn_Conv1", **bn)(x)
-    x = layers.ReLU(6.0, name=f"{stem}_relu")(x)
+    stem = layers.Conv2D(candidate.stem, 3, strides=2, padding="same", use_bias=False,
+                         name="conv1" if family == "mobilenet_v1" else "Conv1")
+    x = _unit(inputs, stem, *(("conv1_bn", "conv1_relu") if family == "mobilenet_v1" else ("bn_Conv1", "Conv1_relu")),
+              bn)
     for block in blocks_of(candidate):
         x = (_v1_block if family == "mobilenet_v1" else _v2_block)(x, block, bn)
     if family == "mobilenet_v2":
-        x = layers.Conv2D(candidate.last, 1, use_bias=False, name="Conv_1")(x)
-        x = layers.BatchNormalization(name="Conv_1_bn", **bn)(x)
-        x = layers.ReLU(6.0, name="out_relu")(x)
+        x = _unit(x, layers.Conv2D(candidate.last, 1, use_bias=False, name="Conv_1"), "Conv_1_bn", "out_relu", bn)
     outputs = MODELS[family].head(x, classes)
     return keras.Model(inputs, outputs, name=f"chamnet_{family}_{candidate.resolution}")
+
+
+def _unit(x, layer, bn_name: str, relu_name: str | None, bn: dict):
+    """`layer`, its batch norm and (unless `relu_name` is None) its ReLU6, named as keras.applications names them."""
+    from keras import layers
+
+    x = layers.BatchNormalization(name=bn_name, **bn)(layer(x))
+    return x if relu_name is None else layers.ReLU(6.0, name=relu_name)(x)
+
+
+def _depthwise(stride: int, name: str):
+    from keras import layers
+
+    return layers.DepthwiseConv2D(3, strides=stride, padding="same" if stride == 1 else "valid", use_bias=False,
+                                  name=name)
 
 
 def _v1_block(x, block: Block, bn: dict):
@@ -82,13 +95,9 @@ def _v1_block(x, block: Block, bn: dict):
     n = block.prefix("mobilenet_v1")
     if block.stride == 2:
         x = layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"conv_pad_{n}")(x)
-    x = layers.DepthwiseConv2D(3, strides=block.stride, padding="same" if block.stride == 1 else "valid",
-                               use_bias=False, name=f"conv_dw_{n}")(x)
-    x = layers.BatchNormalization(name=f"conv_dw_{n}_bn", **bn)(x)
-    x = layers.ReLU(6.0, name=f"conv_dw_{n}_relu")(x)
-    x = layers.Conv2D(block.cout, 1, padding="same", use_bias=False, name=f"conv_pw_{n}")(x)
-    x = layers.BatchNormalization(name=f"conv_pw_{n}_bn", **bn)(x)
-    return layers.ReLU(6.0, name=f"conv_pw_{n}_relu")(x)
+    x = _unit(x, _depthwise(block.stride, f"conv_dw_{n}"), f"conv_dw_{n}_bn", f"conv_dw_{n}_relu", bn)
+    pointwise = layers.Conv2D(block.cout, 1, padding="same", use_bias=False, name=f"conv_pw_{n}")
+    return _unit(x, pointwise, f"conv_pw_{n}_bn", f"conv_pw_{n}_relu", bn)
 
 
 def _v2_block(x, block: Block, bn: dict):
@@ -96,18 +105,14 @@ def _v2_block(x, block: Block, bn: dict):
 
     p, inputs = block.prefix("mobilenet_v2"), x
     if block.id:  # keras.applications: every block but the first expands (by 1 too)
-        x = layers.Conv2D(block.cin * block.expansion, 1, padding="same", use_bias=False, name=f"{p}_expand")(x)
-        x = layers.BatchNormalization(name=f"{p}_expand_BN", **bn)(x)
-        x = layers.ReLU(6.0, name=f"{p}_expand_relu")(x)
+        expand = layers.Conv2D(block.cin * block.expansion, 1, padding="same", use_bias=False, name=f"{p}_expand")
+        x = _unit(x, expand, f"{p}_expand_BN", f"{p}_expand_relu", bn)
     if block.stride == 2:
         size = int(x.shape[1])
         x = layers.ZeroPadding2D(((size % 2, 1), (size % 2, 1)), name=f"{p}_pad")(x)  # keras.applications' correct_pad
-    x = layers.DepthwiseConv2D(3, strides=block.stride, padding="same" if block.stride == 1 else "valid",
-                               use_bias=False, name=f"{p}_depthwise")(x)
-    x = layers.BatchNormalization(name=f"{p}_depthwise_BN", **bn)(x)
-    x = layers.ReLU(6.0, name=f"{p}_depthwise_relu")(x)
-    x = layers.Conv2D(block.cout, 1, padding="same", use_bias=False, name=f"{p}_project")(x)
-    x = layers.BatchNormalization(name=f"{p}_project_BN", **bn)(x)
+    x = _unit(x, _depthwise(block.stride, f"{p}_depthwise"), f"{p}_depthwise_BN", f"{p}_depthwise_relu", bn)
+    project = layers.Conv2D(block.cout, 1, padding="same", use_bias=False, name=f"{p}_project")
+    x = _unit(x, project, f"{p}_project_BN", None, bn)
     if block.stride == 1 and block.cin == block.cout:
         x = layers.Add(name=f"{p}_add")([inputs, x])
     return x
