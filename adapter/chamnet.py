@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build_predictor(args: argparse.Namespace) -> int:
-    from adapter.training.data import load_dataset
+    from adapter.training.sources import load_dataset
     from lut.models import load_model
 
     out = check_output_folder(args.out, "--out")

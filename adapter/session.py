@@ -21,7 +21,8 @@ from adapter.export import export_tflite, open_final_check_device
 from adapter.final_check import LUT_TOLERANCE, ModelChecker
 from adapter.latency import estimate_ms
 from adapter.train import SPLIT_SEED, TrainingRecord, record_path
-from adapter.training.data import Dataset, load_dataset
+from adapter.training.data import Dataset
+from adapter.training.sources import load_dataset
 from lut.cli import non_negative_int, positive_float, positive_int
 from lut.latency import LatencyEstimator
 from lut.models import load_model

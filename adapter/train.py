@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from adapter.errors import AdapterError
-from adapter.training.data import DEFAULT_HOLDOUT, Split, load_dataset
+from adapter.training.data import DEFAULT_HOLDOUT, Split
+from adapter.training.sources import load_dataset
 from lut.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, run_command
 from lut.models import MODELS, build_model
 from lut.quiet_tf import import_tensorflow_quietly

@@ -91,7 +91,7 @@ def main() -> int:
     args = _args()
     from adapter.latency import Budget
     from adapter.search import netadapt
-    from adapter.training.data import load_dataset
+    from adapter.training.sources import load_dataset
     from lut.models import build_model, load_model
 
     model = load_model(args.model) if args.model else build_model("mobilenet_v1", alpha=0.5, resolution=32, classes=10)

@@ -18,7 +18,7 @@ from tests.test_netadapt import REPO, small_npz, write_synthetic_lut
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny MobileNetV1 (.keras), its synthetic LUT, and a small Fashion-MNIST .npz."""
-    from adapter.training.data import load_dataset
+    from adapter.training.sources import load_dataset
     from lut.models import build_model
 
     folder = tmp_path_factory.mktemp("cli")

@@ -17,7 +17,7 @@ import_tensorflow_quietly()
 from adapter.search.chamnet.build import candidate_of  # noqa: E402
 from adapter.search.chamnet.candidates import CandidateTrainer, Recipe, build_predictor, open_store  # noqa: E402
 from adapter.search.chamnet.space import SearchSpace, SpaceError  # noqa: E402
-from adapter.training.data import load_dataset  # noqa: E402
+from adapter.training.sources import load_dataset  # noqa: E402
 from tests.test_netadapt import small_data, small_npz  # noqa: E402, F401 (small_data is a fixture)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

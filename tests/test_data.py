@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from adapter.errors import AdapterError
-from adapter.training.data import (
-    FASHION_MNIST_DIR_ENV,
-    Split,
-    load_dataset,
-    parse_idx,
-    read_idx,
-)
+from adapter.training.data import Split
+from adapter.training.idx import parse_idx, read_idx
+from adapter.training.sources import FASHION_MNIST_DIR_ENV, load_dataset
 
 FASHION_MNIST = Path(os.environ.get(FASHION_MNIST_DIR_ENV) or "/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(

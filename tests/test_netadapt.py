@@ -92,7 +92,7 @@ def estimator(lut_path):
 @pytest.fixture(scope="module")
 def small_data():
     """A couple hundred Fashion-MNIST images per split."""
-    from adapter.training.data import load_dataset
+    from adapter.training.sources import load_dataset
 
     if not Path(os.environ.get("PHONEFIT_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")

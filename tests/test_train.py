@@ -18,7 +18,7 @@ from adapter.train import (
     recalibrate_batchnorm,
     record_path,
 )
-from adapter.training.data import load_dataset
+from adapter.training.sources import load_dataset
 from lut.models import MODELS, build_model, load_model
 from lut.spec import LutError
 
