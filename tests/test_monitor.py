@@ -106,4 +106,33 @@ def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tm
         frame = table.to_dataframe()
     assert len(frame) == len(SPECS) and frame["reference_us"].notna().all()
     quiet = float(LatencyTable.open(path).meta["reference_us"])
-    assert quiet > 0 and (frame["reference_us"] >= quiet * 0.999).all()
+    # the quiet value is a low one of the reference's: none of the entries' references is far under it
+    assert 0 < quiet <= frame["reference_us"].median() and frame["reference_us"].min() >= 0.9 * quiet
+
+
+class _ScriptedReference:
+    """A device whose reference model measures the given values in turn (everything else: 10 µs)."""
+
+    name = "scripted"
+    monitor_every = 1
+
+    def __init__(self, values):
+        self._values = iter(values)
+
+    def measure(self, models):
+        for model_id, _ in models:
+            us = next(self._values) if model_id == "reference" else 10.0
+            yield model_id, Measurement(us, us, us, us, 0.0, 10)
+
+
+def test_one_fast_reference_does_not_become_the_quiet_value_but_a_confirmed_speed_up_does():
+    # recorded on this project's VM (README walk-through, 13:21): one reference at 246.4 µs among
+    # 268–283 µs lowered the quiet value to it, and every later chunk measured "+12%" until DriftError
+    start = [270.2, 267.9, 271.0, 269.1, 272.4]
+    later = [275.8, 246.4, 276.3, 275.8, 277.2, 251.0, 250.2, 252.3, 255.0]
+    device = _ScriptedReference(start + later)
+    monitor = ConditionsMonitor(device, MonitorPolicy(tolerance_pct=8.0, max_tries=1))
+    assert monitor.quiet_us == 269.1  # the second lowest of the five: robust to one fast run
+    kept = list(monitor.measure([(f"m{i}", b"") for i in range(9)]))
+    assert len(kept) == 9 and not monitor.events  # 275–277 µs are within 8% of 269.1
+    assert monitor.quiet_us == 251.0  # three checks in a row came in at ~251 µs: the device is faster now
