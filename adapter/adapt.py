@@ -28,7 +28,7 @@ from typing import Any
 from adapter.errors import AdapterError
 from adapter.final_check import budget_fields, final_figures
 from adapter.latency import Budget
-from adapter.report import write_report
+from adapter.report import budget_met, print_summary, write_report
 from adapter.search.netadapt import (
     HOLDOUT_SIZE,
     SELECTION_RULES,
@@ -166,16 +166,8 @@ def _adapt(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - start,
     }
     json_path, md_path = write_report(out, report, result.history)
-    _print_summary(report, md_path)
-    return EXIT_OK if _budget_met(budget) else EXIT_NOT_MET
-
-
-def _budget_met(budget: dict[str, Any]) -> bool:
-    """The verdict the exit code tells: the device's when it took one (an over-pruned model meets
-    the budget; "not taken" does not say it does), else the LUT estimate's."""
-    if budget["status"] == "not measured":
-        return bool(budget["met_by_estimate"])
-    return budget["status"] in ("met", "over-pruned")
+    print_summary(report, md_path)
+    return EXIT_OK if budget_met(budget) else EXIT_NOT_MET
 
 
 def _requested(budget: Budget, measured_ms: float | None) -> str:
@@ -221,20 +213,6 @@ def _resuming(args: argparse.Namespace, config: NetAdaptConfig, out: Path) -> bo
         )
     print(f"resuming the NetAdapt run in {out} (started with the same settings)", flush=True)
     return True
-
-
-def _print_summary(report: dict[str, Any], md_path: Path) -> None:
-    budget, adapted = report["budget"], report["adapted"]
-    measured = "not measured" if adapted["measured_ms"] is None else f"measured {adapted['measured_ms']:.4g} ms"
-    print(
-        f"adapted: estimated {adapted['estimated_ms']:.4g} ms, {measured}: budget {budget['status']} "
-        f"({budget['reason']}); test accuracy {adapted['test_accuracy']:.4f} (original {report['original']['test_accuracy']:.4f})"
-    )
-    if report.get("baseline"):
-        b = report["baseline"]
-        shown = "—" if b["measured_ms"] is None else f"{b['measured_ms']:.4g} ms"
-        print(f"width multiplier α={b['alpha']:g}: measured {shown}, test accuracy {b['test_accuracy']:.4f}")
-    print(f"report: {md_path}")
 
 
 def _check_baseline_grid(args: argparse.Namespace) -> Any:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["PLOT_FILE", "plot_accuracy_latency", "render_markdown", "write_report"]
+__all__ = ["PLOT_FILE", "budget_met", "plot_accuracy_latency", "print_summary", "render_markdown", "write_report"]
 
 PLOT_FILE = "accuracy_latency.png"
 
@@ -111,9 +111,9 @@ def render_markdown(report: Mapping) -> str:
         f"{report['lut']['threads']} thread(s))",
         "",
         *_budget_lines(budget, report["device"]),
-        f"- Search: {search['iterations']} iterations in {search['seconds']:.0f} s; long-term fine-tuning "
-        f"{search['long_term_epochs']} epochs in {search['long_term_seconds']:.0f} s. LUT {report['lut']['path']} "
-        f"(step {report['lut']['step']}).",
+        f"- Search: {search.get('text') or str(search['iterations']) + ' iterations'} in {search['seconds']:.0f} s; "
+        f"{search.get('final_text', 'long-term fine-tuning')} {search['long_term_epochs']} epochs in "
+        f"{search['long_term_seconds']:.0f} s. LUT {report['lut']['path']} (step {report['lut']['step']}).",
         "",
         "## Models",
         "",
@@ -127,8 +127,16 @@ def render_markdown(report: Mapping) -> str:
         lines += ["", f"The width-multiplier baseline was chosen by {b['select_by']} and trained from scratch for "
                       f"{b['epochs']} epochs (as many as the {_method(report)} model saw: base training, the chosen "
                       "proposals' short-term steps and the long-term fine-tuning)."]
-    lines += ["", "## Channels per group", "", *_channels(report), "", "## Iterations", "",
-              f"![accuracy vs latency]({PLOT_FILE})", "", "Every iteration is in history.csv, every proposal in proposals.csv."]
+    if search.get("candidates"):  # a search of architectures (ChamNet): its top candidates
+        lines += ["", "## Top candidates", "", "| candidate | predicted holdout accuracy | LUT-estimated latency | "
+                  "measured fraction of the original |", "|---|---|---|---|"]
+        lines += [f"| `{c['candidate']}` | {_pct(c['holdout_accuracy'])} | {_ms(c['estimated_ms'])} | "
+                  f"{_fraction(c.get('measured_fraction'))} |" for c in search["candidates"]]
+        lines += ["", f"![accuracy vs latency]({PLOT_FILE})"]
+    else:
+        lines += ["", "## Channels per group", "", *_channels(report), "", "## Iterations", "",
+                  f"![accuracy vs latency]({PLOT_FILE})", "", "Every iteration is in history.csv, every proposal in "
+                  "proposals.csv."]
     return "\n".join(lines) + "\n"
 
 
@@ -142,8 +150,13 @@ def plot_accuracy_latency(history: Sequence, path: str | Path, *, report: Mappin
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.plot([r.estimated_ms for r in history], [r.holdout_accuracy for r in history], "o-", ms=3,
-            label=f"{_method(report)} iterations (short-term fine-tuned)")
+    candidates = report["search"].get("candidates")
+    if candidates:
+        ax.plot([c["estimated_ms"] for c in candidates], [c["holdout_accuracy"] for c in candidates], "o", ms=4,
+                label=f"{_method(report)} top candidates (predicted)")
+    else:
+        ax.plot([r.estimated_ms for r in history], [r.holdout_accuracy for r in history], "o-", ms=3,
+                label=f"{_method(report)} iterations (short-term fine-tuned)")
     adapted = report["adapted"]
     ax.plot([adapted["estimated_ms"]], [adapted["holdout_accuracy"]], "*", ms=14, label="adapted, long-term fine-tuned")
     baseline = report.get("baseline")
@@ -169,3 +182,26 @@ def write_report(out_dir: str | Path, report: Mapping, history: Sequence) -> tup
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path.write_text(render_markdown(report))
     return json_path, md_path
+
+
+def budget_met(budget: Mapping) -> bool:
+    """The verdict the exit code tells: the device's when it took one (an over-pruned model meets
+    the budget; "not taken" does not say it does), else the LUT estimate's."""
+    if budget["status"] == "not measured":
+        return bool(budget["met_by_estimate"])
+    return budget["status"] in ("met", "over-pruned")
+
+
+def print_summary(report: Mapping, md_path: Path) -> None:
+    """The report's verdict and figures in a few lines, for the terminal."""
+    budget, adapted = report["budget"], report["adapted"]
+    measured = "not measured" if adapted["measured_ms"] is None else f"measured {adapted['measured_ms']:.4g} ms"
+    print(
+        f"{_method(report)}: estimated {adapted['estimated_ms']:.4g} ms, {measured}: budget {budget['status']} "
+        f"({budget['reason']}); test accuracy {adapted['test_accuracy']:.4f} (original {report['original']['test_accuracy']:.4f})"
+    )
+    if report.get("baseline"):
+        b = report["baseline"]
+        shown = "—" if b["measured_ms"] is None else f"{b['measured_ms']:.4g} ms"
+        print(f"width multiplier α={b['alpha']:g}: measured {shown}, test accuracy {b['test_accuracy']:.4f}")
+    print(f"report: {md_path}")

@@ -1,9 +1,13 @@
 """Estimate a model's latency from a LUT: the sum of its ops' entries.
 
 Every entry is the latency of one op run alone, so each includes the cost of one
-interpreter invocation; a model pays that once.  `build_lut` measures it (the latency of a
-trivial op) into the LUT's `invoke_overhead_us`, and the estimate of n ops is
-Σ entries − (n − 1) · overhead.
+interpreter invocation; a model pays that once.  `build_lut` measures it into the LUT's
+`invoke_overhead_us`, and the estimate of n ops is Σ entries − (n − 1) · overhead. The
+overhead is what an invocation costs beyond its ops: the intercept of a chain of trivial
+ops (`profiler.build_lut.measure_invoke_overhead_us`), not the latency of one trivial op,
+which also holds that op's own cost inside a model (measured here: 0.46 µs alone, 0.42 µs
+of it the invocation; subtracting all 0.46 per op had the LUT miss MobileNetV2 α=0.5 at
+32 px, 67 ops of about 0.5 µs, by −10%).
 
 A spec missing from the LUT is interpolated from measured entries of the same op family
 (every field equal but the channel counts).  SIMD kernels compute output channels in
@@ -24,8 +28,9 @@ and some of the activation traffic too: measured on this project's development C
 L2), whole MobileNets at 32 px ran up to 2.2× their entries' sum. `CacheContext` adds that
 cost: the bytes fetched (W and a share of A) times the device's fetch cost per byte (both
 the cost and the cache's effective size are measured by `profiler.context` when the LUT is
-built), scaled by the fraction that misses: 0 while what is touched is below `ramp_start`
-times the cache, rising linearly to `plateau` at `ramp_end` times it.
+built), and each op's own state (its code, packed-weight and indirection tables: `op_miss`
+invocation overheads an op), scaled by the fraction that misses: 0 while what is touched is
+below `ramp_start` times the cache, rising linearly to `plateau` at `ramp_end` times it.
 """
 from __future__ import annotations
 
@@ -54,19 +59,21 @@ class CacheContext:
 
     `fetch_ns_per_byte` and `cache_bytes` (the effective size: where half the fetch cost
     shows) are the device's, measured; the shape (`ramp_start`, `ramp_end` in units of that
-    size, `plateau`, and the activations' shares) was fitted on 90 random prunings of
-    MobileNetV1 α=0.5 at 32 and 128 px and V2 α=0.5 at 128 px, measured whole and
-    interleaved on this project's development CPU (`adapter.validate_lut`, seed 0); other devices
-    may need other shapes, which `adapter.validate_lut` shows.
+    size, `plateau`, the activations' shares and `op_miss`) was fitted (scipy's robust least
+    squares on relative error) on 120 random prunings of MobileNetV1 and V2 α=0.5 at 32 and
+    128 px, measured whole and interleaved on this project's development CPU
+    (`adapter.validate_lut`, seed 0) and checked on fresh LUTs and other prunings (seed 1);
+    other devices may need other shapes, which `adapter.validate_lut` shows.
     """
 
     fetch_ns_per_byte: float
     cache_bytes: float
-    ramp_start: float = 0.5
-    ramp_end: float = 1.6
-    plateau: float = 0.65
-    activation_reach: float = 0.5  # the share of activation bytes counted in what an invocation touches
+    ramp_start: float = 0.53
+    ramp_end: float = 1.29
+    plateau: float = 0.62
+    activation_reach: float = 0.44  # the share of activation bytes counted in what an invocation touches
     activation_miss: float = 0.1  # the share of activation bytes fetched like missed weights
+    op_miss: float = 0.72  # what each op pays again when it misses, in invocation overheads (its code and tables)
 
     def __post_init__(self) -> None:
         values = dataclasses.astuple(self)
@@ -80,10 +87,12 @@ class CacheContext:
         touched = sum(s.weight_bytes + self.activation_reach * s.activation_bytes for s in specs) / self.cache_bytes
         return self.plateau * min(1.0, max(0.0, (touched - self.ramp_start) / (self.ramp_end - self.ramp_start)))
 
-    def weight_cost_us(self, specs: Sequence[LayerSpec]) -> float:
-        """The time fetching what misses the cache costs, in microseconds."""
+    def weight_cost_us(self, specs: Sequence[LayerSpec], invoke_overhead_us: float = 0.0) -> float:
+        """The time fetching what misses the cache costs, in microseconds: the bytes, and each
+        op's own state (`op_miss` times the device's `invoke_overhead_us` per op)."""
         fetched = sum(s.weight_bytes + self.activation_miss * s.activation_bytes for s in specs)
-        return self.miss_fraction(specs) * self.fetch_ns_per_byte * fetched / 1000
+        per_op = self.op_miss * invoke_overhead_us * len(specs)
+        return self.miss_fraction(specs) * (self.fetch_ns_per_byte * fetched / 1000 + per_op)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> CacheContext | None:
@@ -135,7 +144,9 @@ class LatencyEstimator:
     def total_us(self, specs: Iterable[LayerSpec]) -> float:
         """Latency of a model running `specs`: their entries less all but one invocation
         overhead, plus (with a cache context) what fetching its weights costs."""
-        return self.entries_us(specs := list(specs)) + (self.context.weight_cost_us(specs) if self.context else 0.0)
+        specs = list(specs)
+        missed = self.context.weight_cost_us(specs, self.invoke_overhead_us) if self.context else 0.0
+        return self.entries_us(specs) + missed
 
     def entries_us(self, specs: Sequence[LayerSpec]) -> float:
         """The sum of the specs' entries less all but one invocation overhead (no cache context)."""

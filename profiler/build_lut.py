@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,19 +27,34 @@ from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.context import measure_cache_context
+from profiler.convert import keras_to_tflite
 from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
 from profiler.plan import plan_specs
 from profiler.single_op import SingleOpFactory
 
-__all__ = ["BuildSummary", "build_lut", "default_lut_path", "measure_invoke_overhead_us", "open_lut", "main"]
+__all__ = [
+    "BuildSummary",
+    "add_build_arguments",
+    "build_lut",
+    "build_luts",
+    "check_build_outputs",
+    "default_lut_path",
+    "main",
+    "measure_invoke_overhead_us",
+    "open_lut",
+]
 
-# The cheapest op the delegate runs: what it costs is the price of one invocation (a
-# RESHAPE, measured 0.36 µs against 0.38–0.40 for trivial convolutions and adds here: over the 30 ops
-# of a MobileNet that made small models 5% slower by the LUT than measured).
+# The trivial op, alone and in a chain of CHAIN_OPS, gives an invocation's cost: a 1×1 convolution of
+# one channel (a RESHAPE, measured 0.36 µs against 0.38–0.40 for trivial convolutions and adds here,
+# is no stand-in for the delegate's ops: over the 30 ops of a MobileNet it made small models 5% slower
+# by the LUT than measured).
 OVERHEAD_SPEC = LayerSpec("conv2d", 1, 1, 1, 1)
 OVERHEAD_REPEATS = 5
+CHAIN_OPS = 64  # trivial ops in the chain whose slope is one op's own cost inside a model
+RATE_META_KEY = "seconds_per_entry"  # the last build's pace, for the expected time of the next one
+RATE_SAMPLE = 20  # entries a build must measure for its pace to count
 
 
 @dataclasses.dataclass
@@ -89,15 +105,32 @@ def open_lut(path: str | os.PathLike[str], device: Device, step: int) -> Latency
     return LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": step})
 
 
+def _trivial_chain(ops: int) -> bytes:
+    """`ops` of the trivial op (OVERHEAD_SPEC: a 1×1 convolution of one channel) in a row, one model."""
+    import keras
+
+    inputs = x = keras.Input((1, 1, 1))
+    for _ in range(ops):
+        x = keras.layers.Conv2D(1, 1)(x)
+    return keras_to_tflite(keras.Model(inputs, x))
+
+
 def measure_invoke_overhead_us(device: Device, repeats: int = OVERHEAD_REPEATS) -> float:
-    """Median latency of a trivial single-op model on `device`: one invocation's overhead."""
-    model = SingleOpFactory().build(OVERHEAD_SPEC)
-    results = [result for _, result in device.measure([(f"overhead{i}", model) for i in range(repeats)])]
-    medians = sorted(r.median_us for r in results if isinstance(r, Measurement))
-    if not medians:
-        failure = next((r.error for r in results if isinstance(r, MeasurementFailure)), "no result")
-        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key}: {failure}")
-    return medians[len(medians) // 2]
+    """What one invocation costs on `device` beyond its ops: the intercept of a line through the
+    trivial op alone (T1) and `CHAIN_OPS` of it in one model (TN), T1 − (TN − T1) / (N − 1),
+    each the median of `repeats` interleaved measurements. (The trivial op alone is not the
+    overhead: it holds its own cost inside a model too, 0.034 µs of 0.46 here, which over
+    the 67 ops of a MobileNetV2 made the LUT 10% too fast at 32 px.)"""
+    single, chain = SingleOpFactory().build(OVERHEAD_SPEC), _trivial_chain(CHAIN_OPS)
+    items = [item for i in range(repeats) for item in ((f"single{i}", single), (f"chain{i}", chain))]
+    results = list(device.measure(items))
+    failure = next((r.error for _, r in results if isinstance(r, MeasurementFailure)), None)
+    if failure is not None:
+        raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key} (alone or "
+                            f"{CHAIN_OPS} in a row): {failure}")
+    alone = statistics.median(r.median_us for name, r in results if name.startswith("single"))  # type: ignore[union-attr]
+    chained = statistics.median(r.median_us for name, r in results if name.startswith("chain"))  # type: ignore[union-attr]
+    return max(alone - max(chained - alone, 0.0) / (CHAIN_OPS - 1), 0.0)
 
 
 def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | None,
@@ -143,13 +176,18 @@ def build_lut(
     stores the reference's value. Records the device fingerprint and what the monitor saw.
     """
     start = time.perf_counter()
-    monitor = open_monitor(device, table, policy, log or (lambda message: tqdm.write(message, file=sys.stderr)))
+    say = log or (lambda message: tqdm.write(message, file=sys.stderr))
+    monitor = open_monitor(device, table, policy, say)
     if "invoke_overhead_us" not in table.meta:
         table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
     done = table.keys(include_failed=not retry_failed)
     todo = [spec for spec in specs if spec.key not in done]
     summary = BuildSummary(planned=len(specs), reused=len(specs) - len(todo))
+    rate = table.meta.get(RATE_META_KEY)
+    if todo and rate is not None:
+        say(f"{len(todo)} entries to measure: about {_duration(len(todo) * float(rate))} at this LUT's last rate "
+            f"({60 / float(rate):.0f} entries/min)")
     by_key = {spec.key: spec for spec in todo}
     bar = tqdm(total=len(todo), unit="entry", desc=f"measuring on {device.name}", disable=not progress, smoothing=0.05)
     try:
@@ -176,7 +214,13 @@ def build_lut(
             summary.monitor = monitor.summary()
             table.set_meta({"monitor": summary.monitor, "reference_us": monitor.quiet_us})
     table.set_meta({"fingerprint": device.fingerprint()})
+    if summary.measured >= RATE_SAMPLE:
+        table.set_meta({RATE_META_KEY: summary.total_s / summary.measured})
     return summary
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def calibrate_cache_context(device: Device, table: LatencyTable, *, policy: MonitorPolicy | None = MonitorPolicy(),
@@ -199,22 +243,13 @@ def calibrate_cache_context(device: Device, table: LatencyTable, *, policy: Moni
     return context
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="python -m profiler.build_lut",
-        description=__doc__.split("\n\n")[0].rstrip(".") + ". Resumable: rerun the same command to finish an interrupted run.",
-    )
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a LUT build is measured on and written to (every option but the models')."""
     parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
     parser.add_argument("--devices", metavar="FILE",
                         help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
     parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu",
                         help="which processor of the device to measure; 'both' writes one LUT each")
-    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras",
-                        help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT "
-                             "(default: mobilenet_v1)")
-    parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of named models")
-    parser.add_argument("--resolution", type=positive_int, default=224, help="input size of named models (pixels)")
-    parser.add_argument("--classes", type=positive_int, default=1000, help="classes of named models")
     parser.add_argument("--step", type=positive_int,
                         help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
@@ -223,10 +258,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV (its folder is created)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_monitor_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.out and args.backend == "both":
-        parser.error("--out names one file; with --backend both the LUTs get their default names")
-    return args
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(
+        prog="python -m profiler.build_lut",
+        description=__doc__.split("\n\n")[0].rstrip(".") + ". Resumable: rerun the same command to finish an interrupted run.",
+    )
+    parser.add_argument("--model", action="append", metavar="NAME|FILE.keras",
+                        help="mobilenet_v1, mobilenet_v2 or a .keras file; repeat to cover several models in one LUT "
+                             "(default: mobilenet_v1)")
+    parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of named models")
+    parser.add_argument("--resolution", type=positive_int, default=224, help="input size of named models (pixels)")
+    parser.add_argument("--classes", type=positive_int, default=1000, help="classes of named models")
+    add_build_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,16 +284,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    for path, option in ((args.out, "--out"), (args.csv, "--csv")):
-        if path:
-            check_output_file(path, option)  # before hours of measuring, not after
+    check_build_outputs(args)
     import_tensorflow_quietly()
     quiet_litert_notice()
-    backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
     models = [
         load_model(name, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
         for name in args.model or ["mobilenet_v1"]
     ]
+    return build_luts(args, models)
+
+
+def check_build_outputs(args: argparse.Namespace) -> None:
+    """The output options of `add_build_arguments`, checked before any measuring."""
+    if args.out and args.backend == "both":
+        raise ProfilerError("--out names one file; with --backend both the LUTs get their default names. "
+                            "Leave out --out, or measure one backend.")
+    for path, option in ((args.out, "--out"), (args.csv, "--csv")):
+        if path:
+            check_output_file(path, option)  # before hours of measuring, not after
+
+
+def build_luts(args: argparse.Namespace, models: Sequence[Any]) -> int:
+    """Plan `models`' entries on the grid and measure them as `args` (`add_build_arguments`) say:
+    one LUT per backend, then its cache context."""
+    backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
     for backend in backends:
         step = args.step if args.step is not None else (4 if backend == "gpu" else 8)
         specs = plan_specs(models, step)

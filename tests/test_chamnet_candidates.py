@@ -116,3 +116,82 @@ def test_sigkill_during_the_predictor_build_then_the_same_command_finishes_it(ba
     assert trained[:3] == before and not set(after) & set(before)
     assert len(trained) == len(set(trained)) == 6 and [r["role"] for r in rows].count("held_out") == 2
     assert "predictor: Kendall τ" in run.stdout
+
+
+def _chamnet(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "adapter.chamnet", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).parents[1])
+
+
+def test_the_stored_predictor_is_retargeted_its_winner_trained_measured_and_reported(base, small_data, tmp_path):  # noqa: F811
+    import csv
+    import json
+
+    from adapter.search.chamnet.build import build
+    from adapter.search.chamnet.space import Candidate
+    from tests.conftest import LENIENT_FLAGS
+
+    model, npz, cham, lut = tmp_path / "base.keras", small_npz(small_data, tmp_path / "small.npz"), tmp_path / "cham", \
+        tmp_path / "space.sqlite"
+    build(Candidate.parse("v2 r32 c16 | 16x1 32x2e6s2 32x2e6s2 64x2e6s2 | l128"), 10).save(model)  # on the step-16 grid
+    built = _chamnet("build-predictor", "--model", model, "--data", npz, "--out", cham, "--step", "16", "--grow", "1",
+                     "--steps", "2", "--batch-size", "32", "--holdout", "100", "--total", "4", "--initial", "4",
+                     "--held-out", "2")
+    assert built.returncode == 0, built.stderr[-2000:]
+    made = _chamnet("build-lut", "--predictor", cham, "--device", "host", "--out", lut, "--no-progress", *LENIENT_FLAGS)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "entries for chamnet_mobilenet_v2_32" in made.stderr
+
+    search = _chamnet("search", "--predictor", cham, "--lut", lut, "--budget", "0.6", "--out", tmp_path / "s60",
+                      "--epochs", "1", "--generations", "5", "--population", "16", "--lut-tolerance", "50", *LENIENT_FLAGS)
+    assert search.returncode in (0, 1), search.stderr[-2000:]
+    assert "measuring" not in search.stdout.split("searched")[0]  # the space's LUT left nothing to measure
+    report = json.loads((tmp_path / "s60" / "report.json").read_text())
+    assert report["search"]["method"] == "ChamNet" and report["budget"]["status"] in ("met", "over budget", "over-pruned")
+    top = report["search"]["candidates"]
+    assert top and all(c["estimated_ms"] <= report["budget"]["estimated_ms"] for c in top)
+    assert report["adapted"]["candidate"] in {c["candidate"] for c in top}
+    assert report["adapted"]["measured_ms"] > 0 and 0 <= report["adapted"]["test_accuracy"] <= 1
+    assert report["search"]["device_checks"][0]["candidate"] == top[0]["candidate"]
+    assert (tmp_path / "s60" / "adapted.tflite").is_file() and "ChamNet" in (tmp_path / "s60" / "report.md").read_text()
+
+    # the comparison measures the run's model again with the original, in one interleaved measurement
+    compared = subprocess.run([sys.executable, "-m", "adapter.compare", "--out", tmp_path / "cmp", tmp_path / "s60",
+                               *LENIENT_FLAGS], capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| ChamNet | 0.6 of the original |" in table and (tmp_path / "cmp" / "compare.png").is_file()
+    fraction = json.loads((tmp_path / "cmp" / "compare.json").read_text())["models"][0]["measured_fraction"]
+    assert 0 < fraction < 1.5
+
+    # another budget: a search of seconds, nothing trained
+    with open(cham / "candidates.csv") as f:
+        trained = list(csv.DictReader(f))
+    again = _chamnet("search", "--predictor", cham, "--lut", lut, "--budget", "0.4", "--out", tmp_path / "s40",
+                     "--search-only", "--generations", "5", "--population", "16", "--lut-tolerance", "50", *LENIENT_FLAGS)
+    assert again.returncode == 0, again.stderr[-2000:]
+    with open(tmp_path / "s40" / "top.csv") as f:
+        found = list(csv.DictReader(f))
+    assert found and all(float(r["estimated_fraction"]) <= 0.4 + 1e-9 for r in found)
+    with open(cham / "candidates.csv") as f:
+        assert list(csv.DictReader(f)) == trained
+
+    # a folder that holds no predictor, and a predictor of another base model: one line each, exit 2
+    for folder in (tmp_path, ):
+        refused = _chamnet("search", "--predictor", folder, "--lut", lut, "--budget", "0.5", "--out", tmp_path / "x")
+        assert refused.returncode == 2 and "holds no ChamNet predictor" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_predictor_is_refused_for_another_base_model(base, tmp_path):
+    from adapter.search.chamnet.run import StoredPredictor, check_base
+    from lut.models import build_model
+
+    space = SearchSpace.around(candidate_of(base), step=8)
+    stored = StoredPredictor(tmp_path, {"base": space.base.text(), "classes": 10}, "base.keras", space, None, [], [],
+                             None, None)
+    check_base(stored, base, "base.keras")  # its own base passes
+    with pytest.raises(SpaceError, match="was built for the base v2 r32"):
+        check_base(stored, build_model("mobilenet_v1", alpha=0.25, resolution=32, classes=10), "v1.keras")
+    with pytest.raises(SpaceError, match="10 classes"):
+        check_base(stored, build_model("mobilenet_v2", alpha=0.25, resolution=32, classes=5), "five.keras")

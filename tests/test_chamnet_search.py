@@ -50,7 +50,7 @@ def test_macs_count_the_convolutions_of_a_candidate():
 
 
 def test_the_search_finds_the_best_predicted_candidate_within_the_luts_budget(tmp_path):
-    estimator = LatencyEstimator(_recorded_lut(tmp_path / "lut.sqlite"))
+    estimator = LatencyEstimator(_recorded_lut(tmp_path / "lut.sqlite", "v1a05_32"))
 
     def latency_ms(candidate):
         return estimator.total_us(candidate_specs(candidate, 10)) / 1000

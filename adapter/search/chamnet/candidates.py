@@ -71,8 +71,10 @@ class CandidateTrainer:
     def data(self, resolution: int):
         """The splits at `resolution` (loaded once per resolution: the same images, resized)."""
         if resolution not in self._data:
+            from adapter.train import SPLIT_SEED  # the base model's split: its holdout images it never trained on
+
             self._data[resolution] = self._load_dataset(self.source, resolution=resolution, holdout=self.holdout,
-                                                        seed=self.seed)
+                                                        seed=SPLIT_SEED)
         return self._data[resolution]
 
     def train(self, candidate: Candidate) -> tuple[float, float]:
@@ -113,16 +115,17 @@ def _identity(trainer: CandidateTrainer, space: SearchSpace) -> dict[str, Any]:
 
 def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunStore, *, total: int = 60,
                     initial: int = 24, held_out: int = 12, per_round: int = 6, pool: int = 2048,
-                    region: Callable[[Candidate], bool] | None = None,
+                    region: Callable[[Candidate], bool] | None = None, model_path: str | None = None,
                     progress: Callable[[str], None] = print) -> PredictorBuild:
-    """Train candidates into `store` until `total` are fitted on (see the module doc); resumes."""
+    """Train candidates into `store` until `total` are fitted on (see the module doc); resumes.
+    `model_path` (the base model's file) is kept in the store's state for the search to load."""
     identity = _identity(trainer, space)
     state = store.state()
     if state is not None and state.get("identity") != identity:
         changed = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
         raise SpaceError(f"{store.out} holds a predictor built for another {', '.join(changed)}; expected the same "
                          "base model, data, recipe and space. Use another --out for a new predictor.")
-    store.set_state({"identity": identity})
+    store.set_state({"identity": identity, "model": model_path or (state or {}).get("model")})
     rows = store.rows("candidates")
     done = {(r["role"], r["candidate"]) for r in rows}
 
