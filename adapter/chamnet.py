@@ -297,11 +297,14 @@ def _search(args: argparse.Namespace) -> int:
     final_seconds = time.perf_counter() - final_start
     adapted.save(out / "adapted.keras")
     print("exporting and measuring", flush=True)
-    figures, interleaved = final_figures({"original": session.model, "adapted": adapted}, session.estimator, data,
-                                         checker, out)
+    if data is session.data:
+        figures, interleaved = final_figures({"original": session.model, "adapted": adapted}, session.estimator, data,
+                                             checker, out)
+    else:  # another resolution: each model is scored on its own input size, both measured together
+        figures, interleaved = final_figures({"adapted": adapted}, session.estimator, data, checker, out)
+        figures.update(final_figures({"original": session.model}, session.estimator, session.data, None, out)[0])
+        figures["original"]["measured_ms"] = interleaved.median_ms("original") if interleaved else None
     original, adapted_figures = figures["original"], figures["adapted"]
-    if data is not session.data:  # the original is scored on its own resolution
-        original.update(_scores(session.model, session.data))
     report = {
         "model": stored.model_path, "data": stored.identity["data"], "device": session.device_name,
         "lut": lut_fields(args.lut, session.table, stored.space.step),
@@ -322,13 +325,6 @@ def _search(args: argparse.Namespace) -> int:
     _, md_path = write_report(out, report, [])
     print_summary(report, md_path)
     return EXIT_OK if budget_met(report["budget"]) else EXIT_NOT_MET
-
-
-def _scores(model: Any, data: Any) -> dict[str, float]:
-    from adapter.train import evaluate, evaluate_split
-
-    x_test, y_test = data.test.arrays()
-    return {"holdout_accuracy": evaluate_split(model, data.holdout), "test_accuracy": evaluate(model, x_test, y_test)}
 
 
 def _write_top(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ It checks the whole chain the adapter relies on, so it lives on the adapter's fl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ from lut.cli import (
 from lut.latency import LatencyEstimator, specs_of
 from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
-from lut.spec import LutError
+from lut.spec import LayerSpec, LutError
 from lut.summary import summarize
 from lut.table import LatencyTable, MeasurementFailure
 from profiler.build_lut import open_monitor
@@ -44,24 +45,56 @@ from profiler.convert import keras_to_tflite
 from profiler.devices import Device, open_device
 from profiler.monitor import ConditionsMonitor, add_monitor_arguments, monitor_policy
 from profiler.plan import channel_grid
+from profiler.single_op import SingleOpFactory
 
-__all__ = ["main", "summarize", "validate"]
+__all__ = ["SENTINELS", "Validation", "main", "summarize", "validate"]
 
 
 def _random_counts(groups: Any, step: int, rng: np.random.Generator) -> dict[str, int]:
     return {group.id: int(rng.choice(channel_grid(group.size, step))) for group in groups}
 
 
+SENTINELS = 12  # the original's largest measured entries, measured again in every round
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What `validate` measured: one row per variant, and the LUT's own entries measured again."""
+
+    rows: list[dict[str, Any]]
+    sentinels: list[dict[str, Any]]  # {"key", "stored_us", "measured_us"} per entry measured again
+
+    @property
+    def device_move(self) -> float | None:
+        """The median of the sentinels' measured / stored, minus 1: how far the device has moved
+        since the LUT was built (None without sentinels)."""
+        if not self.sentinels:
+            return None
+        return float(np.median([s["measured_us"] / s["stored_us"] for s in self.sentinels])) - 1
+
+
+def _sentinels(model: Any, table: LatencyTable) -> list[tuple[str, LayerSpec, float, bytes]]:
+    """The original's `SENTINELS` largest entries that the LUT measured (not interpolated), as the
+    single-op models `profiler.build_lut` measured them."""
+    stored = table.latencies_us()
+    specs = sorted((s for s in dict.fromkeys(specs_of(model)) if s in stored), key=lambda s: -stored[s])
+    factory = SingleOpFactory()
+    return [(f"sentinel{i}", spec, stored[spec], factory.build(spec)) for i, spec in enumerate(specs[:SENTINELS])]
+
+
 def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, seed: int, repeats: int = 5,
-             progress: bool = True, monitor: ConditionsMonitor | None = None) -> list[dict[str, Any]]:
-    """Measure `samples` random pruned variants of `model` on `device`; one row per variant.
+             progress: bool = True, monitor: ConditionsMonitor | None = None) -> Validation:
+    """Measure `samples` random pruned variants of `model` on `device`: one row per variant.
 
     The variants are measured interleaved, `repeats` rounds through all of them, and each
     one's figure is its median over the rounds: the device's speed drifts over minutes (on
     this project's shared VM, by up to ±15% for a 30 µs model between two runs), and
     interleaving spreads that drift over every variant instead of putting it on a few.
     With `monitor` (a `profiler.monitor.ConditionsMonitor`), every chunk of measurements is
-    kept only when the device was quiet around it.
+    kept only when the device was quiet around it. The original's largest LUT entries are
+    measured again in every round (`Validation.sentinels`): a device that has moved since the
+    LUT was built (this VM's neighbours moved single ops by 11% between two builds, unseen by
+    the reference model) shows there, apart from the LUT's own error.
     """
     # Pruning needs Keras, which loads TensorFlow: imported here, so that --help and bad arguments
     # answer before it loads.
@@ -77,10 +110,11 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
         counts = {} if i == 0 else _random_counts(groups, step, rng)  # variant 0: the model itself
         variant = prune_to_counts(model, counts) if counts else model
         variants.append((f"variant{i}", counts, estimator.total_us(specs_of(variant)), keras_to_tflite(variant)))
-    medians: dict[str, list[float]] = {name: [] for name, *_ in variants}
-    bar = tqdm(total=samples * repeats, desc="measuring", unit="model", disable=not progress)
+    sentinels = _sentinels(model, table)
+    items = [(name, tflite) for name, _, _, tflite in variants] + [(name, tflite) for name, _, _, tflite in sentinels]
+    medians: dict[str, list[float]] = {name: [] for name, _ in items}
+    bar = tqdm(total=len(items) * repeats, desc="measuring", unit="model", disable=not progress)
     for _ in range(repeats):
-        items = [(name, tflite) for name, _, _, tflite in variants]
         results = monitor.measure(items) if monitor is not None else ((n, r, None) for n, r in device.measure(items))
         for name, result, _ in results:
             if isinstance(result, MeasurementFailure):
@@ -88,9 +122,11 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
             medians[name].append(result.median_us)
             bar.update()
     bar.close()
-    return [{"variant": i, "predicted_us": predicted, "measured_us": float(np.median(medians[name])),
+    rows = [{"variant": i, "predicted_us": predicted, "measured_us": float(np.median(medians[name])),
              "rounds_us": medians[name], "channels": counts}
             for i, (name, counts, predicted, _) in enumerate(variants)]
+    return Validation(rows, [{"key": spec.key, "stored_us": stored, "measured_us": float(np.median(medians[name]))}
+                             for name, spec, stored, _ in sentinels])
 
 
 def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
@@ -154,13 +190,14 @@ def _main(args: argparse.Namespace) -> int:
             print(f"warning: {args.lut} was measured on {meta.get('device')!r}, not {args.device!r}", file=sys.stderr)
         try:
             monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, file=sys.stderr))
-            rows = validate(
+            validation = validate(
                 model, table, device, samples=args.samples, seed=args.seed, repeats=args.repeats,
                 progress=not args.no_progress, monitor=monitor,
             )
         finally:
             device.close()
 
+    rows, move = validation.rows, validation.device_move
     print(f"{'variant':>7} {'measured ms':>12} {'estimate ms':>12} {'error':>8}")
     for r in rows:
         err = 100 * (r["predicted_us"] - r["measured_us"]) / r["measured_us"]
@@ -170,10 +207,19 @@ def _main(args: argparse.Namespace) -> int:
         f"{summary['n']} variants: {100 * summary['within_5pct']:.0f}% within ±5%, {100 * summary['within_10pct']:.0f}% within ±10%, "
         f"RMSPE {summary['rmspe']:.1f}%, mean |error| {summary['mean_abs_pct_err']:.1f}%, mean error {summary['mean_pct_err']:+.1f}%"
     )
+    moved_out = None
+    if move is not None:
+        moved_out = summarize([r["predicted_us"] * (1 + move) for r in rows], [r["measured_us"] for r in rows])
+        print(f"the LUT's own entries ({len(validation.sentinels)} of the original's largest, measured again in every "
+              f"round) measure {move:+.1%} of their stored values: "
+              + ("the device has moved since the LUT was built; " if abs(move) > 0.03 else "")
+              + f"with that taken out, {100 * moved_out['within_5pct']:.0f}% within ±5%, "
+              f"{100 * moved_out['within_10pct']:.0f}% within ±10%, mean error {moved_out['mean_pct_err']:+.1f}%")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({**summary, "lut": args.lut, "device": args.device, "model": args.model,
+            json.dump({**summary, "device_move": move, "moved_out": moved_out, "sentinels": validation.sentinels,
+                       "lut": args.lut, "device": args.device, "model": args.model,
                        "monitor": monitor.summary() if monitor is not None else None, "variants": rows}, f, indent=1)
         plot = os.path.splitext(args.json)[0] + ".png"
         _plot(rows, plot, f"{args.model} on {args.device}: {100 * summary['within_5pct']:.0f}% within ±5%")

@@ -1,0 +1,56 @@
+"""`adapter.validate_lut` on a device whose speed the test controls: the LUT's own entries,
+measured again with the variants, tell how far the device has moved since the LUT was built."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lut.quiet_tf import import_tensorflow_quietly
+from tests.conftest import LENIENT
+
+import_tensorflow_quietly()
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class _Slowed:
+    """The host with every measurement `factor` times slower (a device the test slows down)."""
+
+    def __init__(self, device, factor: float):
+        self.device, self.factor = device, factor
+
+    def measure(self, items):
+        from lut.table import Measurement
+
+        for name, result in self.device.measure(items):
+            if isinstance(result, Measurement):
+                f = self.factor
+                result = dataclasses.replace(result, median_us=result.median_us * f, mean_us=result.mean_us * f,
+                                             min_us=result.min_us * f, max_us=result.max_us * f,
+                                             std_us=result.std_us * f)
+            yield name, result
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+
+def test_a_device_slowed_since_the_lut_was_built_shows_in_its_own_entries(tmp_path, tiny_v1):
+    from adapter.validate_lut import SENTINELS, validate
+    from profiler.build_lut import build_lut, open_lut
+    from profiler.devices import open_device
+    from profiler.plan import plan_specs
+
+    host = open_device("host", backend="cpu", threads=1)
+    try:
+        with open_lut(tmp_path / "lut.sqlite", host, 64) as table:
+            build_lut(host, plan_specs([tiny_v1], 64), table, progress=False, policy=LENIENT)
+            same = validate(tiny_v1, table, host, samples=2, seed=0, repeats=3, progress=False)
+            slowed = validate(tiny_v1, table, _Slowed(host, 1.5), samples=2, seed=0, repeats=3, progress=False)
+    finally:
+        host.close()
+    assert len(same.sentinels) == SENTINELS and [s["key"] for s in same.sentinels] == [s["key"] for s in slowed.sentinels]
+    stored = [s["stored_us"] for s in same.sentinels]
+    assert stored == sorted(stored, reverse=True)  # the original's largest entries
+    assert slowed.device_move > same.device_move + 0.3  # 1.5× slower: about +50% more
+    assert len(slowed.rows) == 2 and slowed.rows[0]["channels"] == {}  # variant 0: the model itself
