@@ -25,6 +25,11 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
+def _cell(text: str) -> str:
+    """`text` inside a Markdown table cell (a candidate's text holds pipes)."""
+    return text.replace("|", "\\|")
+
+
 def _fraction(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
@@ -130,7 +135,7 @@ def render_markdown(report: Mapping) -> str:
     if search.get("candidates"):  # a search of architectures (ChamNet): its top candidates
         lines += ["", "## Top candidates", "", "| candidate | predicted holdout accuracy | LUT-estimated latency | "
                   "measured fraction of the original |", "|---|---|---|---|"]
-        lines += [f"| `{c['candidate']}` | {_pct(c['holdout_accuracy'])} | {_ms(c['estimated_ms'])} | "
+        lines += [f"| `{_cell(c['candidate'])}` | {_pct(c['holdout_accuracy'])} | {_ms(c['estimated_ms'])} | "
                   f"{_fraction(c.get('measured_fraction'))} |" for c in search["candidates"]]
         lines += ["", f"![accuracy vs latency]({PLOT_FILE})"]
     else:
