@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.adapt import _budget_met, run_cli
+from adapter.adapt import run_cli
+from adapter.report import budget_met
 from tests.test_adapt_cli import _argv, files  # noqa: F401  (files: the tiny model, its LUT, a small .npz)
 
 
@@ -47,9 +48,9 @@ def test_rerunning_the_same_command_resumes_and_other_settings_are_refused_untou
 def test_the_exit_code_says_whether_the_budget_was_met():
     # the device's verdict when it took one, else the LUT estimate's
     for status, met in (("met", True), ("over-pruned", True), ("over budget", False), ("not taken", False)):
-        assert _budget_met({"status": status, "met_by_estimate": True}) is met
-    assert _budget_met({"status": "not measured", "met_by_estimate": True}) is True
-    assert _budget_met({"status": "not measured", "met_by_estimate": False}) is False
+        assert budget_met({"status": status, "met_by_estimate": True}) is met
+    assert budget_met({"status": "not measured", "met_by_estimate": True}) is True
+    assert budget_met({"status": "not measured", "met_by_estimate": False}) is False
 
 
 @pytest.mark.timeout(300)
