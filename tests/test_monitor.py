@@ -105,9 +105,9 @@ def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tm
         build_lut(device, SPECS, table, progress=False, policy=calm)
         frame = table.to_dataframe()
     assert len(frame) == len(SPECS) and frame["reference_us"].notna().all()
-    quiet = float(LatencyTable.open(path).meta["reference_us"])
-    # the quiet value is a low one of the reference's: none of the entries' references is far under it
-    assert 0 < quiet <= frame["reference_us"].median() and frame["reference_us"].min() >= 0.9 * quiet
+    # the quiet value is stored (how it is chosen is tested on scripted references below: live
+    # references on a shared VM swing by ±15% and cannot be asserted on)
+    assert float(LatencyTable.open(path).meta["reference_us"]) > 0
 
 
 class _ScriptedReference:
