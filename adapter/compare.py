@@ -102,12 +102,14 @@ def _measure(args: argparse.Namespace, reports: Sequence[dict[str, Any]], runs: 
     lut = reports[0]["lut"]
     name = args.device or lut["device"]
     device = open_final_check_device(name, backend=lut["backend"], threads=int(lut["threads"]), devices_file=args.devices)
-    with LatencyTable.open(lut["path"]) as table:
-        monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, flush=True))
-    original = (runs[0] / "original.tflite").read_bytes()
-    checker = ModelChecker(device, monitor, original, out)
-    print(f"measuring the original and {len(rows)} models interleaved on {name}", flush=True)
-    return checker.measure({f"m{i}": row["file"].read_bytes() for i, row in enumerate(rows)}), name
+    try:
+        with LatencyTable.open(lut["path"]) as table:
+            monitor = open_monitor(device, table, monitor_policy(args), log=lambda message: print(message, flush=True))
+        checker = ModelChecker(device, monitor, (runs[0] / "original.tflite").read_bytes(), out)
+        print(f"measuring the original and {len(rows)} models interleaved on {name}", flush=True)
+        return checker.measure({f"m{i}": row["file"].read_bytes() for i, row in enumerate(rows)}), name
+    finally:
+        device.close()
 
 
 def _table(rows: Sequence[dict[str, Any]], original: dict[str, Any]) -> list[str]:

@@ -24,7 +24,7 @@ from adapter.search.chamnet.space import Candidate, SearchSpace, SpaceError, Sta
 from adapter.search.chamnet.specs import candidate_specs
 from adapter.search.run_store import RUN_FILE
 
-__all__ = ["StoredPredictor", "candidate_latency_ms", "load_predictor", "space_models", "train_final"]
+__all__ = ["StoredPredictor", "candidate_latency_ms", "check_base", "load_predictor", "space_models", "train_final"]
 
 
 @dataclasses.dataclass
