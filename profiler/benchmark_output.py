@@ -1,23 +1,37 @@
 """Parse what TFLite's `benchmark_model` prints into a `BenchmarkResult`.
 
 `parse_benchmark_output` is a pure function from the tool's text to an object, so saved
-phone output can be tested without a phone.  It understands:
+phone output can be tested without a phone.  `tests/data/benchmark_outputs/` holds real
+outputs of many releases (TF 1.12 to the 2.15+ / LiteRT builds) with their sources.  It
+understands:
 
-* the statistics lines `count=N first=F curr=C min=A max=B avg=M std=S [p5=… median=… p95=…]`
-  (or `count=1 curr=C` when a phase ran once).  benchmark_model prints one for the warm-up
-  phase and then one for the measured phase: the last one is the measurement.  The
-  `Timings (microseconds): count=…` line of `--enable_op_profiling` is a sum over ops, not a
-  run, and is ignored;
-* the summary, new format `Inference timings in us: Init: …, First inference: …,
-  Warmup (avg): …, Inference (avg): …` and old format `Average inference timings in us:
-  Warmup: …, Init: …, no stats: …` (or `…, Inference: …`);
-* whether the GPU delegate took the whole graph: `Explicitly applied GPU delegate, and the
-  model graph will be completely / partially executed …`, `Though GPU delegate is explicitly
-  applied, the model graph will not be executed …`, `Failed to apply GPU delegate.`,
-  `GPU acceleration is unsupported on this platform.`, and TFLite's own
-  `Replacing N out of M node(s) with delegate (TfLiteGpuDelegateV2) node, yielding K partitions`.
+* the statistics lines `count=N first=F curr=C min=A max=B avg=M std=S` (all releases),
+  with ` p5=… median=… p95=…` appended by recent builds, and `count=N curr=C` (plus
+  `(all same)` when N > 1) when every run took the same time, e.g. a single warm-up run.
+  benchmark_model prints one for the warm-up phase and then one for the measured phase:
+  the last one is the measurement.  The `Timings (microseconds): count=…` line of
+  `--enable_op_profiling` is a sum over ops, not a run, and is ignored;
+* the summary: `Inference timings in us: Init: …, First inference: …, Warmup (avg): …,
+  Inference (avg): …` (TF 2.1 onwards), and the TF 1.x `Average inference timings in us:
+  Warmup: …, Init: …, no stats: …` (1.12–1.15) or `…, Inference: …` (the form the 2.0-era
+  README and Android benchmark app show).  An output whose summary stands without a
+  statistics line (grepped or elided by whoever saved it) gives the summary's average with
+  `count`, `min_us`, `max_us`, `std_us` None: those figures were not printed;
+* what the GPU and the NNAPI delegates did, from one table of phrasings
+  (`_DELEGATE_VERDICTS`), X being `GPU` or `NNAPI`:
+  `Explicitly applied X delegate, and the model graph will be completely / partially
+  executed by the delegate` (TF 2.4 onwards), the mid-2020 (TF 2.3) `Applied X delegate,
+  and the model graph will be completely executed w/ the delegate`, `Though X delegate is
+  explicitly applied, the model graph will not be executed by the delegate`, `Failed to
+  apply X delegate.`, `X acceleration is unsupported on this platform.`, and TFLite's own
+  `Replacing N out of M node(s) with delegate (TfLiteGpuDelegateV2 | TfLiteNnapiDelegate)
+  node, yielding K partitions[ for the whole graph | for subgraph 0].`  The older
+  `Replacing N node(s) with delegate (…) node, yielding K partitions.` names no total, so
+  it only ever proves "none" (N = 0).  XNNPACK, Hexagon and external delegates print the
+  same verdict lines with their own names; they are not GPU or NNAPI and are not reported.
 
-Lines may carry log prefixes (`INFO: `, logcat's `I tflite  : `, glog's `… .cc:324] `).
+Lines may carry log prefixes (`INFO: `, logcat's `I tflite  : `, glog's `… .cc:324] `) and
+the indentation of the document they were pasted into.
 """
 from __future__ import annotations
 
@@ -28,9 +42,16 @@ from typing import TypedDict
 
 from profiler.errors import ProfilerError
 
-__all__ = ["GPU_DELEGATE_STATES", "BenchmarkOutputError", "BenchmarkResult", "parse_benchmark_output"]
+__all__ = [
+    "DELEGATE_STATES",
+    "GPU_DELEGATE_STATES",
+    "BenchmarkOutputError",
+    "BenchmarkResult",
+    "parse_benchmark_output",
+]
 
-GPU_DELEGATE_STATES = ("full", "partial", "none")
+DELEGATE_STATES = ("full", "partial", "none")
+GPU_DELEGATE_STATES = DELEGATE_STATES
 
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf))"
 _FULL_STATS_RE = re.compile(
@@ -53,19 +74,47 @@ _SUMMARY_FIELDS = {
     "no stats": "inference_avg_us",
 }
 _REPLACING_RE = re.compile(
-    r"Replacing (\d+) out of (\d+) node\(s\) with delegate \((?P<delegate>[^)]*)\) node, yielding (\d+) partitions"
+    r"Replacing (?P<replaced>\d+) (?:out of (?P<total>\d+) )?node\(s\) with delegate \((?P<delegate>[^)]*)\) node,"
+    r" yielding (?P<partitions>\d+) partitions"
 )
-# (pattern, state) for the lines in which benchmark_model says what the GPU delegate did.
-_GPU_VERDICTS = (
-    (re.compile(r"Explicitly applied GPU delegate, and the model graph will be completely executed"), "full"),
-    (re.compile(r"Explicitly applied GPU delegate, and the model graph will be partially executed"), "partial"),
-    (re.compile(r"Though GPU delegate is explicitly applied, the model graph will not be executed"), "none"),
-    (re.compile(r"Failed to apply (?:the )?GPU delegate", re.IGNORECASE), "none"),
-    (re.compile(r"GPU acceleration is unsupported on this platform"), "none"),
-)
-_GPU_REQUESTED_RE = re.compile(
-    r"Use gpu\s*: \[1\]|Created TensorFlow Lite delegate for GPU|GPU delegate created", re.IGNORECASE
-)
+
+
+def _verdicts(name: str) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """(pattern, state) for the lines in which benchmark_model says what delegate `name` did."""
+    applied = rf"(?:Explicitly a|A)pplied {name} delegate, and the model graph will be"
+    return (
+        (re.compile(rf"{applied} completely executed (?:by|w/) the delegate"), "full"),
+        (re.compile(rf"{applied} partially executed (?:by|w/) the delegate"), "partial"),
+        (re.compile(rf"Though {name} delegate is (?:explicitly )?applied, the model graph will not be executed"), "none"),
+        (re.compile(rf"Failed to apply (?:the )?{name} delegate", re.IGNORECASE), "none"),
+        (re.compile(rf"{name} acceleration is unsupported on this platform"), "none"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Delegate:
+    keyword: str  # every line that speaks of this delegate names it (lower case)
+    verdicts: tuple[tuple[re.Pattern[str], str], ...]
+    requested: re.Pattern[str]  # the run asked for it (but this says nothing of how much it took)
+
+
+# Result field prefix -> how benchmark_model speaks of that delegate.
+_DELEGATES = {
+    "gpu": _Delegate(
+        "gpu",
+        _verdicts("GPU"),
+        re.compile(
+            r"Use gpu\s*: \[1\]|Created TensorFlow Lite delegate for GPU|GPU delegate created|Applied GPU delegate\.",
+            re.IGNORECASE,
+        ),
+    ),
+    "nnapi": _Delegate(
+        "nnapi",
+        _verdicts("NNAPI"),
+        re.compile(r"Use nnapi\s*: \[1\]|Created TensorFlow Lite delegate for NNAPI|NNAPI delegate created", re.IGNORECASE),
+    ),
+}
+_STARTED_MARKERS = ("STARTING!", "Loaded model", "Graph: [")
 # Printing keeps 6 significant digits (`avg=1.24027e+06`), so the summary and the statistics
 # line of one run agree to this relative tolerance.
 _SUMMARY_TOLERANCE = 1e-3
@@ -76,10 +125,10 @@ class _Stats(TypedDict):
     """The figures of one statistics line, named as `BenchmarkResult`'s fields."""
 
     avg_us: float
-    std_us: float
-    min_us: float
-    max_us: float
-    count: int
+    std_us: float | None
+    min_us: float | None
+    max_us: float | None
+    count: int | None
     median_us: float | None
 
 
@@ -91,33 +140,43 @@ class BenchmarkOutputError(ProfilerError):
 class BenchmarkResult:
     """One benchmark_model run, in microseconds.
 
-    `avg_us … count` describe the measured (last) phase.  `init_us`, `first_us`,
-    `warmup_avg_us` come from the summary line and are None where the format has no such
-    figure (the old format prints no first inference).  `median_us` is None unless the build
-    prints percentiles.  `gpu_delegate` is "full", "partial" or "none" when the output
-    speaks of a GPU delegate, None for a CPU run; `gpu_delegate_line` is the line that
-    decided it.
+    `avg_us … count` describe the measured (last) phase.  `std_us`, `min_us`, `max_us` and
+    `count` are None only when the output holds the summary line without the statistics
+    line (someone grepped or elided it): the average is known, the spread is not.
+    `init_us`, `first_us`, `warmup_avg_us` come from the summary line and are None where
+    the format has no such figure (the old format prints no first inference).
+    `median_us` is None unless the build prints percentiles.  `gpu_delegate` and
+    `nnapi_delegate` are "full", "partial" or "none" when the output speaks of that
+    delegate (a run that asked for it but never says it took the graph is "none"), None
+    when it does not; `gpu_delegate_line` / `nnapi_delegate_line` is the line that decided.
     """
 
     avg_us: float
-    std_us: float
-    min_us: float
-    max_us: float
-    count: int
+    std_us: float | None
+    min_us: float | None
+    max_us: float | None
+    count: int | None
     init_us: float | None = None
     first_us: float | None = None
     warmup_avg_us: float | None = None
     median_us: float | None = None
     gpu_delegate: str | None = None
     gpu_delegate_line: str | None = None
+    nnapi_delegate: str | None = None
+    nnapi_delegate_line: str | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether the statistics line was printed (count, min, max, std known)."""
+        return self.count is not None
 
 
 def parse_benchmark_output(text: str) -> BenchmarkResult:
     """The measured run described by `text`, the output of one `benchmark_model` call.
 
     Raises `BenchmarkOutputError`, quoting the offending lines, when `text` has no
-    statistics line for the measured phase, no summary line (the output was cut short),
-    numbers that are not finite, or a summary that disagrees with the statistics.
+    summary line (the output was cut short, or the run failed), numbers that are not
+    finite, or a summary that disagrees with the statistics.
     """
     if not isinstance(text, str):
         raise TypeError(f"`text` must be a str. Received: {type(text).__name__}.")
@@ -127,32 +186,44 @@ def parse_benchmark_output(text: str) -> BenchmarkResult:
     stats = _last_stats(lines)
     summary = _last_summary(lines)
     if stats is None and summary is None:
+        if any(marker in line for line in lines for marker in _STARTED_MARKERS):
+            raise BenchmarkOutputError(
+                "benchmark_model started but stopped before timing any run (the run failed); no "
+                f"`count=… avg=…` line and no `Inference timings in us:` summary. Received: {_quote(_telling_lines(lines))}."
+            )
         raise BenchmarkOutputError(
             "benchmark_model output has neither a `count=… avg=…` line nor an `Inference timings in us:` "
             f"summary; it is not a benchmark_model run. Received: {_quote(_telling_lines(lines))}."
-        )
-    if stats is None:
-        assert summary is not None  # the case of neither is above
-        raise BenchmarkOutputError(
-            "benchmark_model output has a summary but no `count=… avg=…` statistics line of the measured "
-            f"runs. Received: {_quote([summary[0]])}."
         )
     if summary is None:
         raise BenchmarkOutputError(
             "benchmark_model output stops before its `Inference timings in us:` summary (cut short, or the "
             f"run failed). Last lines received: {_quote(lines[-_QUOTE_LINES:])}."
         )
-    stats_line, values = stats
     summary_line, figures = summary
-    _check_consistent(stats_line, values, summary_line, figures)
-    gpu_delegate, gpu_line = _gpu_delegate(lines)
+    if stats is None:
+        # The summary repeats the measured average; only the spread is missing.
+        values: _Stats = {
+            "avg_us": figures["inference_avg_us"],
+            "std_us": None,
+            "min_us": None,
+            "max_us": None,
+            "count": None,
+            "median_us": None,
+        }
+    else:
+        stats_line, values = stats
+        _check_consistent(stats_line, values, summary_line, figures)
+    verdicts = {field: _delegate_state(lines, delegate) for field, delegate in _DELEGATES.items()}
     return BenchmarkResult(
         **values,
         init_us=figures.get("init_us"),
         first_us=figures.get("first_us"),
         warmup_avg_us=figures.get("warmup_avg_us"),
-        gpu_delegate=gpu_delegate,
-        gpu_delegate_line=gpu_line,
+        gpu_delegate=verdicts["gpu"][0],
+        gpu_delegate_line=verdicts["gpu"][1],
+        nnapi_delegate=verdicts["nnapi"][0],
+        nnapi_delegate_line=verdicts["nnapi"][1],
     )
 
 
@@ -182,7 +253,7 @@ def _last_stats(lines: list[str]) -> tuple[str, _Stats] | None:
             "count": _count(line, count),
             "median_us": _number(line, median.group(1)) if median else None,
         }
-        _check_order(line, values)
+        _check_order(line, low, avg, high, std, count)
         return line, values
     return None
 
@@ -221,35 +292,34 @@ def _check_consistent(stats_line: str, values: _Stats, summary_line: str, figure
         )
 
 
-def _check_order(line: str, values: _Stats) -> None:
-    low, avg, high = values["min_us"], values["avg_us"], values["max_us"]
+def _check_order(line: str, low: float, avg: float, high: float, std: float, count: float) -> None:
     if not (0 <= low <= avg * (1 + _SUMMARY_TOLERANCE) and avg <= high * (1 + _SUMMARY_TOLERANCE)):
         raise BenchmarkOutputError(
             f"benchmark_model statistics must satisfy 0 <= min <= avg <= max. Received: {_quote([line])}."
         )
-    if values["std_us"] < 0 or values["count"] < 1:
+    if std < 0 or count < 1:
         raise BenchmarkOutputError(
             f"benchmark_model statistics need count >= 1 and std >= 0. Received: {_quote([line])}."
         )
 
 
-def _gpu_delegate(lines: list[str]) -> tuple[str | None, str | None]:
-    """What the GPU delegate did: the least delegated verdict found, with its line.
+def _delegate_state(lines: list[str], delegate: _Delegate) -> tuple[str | None, str | None]:
+    """What `delegate` did: the least delegated verdict found, with its line.
 
-    Only positive evidence gives "full": a run that asked for the GPU and says nothing
-    about how the graph was delegated is "none".
+    Only positive evidence gives "full": a run that asked for the delegate and says
+    nothing about how the graph was delegated is "none".
     """
     rank = {"none": 0, "partial": 1, "full": 2}
     verdict: tuple[str, str] | None = None
     requested: str | None = None
     for line in lines:
-        if "gpu" not in line.lower():  # every line that speaks of the GPU delegate names it
+        if delegate.keyword not in line.lower():
             continue
-        state = _line_verdict(line)
+        state = _line_verdict(line, delegate)
         # On a tie the later line wins: benchmark_model's own verdict follows TFLite's log.
         if state is not None and (verdict is None or rank[state] <= rank[verdict[0]]):
             verdict = (state, line.strip())
-        if requested is None and _GPU_REQUESTED_RE.search(line):
+        if requested is None and delegate.requested.search(line):
             requested = line.strip()
     if verdict is not None:
         return verdict
@@ -258,17 +328,19 @@ def _gpu_delegate(lines: list[str]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _line_verdict(line: str) -> str | None:
-    for pattern, state in _GPU_VERDICTS:
+def _line_verdict(line: str, delegate: _Delegate) -> str | None:
+    for pattern, state in delegate.verdicts:
         if pattern.search(line):
             return state
     replacing = _REPLACING_RE.search(line)
-    if replacing and "gpu" in replacing.group("delegate").lower():
-        replaced, total, partitions = int(replacing.group(1)), int(replacing.group(2)), int(replacing.group(4))
-        if replaced == 0:
-            return "none"
-        return "full" if replaced == total and partitions == 1 else "partial"
-    return None
+    if not replacing or delegate.keyword not in replacing.group("delegate").lower():
+        return None
+    replaced, partitions = int(replacing.group("replaced")), int(replacing.group("partitions"))
+    if replaced == 0:
+        return "none"
+    if replacing.group("total") is None:  # the old form names no total: how much was taken is unknown
+        return None
+    return "full" if replaced == int(replacing.group("total")) and partitions == 1 else "partial"
 
 
 def _number(line: str, text: str) -> float:

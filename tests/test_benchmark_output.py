@@ -206,6 +206,8 @@ def test_single_measured_run_in_short_form():
         (GPU_REPLACING_ONLY_PARTIAL, "partial", "Replacing 3 out of 4"),
         (GPU_REQUESTED_SILENT, "none", "Use gpu : [1]"),
         (NEW_CPU_WITH_PERCENTILES, None, None),
+        (OLD_NO_STATS.replace("Use nnapi : [0]", "Use gpu : [1]").replace("resolved reporter",
+         "Applied GPU delegate, and the model graph will be completely executed w/ the delegate."), "full", "w/ the delegate"),
     ],
 )
 def test_gpu_delegate_state_and_the_line_that_decided_it(text, state, evidence):
@@ -215,6 +217,40 @@ def test_gpu_delegate_state_and_the_line_that_decided_it(text, state, evidence):
         assert result.gpu_delegate_line is None
     else:
         assert evidence in result.gpu_delegate_line
+
+
+NNAPI_TWO_DELEGATES = GPU_FULL.replace(
+    "INFO: Explicitly applied GPU delegate, and the model graph will be completely executed by the delegate.",
+    "INFO: Explicitly applied GPU delegate, and the model graph will be completely executed by the delegate.\n"
+    "INFO: Though NNAPI delegate is explicitly applied, the model graph will not be executed by the delegate.",
+).replace("INFO: Use gpu: [1]", "INFO: Use gpu: [1]\nINFO: Use NNAPI: [1]")
+
+
+@pytest.mark.parametrize(
+    "text, state, evidence",
+    [
+        (NNAPI_TWO_DELEGATES, "none", "Though NNAPI delegate"),
+        ("Use nnapi : [1]\n" + OLD_NO_STATS.replace("Use nnapi : [0]\n", ""), "none", "Use nnapi : [1]"),
+        ("INFO: Replacing 31 out of 31 node(s) with delegate (TfLiteNnapiDelegate) node, yielding 1 partitions for"
+         " the whole graph.\n" + SINGLE_RUN, "full", "31 out of 31"),
+        ("Explicitly applied NNAPI delegate, and the model graph will be partially executed by the delegate w/ 11"
+         " delegate kernels.\n" + SINGLE_RUN, "partial", "w/ 11"),
+        ("WARN: NNAPI acceleration is unsupported on this platform.\n" + SINGLE_RUN, "none", "unsupported"),
+        (OLD_NO_STATS, None, None),
+        (GPU_FULL, None, None),
+    ],
+)
+def test_nnapi_delegate_state_from_the_same_table(text, state, evidence):
+    result = parse_benchmark_output(text)
+    assert result.nnapi_delegate == state
+    assert (result.nnapi_delegate_line is None) == (evidence is None)
+    if evidence is not None:
+        assert evidence in result.nnapi_delegate_line
+
+
+def test_two_delegates_are_judged_apart():
+    result = parse_benchmark_output(NNAPI_TWO_DELEGATES)
+    assert (result.gpu_delegate, result.nnapi_delegate) == ("full", "none")
 
 
 def test_gpu_full_timings():
@@ -254,9 +290,23 @@ def test_truncated_in_the_middle_of_the_last_line_raises():
         parse_benchmark_output(cut)
 
 
-def test_summary_without_statistics_raises():
-    with pytest.raises(BenchmarkOutputError, match="no `count=… avg=…` statistics line"):
-        parse_benchmark_output("Inference timings in us: Init: 1, First inference: 2, Warmup (avg): 3, Inference (avg): 4\n")
+def test_summary_without_statistics_gives_the_summary_average_and_no_spread():
+    result = parse_benchmark_output("Inference timings in us: Init: 1, First inference: 2, Warmup (avg): 3, Inference (avg): 4\n")
+    assert (result.avg_us, result.init_us, result.first_us, result.warmup_avg_us) == (4, 1, 2, 3)
+    assert (result.count, result.min_us, result.max_us, result.std_us, result.median_us) == (None,) * 5
+    assert not result.has_statistics
+
+
+def test_old_summary_without_statistics_ignores_the_op_profiling_timings():
+    text = OLD_LOGCAT_WITH_PROFILING.replace("count=5 first", "x").replace("count=50 first=79449", "x")
+    result = parse_benchmark_output(text)
+    assert (result.avg_us, result.count, result.warmup_avg_us) == (79760.9, None, 83235)
+
+
+def test_a_run_that_failed_before_timing_says_so_and_quotes_the_error():
+    text = "INFO: STARTING!\nINFO: Use gpu: [1]\nERROR: Failed to build program executable\n"
+    with pytest.raises(BenchmarkOutputError, match="stopped before timing any run.*Failed to build program"):
+        parse_benchmark_output(text)
 
 
 def test_mixed_runs_raise():
@@ -282,3 +332,10 @@ def test_min_above_max_raises():
 def test_exported_by_the_profiler_package():
     assert profiler.parse_benchmark_output is parse_benchmark_output
     assert profiler.BenchmarkResult is BenchmarkResult
+
+
+def test_all_same_short_form_of_several_runs():
+    # tensorflow/core/util/stats_calculator.h prints `count=N curr=C(all same)` when every run took C.
+    text = "count=3 curr=512(all same)\n\nInference timings in us: Init: 8, First inference: 512, Warmup (avg): 512, Inference (avg): 512\n"
+    result = parse_benchmark_output(text)
+    assert (result.count, result.avg_us, result.min_us, result.max_us, result.std_us) == (3, 512, 512, 512, 0)

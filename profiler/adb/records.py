@@ -96,6 +96,13 @@ def result_from_record(record: RunnerRecord | None, backend: str, timeout_s: flo
             f"the GPU delegate did not run the whole graph (delegation {state}{evidence}); "
             "not recorded as a GPU latency"
         ), False
+    if result.count is None or result.min_us is None or result.max_us is None or result.std_us is None:
+        # Only the summary's average was printed: no spread, so nothing to store as a LUT entry.
+        # A build that prints no statistics line does so for every model, hence a fault.
+        return MeasurementFailure(
+            "benchmark_model printed its summary but no `count=… min=… max=… avg=… std=…` statistics line; "
+            "a LUT entry needs the measured runs' spread. Use a benchmark_model build that prints it."
+        ), True
     try:
         return Measurement(
             median_us=result.median_us if result.median_us is not None else result.avg_us,
