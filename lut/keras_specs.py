@@ -13,8 +13,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lut.keras_graph import as_functional, inbound_layers, layers_in_order
-from lut.spec import LayerSpec, UnsupportedLayerError
+from lut.keras_graph import as_functional, inbound_layers, layers_in_order, producer_of
+from lut.spec import DTYPES, LayerSpec, LutError, UnsupportedLayerError
 
 __all__ = ["channel_slopes", "specs_of_keras"]
 
@@ -273,13 +273,18 @@ _HANDLERS: dict[str, Callable[[_Walk, Any, list[_Tensor]], _Tensor]] = {
 }
 
 
-def specs_of_keras(model: Any, out_channels: Mapping[str, int] | None = None) -> list[LayerSpec]:
+def specs_of_keras(model: Any, out_channels: Mapping[str, int] | None = None, *, dtype: str = "float32") -> list[LayerSpec]:
     """The specs of a functional (or Sequential) Keras model in execution order.
 
     `out_channels` maps Conv2D/Dense layer names to a different number of filters/units:
     the specs are those of the model pruned that way (channels propagate through
-    depthwise, BN, add, pooling and reshape as in the pruned model).
+    depthwise, BN, add, pooling and reshape as in the pruned model).  With `dtype="int8"`
+    they are those of the model converted to int8 with float input and output
+    (`profiler.convert.keras_to_tflite` with representative data): every op int8, a
+    QUANTIZE per input first and a DEQUANTIZE per output last.
     """
+    if dtype not in DTYPES:
+        raise LutError(f"`dtype` must be one of {', '.join(DTYPES)}. Received: dtype={dtype!r}.")
     model = as_functional(model)  # a Sequential is read as the functional model it is
     walk = _Walk(model, out_channels or {})
     layers = layers_in_order(model)
@@ -302,7 +307,17 @@ def specs_of_keras(model: Any, out_channels: Mapping[str, int] | None = None) ->
         if out.fusable is not None and not walk.single_consumer(layer.name):
             out = dataclasses.replace(out, fusable=None)  # TFLite cannot fuse into a shared output
         walk.tensors[layer.name] = out
-    return walk.specs
+    if dtype == "float32":
+        return walk.specs
+    quantize = [_elementwise("quantize", walk.tensors[producer_of(t).name].shape) for t in model.inputs]
+    dequantize = [_elementwise("dequantize", walk.tensors[producer_of(t).name].shape) for t in model.outputs]
+    return [*quantize, *(spec.replace(dtype=dtype) for spec in walk.specs), *dequantize]
+
+
+def _elementwise(op: str, shape: tuple[int, ...]) -> LayerSpec:
+    """An int8 QUANTIZE/DEQUANTIZE of a tensor of `shape`, (h, w, c) or (c,)."""
+    h, w, c = shape if len(shape) == 3 else (1, 1, shape[-1])
+    return LayerSpec(op, h, w, c, c, dtype="int8")
 
 
 def channel_slopes(

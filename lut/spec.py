@@ -14,7 +14,7 @@ from typing import Any
 
 from lut.errors import LutError
 
-__all__ = ["LayerSpec", "OPS", "CHANNEL_PRESERVING_OPS", "ACTIVATIONS", "DTYPES", "LutError", "UnsupportedLayerError"]
+__all__ = ["LayerSpec", "OPS", "CHANNEL_PRESERVING_OPS", "ACTIVATIONS", "DTYPES", "QUANTIZE_OPS", "LutError", "UnsupportedLayerError"]
 
 
 def _pads(text: str) -> tuple[int, int, int, int]:
@@ -43,14 +43,20 @@ OPS = (
     "pad",
     "reshape",
     "softmax",
+    "quantize",
+    "dequantize",
 )
 # ops whose output channels are their input channels (cin == cout in their specs)
 CHANNEL_PRESERVING_OPS = frozenset(
-    {"depthwise_conv2d", "add", "mean", "average_pool_2d", "max_pool_2d", "pad", "softmax"}
+    {"depthwise_conv2d", "add", "mean", "average_pool_2d", "max_pool_2d", "pad", "softmax", "quantize", "dequantize"}
 )
+# An int8 model converts its float input with one QUANTIZE and its output back with one
+# DEQUANTIZE: keyed int8 (the side that is quantized), measured once per model like any op.
+QUANTIZE_OPS = frozenset({"quantize", "dequantize"})
 ACTIVATIONS = ("none", "relu", "relu6")
 DTYPES = {"float32": "f32", "int8": "i8"}
 _ELEMENT_BYTES = {"float32": 4, "int8": 1}
+_BIAS_BYTES = 4  # float32 or int32
 _PADDINGS = ("same", "valid")
 
 _KEY_RE = re.compile(
@@ -103,6 +109,8 @@ class LayerSpec:
             )
         if self.dtype not in DTYPES:
             raise LutError(f"`dtype` must be one of {', '.join(DTYPES)}. Received: dtype={self.dtype!r}.")
+        if self.op in QUANTIZE_OPS and self.dtype != "int8":
+            raise LutError(f"A {self.op} spec is keyed int8 (its quantized side). Received: dtype={self.dtype!r}.")
         if self.op in CHANNEL_PRESERVING_OPS and self.cin != self.cout:
             raise LutError(f"A {self.op} spec has cin == cout. Received: cin={self.cin}, cout={self.cout}.")
 
@@ -150,8 +158,10 @@ class LayerSpec:
     @property
     def output_hw(self) -> tuple[int, int]:
         """Spatial size of the output (conv/pool arithmetic as TensorFlow does it)."""
-        if self.op in ("mean", "fully_connected", "softmax", "reshape"):
-            return (1, 1) if self.op != "reshape" else (self.h, self.w)
+        if self.op in ("mean", "fully_connected", "softmax"):
+            return (1, 1)
+        if self.op in ("reshape", "quantize", "dequantize"):
+            return (self.h, self.w)
         if self.op == "pad":
             top, bottom, left, right = self.pads
             return self.h + top + bottom, self.w + left + right
@@ -164,14 +174,16 @@ class LayerSpec:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the op's constant weights and bias as TFLite stores them."""
+        """Bytes of the op's constant weights and bias as TFLite stores them (an int8 op's bias is int32)."""
         kh, kw = self.kernel
-        count = {
-            "conv2d": kh * kw * self.cin * self.cout + self.cout,
-            "depthwise_conv2d": kh * kw * self.cin + self.cin,
-            "fully_connected": self.cin * self.cout + self.cout,
-        }.get(self.op, 0)
-        return count * _ELEMENT_BYTES[self.dtype]
+        weights = {
+            "conv2d": kh * kw * self.cin * self.cout,
+            "depthwise_conv2d": kh * kw * self.cin,
+            "fully_connected": self.cin * self.cout,
+        }.get(self.op)
+        if weights is None:
+            return 0
+        return weights * _ELEMENT_BYTES[self.dtype] + self.cout * _BIAS_BYTES
 
     @property
     def macs(self) -> int:

@@ -280,6 +280,26 @@ def _softmax(op: _Op) -> LayerSpec:
     return LayerSpec("softmax", h, w, c, c, dtype=_dtype(op))
 
 
+def _quantize(op: _Op) -> LayerSpec:
+    if (op.input(0).dtype, op.outputs[0].dtype) != ("FLOAT32", "INT8"):
+        raise _Unsupported(
+            f"a QUANTIZE from {op.input(0).dtype} to {op.outputs[0].dtype} (only float32 to int8, "
+            "an int8 model's input, is keyed; a requantization inside the model is not)"
+        )
+    h, w, c = _nhwc(op.input(0))
+    return LayerSpec("quantize", h, w, c, c, dtype="int8")
+
+
+def _dequantize(op: _Op) -> LayerSpec:
+    if (op.input(0).dtype, op.outputs[0].dtype) != ("INT8", "FLOAT32"):
+        raise _Unsupported(
+            f"a DEQUANTIZE from {op.input(0).dtype} to {op.outputs[0].dtype} (only int8 to float32, "
+            "an int8 model's output, is keyed; float16 weights are not measured)"
+        )
+    h, w, c = _nhwc(op.input(0))
+    return LayerSpec("dequantize", h, w, c, c, dtype="int8")
+
+
 # BuiltinOperator name -> parser of one op into its LayerSpec.
 _PARSERS: dict[str, Callable[[_Op], LayerSpec]] = {
     "CONV_2D": _conv2d,
@@ -292,6 +312,8 @@ _PARSERS: dict[str, Callable[[_Op], LayerSpec]] = {
     "PAD": _pad,
     "RESHAPE": _reshape,
     "SOFTMAX": _softmax,
+    "QUANTIZE": _quantize,
+    "DEQUANTIZE": _dequantize,
 }
 
 

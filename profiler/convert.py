@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -13,14 +16,20 @@ __all__ = ["keras_to_tflite"]
 KerasModel = Any  # keras.Model: Keras ships no type information
 
 
-def keras_to_tflite(model: KerasModel, *, representative_data: Iterable[np.ndarray] | None = None) -> bytes:
+def keras_to_tflite(
+    model: KerasModel, *, representative_data: Iterable[np.ndarray] | None = None, int8_io: bool = False
+) -> bytes:
     """Convert `model` with its batch dimension fixed to 1.
 
     A fixed batch lets the converter fold the shape arithmetic a dynamic batch needs
     (SHAPE/STRIDED_SLICE/PACK before every Reshape), so the `.tflite` runs only the ops
     a phone runs for the layers.  With `representative_data` (an iterable of input
-    batches) the model is quantized to int8 with float input and output.
+    batches) the model is quantized to int8 with float input and output, as phonefit
+    deploys it; `int8_io` makes the input and output int8 too (no QUANTIZE/DEQUANTIZE: a
+    single-op model of an op inside an int8 model).
     """
+    if int8_io and representative_data is None:
+        raise ValueError("`int8_io` needs `representative_data`: only an int8 model has int8 input and output.")
     # TensorFlow and Keras take seconds to import: only a conversion pays for them.
     import keras
     import tensorflow as tf
@@ -39,6 +48,27 @@ def keras_to_tflite(model: KerasModel, *, representative_data: Iterable[np.ndarr
                     yield [tf.cast(batch[i : i + 1], tf.float32)]
 
         converter.representative_dataset = _representative
-    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every SavedModel it exports
+        if int8_io:
+            converter.inference_input_type = converter.inference_output_type = tf.int8
+    # Keras prints every SavedModel it exports; the quantizer prints its settings from C++ to
+    # standard error and warns that int8 inputs come without statistics (they need none).
+    # Errors still reach the caller: the converter raises them, message included.
+    quiet_native = _native_stderr_silenced() if representative_data is not None else contextlib.nullcontext()
+    with contextlib.redirect_stdout(io.StringIO()), quiet_native, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         tflite: bytes = converter.convert()
     return tflite
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -193,10 +193,6 @@ def test_generating_is_much_faster_than_one_conversion_per_spec():
     assert naive / fast >= 5, f"fast {fast:.3f} s, naive {naive:.3f} s for {len(specs)} specs"
 
 
-def test_int8_specs_are_not_yet_supported():
-    with pytest.raises(ProfilerError, match="float32 only; int8 is not yet supported"):
-        SingleOpFactory().build(SPECS["conv2d"].replace(dtype="int8"))
-
 
 @pytest.mark.parametrize(
     "spec, message",

@@ -13,12 +13,14 @@ from lut.spec import LayerSpec
 from lut.tflite_ops import op_details, read_model, tflite_schema
 from profiler.convert import keras_to_tflite
 from profiler.errors import ProfilerError
+from profiler.single_op.quantized import quantize_consts
 from profiler.single_op.recipes import Consts, KerasLayer, Recipe, check_spec, spec_rng, template_spec
 
 __all__ = ["SingleOpFactory", "keras_layers_for", "naive_single_op_model"]
 
 _BUFFER_ALIGNMENT = 16  # what the converter uses for constant buffers
 _FILE_IDENTIFIER = b"TFL3"
+_CALIBRATION_IMAGES = 8
 ModelT: TypeAlias = Any  # the TFLite schema's generated object API ships no type information
 
 
@@ -74,13 +76,41 @@ def _separate_graph_inputs(converted: bytes, graph_inputs: int) -> bytes:
     return _serialize(model, len(converted))
 
 
+def _keep_one_op(converted: bytes, index: int) -> bytes:
+    """The model of the op at `index` of `converted` alone: its input and output become the model's."""
+    model = read_model(converted)
+    subgraph = model.subgraphs[0]
+    op = subgraph.operators[index]
+    subgraph.operators = [op]
+    subgraph.inputs, subgraph.outputs = [op.inputs[0]], [op.outputs[0]]
+    for signature in model.signatureDefs or ():
+        signature.inputs, signature.outputs = signature.inputs[:1], signature.outputs[:1]
+        signature.inputs[0].tensorIndex, signature.outputs[0].tensorIndex = op.inputs[0], op.outputs[0]
+    return _serialize(model, len(converted))
+
+
+def _calibration_batches(model: Any, seed: int) -> list[np.ndarray]:
+    """Input batches the converter quantizes an int8 single-op model with (random normal)."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((_CALIBRATION_IMAGES, *model.inputs[0].shape[1:])).astype(np.float32)]
+
+
 def naive_single_op_model(spec: LayerSpec, seed: int = 0) -> bytes:
     """`spec`'s single-op model made the slow way: Keras layers → `profiler.convert.keras_to_tflite`.
 
-    Same op and weights as `SingleOpFactory(seed).build(spec)`.
+    Same op and weights as `SingleOpFactory(seed).build(spec)` (for an int8 spec, the same
+    float weights before each quantizes them).  An int8 op is converted with int8 input and
+    output, so that its model runs that op alone, as inside a full-integer model.
     """
     recipe = check_spec(spec)
-    converted = keras_to_tflite(_keras_model(spec, recipe, recipe.consts(spec, spec_rng(seed, spec))))
+    model = _keras_model(spec, recipe, recipe.consts(spec, spec_rng(seed, spec)))
+    if spec.dtype == "float32":
+        converted = keras_to_tflite(model)
+    else:
+        batches = _calibration_batches(model, seed)
+        converted = keras_to_tflite(model, representative_data=batches, int8_io=recipe.keep is None)
+        if recipe.keep is not None:
+            converted = _keep_one_op(converted, recipe.keep)
     return converted if recipe.graph_inputs == 1 else _separate_graph_inputs(converted, recipe.graph_inputs)
 
 
@@ -123,6 +153,8 @@ def _rewrite(model: ModelT, spec: LayerSpec, recipe: Recipe, consts: Consts) -> 
     _set_shape(subgraph.tensors[op.outputs[0]], recipe.output_shape(spec))
     if getattr(op.builtinOptions, "newShape", None) is not None:  # RESHAPE may repeat its shape here
         op.builtinOptions.newShape = list(recipe.output_shape(spec))
+    if spec.dtype == "int8":
+        consts = quantize_consts(subgraph, op, consts)
     written = 0
     for slot, values in consts.items():
         payload = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()

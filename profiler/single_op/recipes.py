@@ -28,7 +28,7 @@ KerasLayer: TypeAlias = Any  # Keras ships no type information
 # ---- what each op is made of ------------------------------------------------------------
 
 
-def _softmax_shape(spec: LayerSpec) -> tuple[int, ...]:
+def _flat_or_nhwc(spec: LayerSpec) -> tuple[int, ...]:
     """A 2-D `[1, c]` tensor for `h = w = 1` (a classifier's output), else NHWC."""
     return (1, spec.cin) if spec.h == spec.w == 1 else (1, spec.h, spec.w, spec.cin)
 
@@ -107,6 +107,9 @@ class Recipe:
     to_keras: Callable[[Consts], list[np.ndarray]] | None = None  # consts -> weights of keras_layers(...)[0]
     windowed: bool = False  # kernel/stride/padding describe the op
     activations: tuple[str, ...] = ("none",)  # what the converter fuses into this op
+    # The op of an int8 model converted with float input and output that is this one (its index);
+    # None: the op is the whole model converted with int8 input and output.
+    keep: int | None = None
 
 
 _FUSED = ("none", "relu", "relu6")
@@ -188,9 +191,27 @@ RECIPES: dict[str, Recipe] = {
     "softmax": Recipe(
         opcode="SOFTMAX",
         keras_layers=lambda s, keras: [keras.layers.Softmax()],
-        input_shapes=lambda s: [_softmax_shape(s)],
-        output_shape=_softmax_shape,
+        input_shapes=lambda s: [_flat_or_nhwc(s)],
+        output_shape=_flat_or_nhwc,
         graph_inputs=1,
+    ),
+    # No Keras layer converts to a QUANTIZE or DEQUANTIZE alone: they are the first and the last
+    # op of an int8 softmax converted with float input and output (`keep`).
+    "quantize": Recipe(
+        opcode="QUANTIZE",
+        keras_layers=lambda s, keras: [keras.layers.Softmax()],
+        input_shapes=lambda s: [_flat_or_nhwc(s)],
+        output_shape=_flat_or_nhwc,
+        graph_inputs=1,
+        keep=0,
+    ),
+    "dequantize": Recipe(
+        opcode="DEQUANTIZE",
+        keras_layers=lambda s, keras: [keras.layers.Softmax()],
+        input_shapes=lambda s: [_flat_or_nhwc(s)],
+        output_shape=_flat_or_nhwc,
+        graph_inputs=1,
+        keep=-1,
     ),
 }
 
@@ -199,10 +220,6 @@ def check_spec(spec: LayerSpec) -> Recipe:
     """The recipe for `spec`, or a `ProfilerError` saying what about the spec cannot be built."""
     if not isinstance(spec, LayerSpec):
         raise ProfilerError(f"`spec` must be a lut.LayerSpec. Received: {type(spec).__name__}.")
-    if spec.dtype != "float32":
-        raise ProfilerError(
-            f"Single-op models are float32 only; {spec.dtype} is not yet supported. Received: spec={spec.key}."
-        )
     recipe = RECIPES.get(spec.op)
     if recipe is None:
         raise ProfilerError(
