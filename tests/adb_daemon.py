@@ -53,7 +53,8 @@ Paths.  The device path `/data/local/tmp` is the host directory `root` given to 
 * shell command text has every `/data/local/tmp` rewritten to `root` and every
   `/sys/devices/system/cpu` to a fake sysfs directory, and the command output has those host
   paths rewritten back, so `pwd` or an error message shows device paths.  Only the command
-  text and its output are rewritten: a script that hard-codes `/data/local/tmp` inside a
+  text and its output are rewritten (so is `/sys/class/thermal`, to a fake thermal directory):
+  a script that hard-codes `/data/local/tmp` inside a
   pushed file is not (pass paths as arguments, or use relative paths);
 * shell commands start in `root` (a real phone starts in `/`: `cd` explicitly), with
   `TMPDIR=root` and a PATH of: this Python's bin directory (so a pushed
@@ -67,8 +68,16 @@ Device stand-ins, for the commands a device fingerprint needs:
   name, device, manufacturer, `ro.soc.model`, `ro.soc.manufacturer`, `ro.board.platform`,
   `ro.build.version.release`, `ro.build.version.sdk`, `ro.build.fingerprint`,
   `ro.product.cpu.abi`, `ro.product.cpu.abilist`) updated with the `props` given.
-* `dumpsys battery` prints the battery service state; `temperature: 312` (tenths of a °C).
-  `dumpsys` with another service prints `Can't find service: NAME`.
+* `dumpsys battery` prints the battery service state from `DEFAULT_BATTERY` (charging over
+  USB, `level: 87`, `temperature: 312` in tenths of a °C) updated with the `battery` given
+  (e.g. `battery={"temperature": 452}`: a hot phone; `{"USB powered": False, "status": 3}`:
+  unplugged, discharging).  `dumpsys power`, `dumpsys display` and `dumpsys thermalservice`
+  print the lines of those services that say whether the screen is on, whether battery saver
+  is on and the thermal status: `DEFAULT_SERVICES` (screen off, saver off, `Thermal Status: 0`)
+  updated with the `services` given (service name -> its whole output).  `dumpsys` with
+  another service prints `Can't find service: NAME`.
+* `/sys/class/thermal/thermal_zone0|1/` with `type` and `temp` (millidegrees Celsius): a
+  battery and a CPU zone (see `THERMAL_ZONES`).
 * `/sys/devices/system/cpu/`: `possible`, `present`, `online` (`0-7`);
   `cpufreq/policy0|4|6/` with `scaling_governor` (`schedutil`), `cpuinfo_max_freq`,
   `cpuinfo_min_freq`, `scaling_max_freq`, `scaling_min_freq`, `scaling_cur_freq`,
@@ -77,7 +86,8 @@ Device stand-ins, for the commands a device fingerprint needs:
   cpu6-7 at 2850000 kHz (see `CPU_CLUSTERS`).
 
 Faults (`Faults`) reach the `benchmark_model` stand-in (tests/fake_benchmark_model.py,
-pushed by the tests) through the environment variable `PHONEFIT_FAKE_BENCHMARK` (JSON),
+pushed by the tests; `gpu_unavailable`: its GPU delegate cannot be created, as on a phone
+without OpenCL) through the environment variable `PHONEFIT_FAKE_BENCHMARK` (JSON),
 set for every shell command.  The stand-in counts the models it ran in a file of the
 daemon's private state directory (not in `root`, so that listings of `/data/local/tmp`
 show only what was pushed).  With `drop_after_models=N`, the stand-in started after N models
@@ -119,9 +129,12 @@ import numpy as np
 
 __all__ = [
     "CPU_CLUSTERS",
+    "DEFAULT_BATTERY",
     "DEFAULT_PROPS",
+    "DEFAULT_SERVICES",
     "FAKE_BENCHMARK_ENV",
     "REMOTE_ROOT",
+    "THERMAL_ZONES",
     "Faults",
     "LoopbackAdbDaemon",
     "parse_adb_public_key",
@@ -131,6 +144,7 @@ _LOG = logging.getLogger(__name__)
 
 REMOTE_ROOT = "/data/local/tmp"
 _REMOTE_SYSFS_CPU = "/sys/devices/system/cpu"
+_REMOTE_SYSFS_THERMAL = "/sys/class/thermal"
 # The environment variable through which the `benchmark_model` stand-in gets its faults
 # (tests/fake_benchmark_model.py reads the same name).
 FAKE_BENCHMARK_ENV = "PHONEFIT_FAKE_BENCHMARK"
@@ -160,7 +174,50 @@ CPU_CLUSTERS: tuple[tuple[str, tuple[int, ...], int], ...] = (
 )
 _CPU_MIN_FREQ_KHZ = 300000
 _GOVERNOR = "schedutil"
-_BATTERY_TEMPERATURE = 312  # tenths of a degree Celsius, as dumpsys prints it
+# `dumpsys battery`'s fields, in its order (temperature in tenths of a degree Celsius; status
+# 2 = charging, 3 = discharging, 5 = full): a phone charging over USB.
+DEFAULT_BATTERY: Mapping[str, object] = {
+    "AC powered": False,
+    "USB powered": True,
+    "Wireless powered": False,
+    "Max charging current": 500000,
+    "Max charging voltage": 5000000,
+    "Charge counter": 3915000,
+    "status": 2,
+    "health": 2,
+    "present": True,
+    "level": 87,
+    "scale": 100,
+    "voltage": 4312,
+    "temperature": 312,
+    "technology": "Li-ion",
+}
+# What `dumpsys SERVICE` prints for the services a doctor asks (the lines that matter, as
+# Android 14 prints them): screen off, battery saver off, no thermal throttling.
+DEFAULT_SERVICES: Mapping[str, str] = {
+    "power": (
+        "POWER MANAGER (dumpsys power)\n\n"
+        "Power Manager State:\n"
+        "  mWakefulness=Asleep\n"
+        "  mIsPowered=true\n"
+        "  mBatteryLevel=87\n"
+        "  mLowPowerMode=false\n"
+        "Display Power: state=OFF\n"
+    ),
+    "display": "DISPLAY MANAGER (dumpsys display)\n  mGlobalDisplayState=OFF\n  mScreenState=OFF\n",
+    "thermalservice": (
+        "IsStatusOverride: false\n"
+        "ThermalEventListeners:\n\tcallbacks: 1\n"
+        "Thermal Status: 0\n"
+        "Cached temperatures:\n"
+        "\tTemperature{mValue=31.2, mType=2, mName=battery, mStatus=0}\n"
+    ),
+}
+# (zone, type, temp in millidegrees Celsius) of the fake /sys/class/thermal.
+THERMAL_ZONES: tuple[tuple[str, str, int], ...] = (
+    ("thermal_zone0", "battery", 31200),
+    ("thermal_zone1", "cpu-1-0-usr", 38500),
+)
 
 # Wire protocol constants (AOSP adb's protocol.txt).
 A_VERSION_MIN = 0x01000000
@@ -207,6 +264,7 @@ class Faults:
     partial_gpu_models: tuple[str, ...] = ()  # with --use_gpu=true the delegate takes part of the graph
     slow_runs: tuple[int, int] | None = None  # models started while [first, end) models had run are slowed
     slow_factor: float = 2.0  # ... by this factor (a throttled phone)
+    gpu_unavailable: bool = False  # with --use_gpu=true the GPU delegate cannot be created (runs on the CPU)
 
     def __post_init__(self) -> None:
         if self.slow_runs is not None:
@@ -284,9 +342,11 @@ class _ProtocolError(Exception):
 class _PathMap:
     """Device path prefixes <-> host directories, for shell text, shell output and sync paths."""
 
-    def __init__(self, root: Path, sysfs_cpu: Path):
+    def __init__(self, root: Path, sysfs_cpu: Path, sysfs_thermal: Path):
         self.root = root
-        self._pairs = ((REMOTE_ROOT, str(root)), (_REMOTE_SYSFS_CPU, str(sysfs_cpu)))
+        self._pairs = (
+            (REMOTE_ROOT, str(root)), (_REMOTE_SYSFS_CPU, str(sysfs_cpu)), (_REMOTE_SYSFS_THERMAL, str(sysfs_thermal))
+        )
         self._to_host_re = re.compile(
             "|".join(re.escape(device) for device, _ in self._pairs) + r"(?![A-Za-z0-9_.+-])"
         )
@@ -940,33 +1000,29 @@ def _getprop_script(props: Mapping[str, str], listing: Path) -> str:
     )
 
 
-def _battery_text(temperature: int) -> str:
-    return (
-        "Current Battery Service state:\n"
-        "  AC powered: false\n"
-        "  USB powered: true\n"
-        "  Wireless powered: false\n"
-        "  Max charging current: 500000\n"
-        "  Max charging voltage: 5000000\n"
-        "  Charge counter: 3915000\n"
-        "  status: 2\n"
-        "  health: 2\n"
-        "  present: true\n"
-        "  level: 87\n"
-        "  scale: 100\n"
-        "  voltage: 4312\n"
-        f"  temperature: {temperature}\n"
-        "  technology: Li-ion\n"
-    )
+def _make_sysfs_thermal(directory: Path) -> None:
+    for zone, kind, millidegrees in THERMAL_ZONES:
+        _write(directory / zone / "type", f"{kind}\n")
+        _write(directory / zone / "temp", f"{millidegrees}\n")
 
 
-def _dumpsys_script(battery: Path) -> str:
+def _battery_text(battery: Mapping[str, object]) -> str:
+    def text(value: object) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return "Current Battery Service state:\n" + "".join(f"  {key}: {text(value)}\n" for key, value in battery.items())
+
+
+def _dumpsys_script(outputs: Mapping[str, Path]) -> str:
+    """`dumpsys SERVICE` prints the file of `outputs[SERVICE]`."""
+    cases = "".join(f"  {shlex.quote(name)}) exec cat {shlex.quote(str(path))} ;;\n" for name, path in outputs.items())
+    listing = "".join(f"  {name}\\n" for name in outputs)
     return (
         "#!/bin/sh\n"
         "# dumpsys stand-in of the loopback ADB daemon\n"
         'case "${1-}" in\n'
-        f"  battery) exec cat {shlex.quote(str(battery))} ;;\n"
-        "  '') printf 'Currently running services:\\n  battery\\n' ;;\n"
+        f"{cases}"
+        f"  '') printf 'Currently running services:\\n{listing}' ;;\n"
         "  *) printf \"Can't find service: %s\\n\" \"$1\" ;;\n"
         "esac\n"
     )
@@ -988,6 +1044,8 @@ class LoopbackAdbDaemon:
         auth: str = "accept",
         authorized_keys: Iterable[str] = (),
         props: Mapping[str, str] | None = None,
+        battery: Mapping[str, object] | None = None,
+        services: Mapping[str, str] | None = None,
         faults: Faults = Faults(),
     ):
         if auth not in _AUTH_MODES:
@@ -1007,6 +1065,12 @@ class LoopbackAdbDaemon:
         self.auth = auth
         self.faults = faults
         self.props = {**DEFAULT_PROPS, **(props or {})}
+        self.battery = {**DEFAULT_BATTERY, **(battery or {})}
+        self.services = {**DEFAULT_SERVICES, **(services or {})}
+        bad = [name for name in self.services if name == "battery" or not re.fullmatch(r"[a-z_]+", name)]
+        if bad:
+            raise ValueError(f"`services` names dumpsys services of lower-case letters other than battery (set "
+                             f"`battery` for that). Received: {bad!r}.")
         self.host = "127.0.0.1"
         self.port: int | None = None
         self._keys = [parse_adb_public_key(line) for text in authorized_keys for line in text.splitlines() if line.strip()]
@@ -1165,14 +1229,20 @@ class LoopbackAdbDaemon:
     def _install_device_files(self) -> None:
         private = self._private
         state, bin_dir, sysfs = private / "state", private / "bin", private / "sysfs_cpu"
+        thermal = private / "sysfs_thermal"
         state.mkdir()
         listing = state / "props.txt"
         _write(listing, "".join(f"[{k}]: [{v}]\n" for k, v in sorted(self.props.items())))
         _write(bin_dir / "getprop", _getprop_script(self.props, listing), 0o755)
-        _write(state / "battery.txt", _battery_text(_BATTERY_TEMPERATURE))
-        _write(bin_dir / "dumpsys", _dumpsys_script(state / "battery.txt"), 0o755)
+        outputs = {"battery": state / "dumpsys_battery.txt"}
+        _write(outputs["battery"], _battery_text(self.battery))
+        for name, text in self.services.items():
+            outputs[name] = state / f"dumpsys_{name}.txt"
+            _write(outputs[name], text)
+        _write(bin_dir / "dumpsys", _dumpsys_script(outputs), 0o755)
         _make_sysfs_cpu(sysfs)
-        self._paths = _PathMap(self.root, sysfs)
+        _make_sysfs_thermal(thermal)
+        self._paths = _PathMap(self.root, sysfs, thermal)
         fault_spec = {**dataclasses.asdict(self.faults), "state_dir": str(state)}
         self._shell_env = {
             **os.environ,

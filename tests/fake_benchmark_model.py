@@ -30,7 +30,10 @@ sleep until killed), `garbage_models` (print garbage instead of timings, exit 0)
 reports: `Replacing N out of N+1 node(s) … yielding 1 partitions`, `… partially executed by
 the delegate w/ 1 delegate kernels.`), and the slow-down switch `slow_runs` = [first, end)
 with `slow_factor` (models started while the models-run counter is in the window report
-their timings that many times slower, as a throttled phone does).  Without that variable
+their timings that many times slower, as a throttled phone does), and `gpu_unavailable`
+(with `--use_gpu=true`, the GPU delegate cannot be created, as on a phone without OpenCL: the
+tool warns `GPU acceleration is unsupported on this platform.` and runs the graph on the
+CPU, exit 0).  Without that variable
 it runs with no faults and counts nothing.  It imports nothing from the project, so it runs wherever it is pushed.
 """
 from __future__ import annotations
@@ -334,7 +337,9 @@ def main(argv: list[str]) -> int:
         _print_crash(ops[0]["op_name"] if ops else "CONV_2D")
         _count_model_run(faults)
         return _CRASH_EXIT_STATUS
-    if values["use_gpu"]:
+    if values["use_gpu"] and faults.get("gpu_unavailable"):
+        _log("GPU acceleration is unsupported on this platform.", "WARN")
+    elif values["use_gpu"]:
         _print_gpu_delegate(len(ops), partial=_matches(faults, "partial_gpu_models", graph))
     _log(f"The input model file size (MB): {_fmt(os.path.getsize(graph) / 1024 / 1024)}")
     _log(f"Initialized session in {_fmt(init_us / 1000)}ms.")

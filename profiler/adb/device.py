@@ -208,6 +208,18 @@ class AdbDevice:
                         "the failures are recorded, rerun with --retry-failed once fixed."
                     )
 
+    def run_records(self, models: Sequence[tuple[str, bytes]]) -> list[RunnerRecord | None]:
+        """`models` run as one batch (at most `batch_size`) by the batch runner: each model's
+        record as the runner wrote it, None where it left none.  The text `measure` makes its
+        results of, for a caller that reads more of it (`profiler.doctor`: the GPU delegate's
+        verdict, XNNPACK's line)."""
+        if not 0 < len(models) <= self._settings.batch_size:
+            raise ValueError(f"`models` must be 1 to batch_size={self._settings.batch_size} models. "
+                             f"Received: {len(models)} models.")
+        batch = self._new_batch(list(models))
+        records = self._link.retrying(lambda: self._run_batch_once(batch))
+        return [records.get(name) for _, _, name in batch.entries]
+
     def close(self) -> None:
         try:
             if self._link.connected:
@@ -221,10 +233,7 @@ class AdbDevice:
     def _measure_batch(self, entries: list[tuple[str, bytes]]) -> list[Outcome]:
         """Results of `entries` in order. The battery temperature comes with a batch that holds
         the conditions monitor's reference (it shows throttling when the reference drifts)."""
-        directory = f"{self._session}/b{next(self._batches):05d}"
-        named = [(model_id, data, remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)]
-        read_battery = any(model_id == REFERENCE_ID for model_id, _ in entries)
-        batch = _Batch(directory, secrets.token_hex(6), named, batch_archive(named), read_battery)
+        batch = self._new_batch(entries)
         timeout_s = self._run.model_timeout_s
         try:
             records = self._link.retrying(lambda: self._run_batch_once(batch))
@@ -235,6 +244,12 @@ class AdbDevice:
                 for index, (_, _, name) in enumerate(batch.entries) if name in records
             }) from None
         return [result_from_record(records.get(name), self.backend, timeout_s) for _, _, name in batch.entries]
+
+    def _new_batch(self, entries: list[tuple[str, bytes]]) -> _Batch:
+        directory = f"{self._session}/b{next(self._batches):05d}"
+        named = [(model_id, data, remote_name(i, model_id)) for i, (model_id, data) in enumerate(entries)]
+        read_battery = any(model_id == REFERENCE_ID for model_id, _ in entries)
+        return _Batch(directory, secrets.token_hex(6), named, batch_archive(named), read_battery)
 
     def _records_after_interrupt(self, batch: _Batch) -> dict[str, RunnerRecord]:
         """The records the runner had appended when Ctrl-C came (one per finished model), pulled

@@ -8,7 +8,7 @@ import re
 
 from profiler.errors import ProfilerError
 
-__all__ = ["BATTERY_COMMAND", "FACTS_COMMAND", "battery_temp_c", "check_abi", "parse_phone"]
+__all__ = ["BATTERY_COMMAND", "FACTS_COMMAND", "battery_temp_c", "binary_abis", "check_abi", "parse_phone", "phone_abis"]
 
 # ELF e_machine -> the Android ABIs that run it.
 _ELF_MACHINES = {0xB7: ("arm64-v8a",), 0x28: ("armeabi-v7a", "armeabi"), 0x3E: ("x86_64",), 0x03: ("x86",)}
@@ -68,6 +68,20 @@ def parse_phone(output: str) -> dict[str, object]:
     return phone
 
 
+def binary_abis(binary: bytes) -> tuple[str, ...] | None:
+    """The Android ABIs that run `binary` (an ELF executable), None for anything else (a
+    script, an unknown processor): its ABI cannot be told."""
+    if binary[:4] != b"\x7fELF" or len(binary) < 20:
+        return None
+    machine = int.from_bytes(binary[18:20], "little" if binary[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine)
+
+
+def phone_abis(phone: dict[str, object]) -> list[str]:
+    """The ABIs the phone runs (`parse_phone`'s `abilist`, else `abi`), best first; [] when it says none."""
+    return [abi for abi in str(phone.get("abilist") or phone.get("abi") or "").split(",") if abi]
+
+
 def check_abi(binary: bytes, phone: dict[str, object], *, name: str, path: object, source: str) -> None:
     """A benchmark_model built for another processor fails every model; say so at once.
 
@@ -78,12 +92,9 @@ def check_abi(binary: bytes, phone: dict[str, object], *, name: str, path: objec
         path: where `binary` was read from.
         source: the devices.toml that names `path`.
     """
-    if binary[:4] != b"\x7fELF" or len(binary) < 20:
-        return
-    machine = int.from_bytes(binary[18:20], "little" if binary[5] == 1 else "big")
-    runs_on = _ELF_MACHINES.get(machine)
-    abis = str(phone.get("abilist") or phone.get("abi") or "").split(",")
-    if runs_on and abis != [""] and not set(runs_on) & set(abis):
+    runs_on = binary_abis(binary)
+    abis = phone_abis(phone)
+    if runs_on and abis and not set(runs_on) & set(abis):
         raise ProfilerError(
             f"{path} is built for {runs_on[0]}, but {name} runs {', '.join(abis)}; "
             f"set `benchmark_model` of [{name}] in {source} to a build for {abis[0]} "
