@@ -37,11 +37,11 @@ from lut.cli import (
 from lut.latency import LatencyEstimator, specs_of
 from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
-from lut.spec import LayerSpec, LutError
+from lut.spec import DTYPES, LayerSpec, LutError
 from lut.summary import summarize
 from lut.table import LatencyTable, MeasurementFailure
 from profiler.build_lut import open_monitor
-from profiler.convert import keras_to_tflite
+from profiler.convert import convert_for
 from profiler.devices import Device, open_device
 from profiler.monitor import ConditionsMonitor, add_monitor_arguments, monitor_policy
 from profiler.plan import channel_grid
@@ -77,7 +77,7 @@ def _sentinels(model: Any, table: LatencyTable) -> list[tuple[str, LayerSpec, fl
     """The original's `SENTINELS` largest entries that the LUT measured (not interpolated), as the
     single-op models `profiler.build_lut` measured them."""
     stored = table.latencies_us()
-    specs = sorted((s for s in dict.fromkeys(specs_of(model)) if s in stored), key=lambda s: -stored[s])
+    specs = sorted((s for s in dict.fromkeys(specs_of(model, table.dtype)) if s in stored), key=lambda s: -stored[s])
     factory = SingleOpFactory()
     return [(f"sentinel{i}", spec, stored[spec], factory.build(spec)) for i, spec in enumerate(specs[:SENTINELS])]
 
@@ -85,6 +85,9 @@ def _sentinels(model: Any, table: LatencyTable) -> list[tuple[str, LayerSpec, fl
 def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, seed: int, repeats: int = 5,
              progress: bool = True, monitor: ConditionsMonitor | None = None) -> Validation:
     """Measure `samples` random pruned variants of `model` on `device`: one row per variant.
+
+    Each variant is converted as the LUT's ops are: float32, or int8 (calibrated on random
+    inputs: the activations' ranges do not change what an op costs).
 
     The variants are measured interleaved, `repeats` rounds through all of them, and each
     one's figure is its median over the rounds: the device's speed drifts over minutes (on
@@ -109,7 +112,8 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
     for i in tqdm(range(samples), desc="converting", unit="variant", disable=not progress):
         counts = {} if i == 0 else _random_counts(groups, step, rng)  # variant 0: the model itself
         variant = prune_to_counts(model, counts) if counts else model
-        variants.append((f"variant{i}", counts, estimator.total_us(specs_of(variant)), keras_to_tflite(variant)))
+        estimate_us = estimator.total_us(specs_of(variant, table.dtype))
+        variants.append((f"variant{i}", counts, estimate_us, convert_for(variant, table.dtype)))
     sentinels = _sentinels(model, table)
     items = [(name, tflite) for name, _, _, tflite in variants] + [(name, tflite) for name, _, _, tflite in sentinels]
     medians: dict[str, list[float]] = {name: [] for name, _ in items}
@@ -162,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--alpha", type=positive_float, default=1.0, help="width multiplier of a named model")
     parser.add_argument("--resolution", type=positive_int, default=224, help="input size of a named model (pixels)")
     parser.add_argument("--classes", type=positive_int, default=1000, help="classes of a named model")
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
+                        help="what the variants are converted to: the LUT's dtype (the default), named to make sure")
     parser.add_argument("--samples", type=positive_int, default=30, help="variants to draw (the first is the unpruned model)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random channel counts")
     parser.add_argument("--repeats", type=positive_int, default=5,
@@ -182,6 +188,9 @@ def _main(args: argparse.Namespace) -> int:
 
     with LatencyTable.open(args.lut) as table:
         meta = table.meta
+        if args.dtype is not None and args.dtype != table.dtype:
+            raise LutError(f"{args.lut} holds {table.dtype} ops, not {args.dtype}. Build a LUT with "
+                           f"`python -m profiler.build_lut --dtype {args.dtype}` and validate that one.")
         model = load_model(args.model, alpha=args.alpha, resolution=args.resolution, classes=args.classes)
         device = open_device(
             args.device, backend=meta.get("backend", "cpu"), threads=int(meta.get("threads", 1)), devices_file=args.devices

@@ -49,7 +49,7 @@ def _estimate(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     with LatencyTable.open(args.lut) as table:
         estimator = LatencyEstimator(table)
-        specs = specs_of(args.model)
+        specs = specs_of(args.model, table.dtype)  # a Keras model as converted for the LUT
         if args.per_op:
             for spec in specs:
                 print(f"{estimator.spec_us(spec):10.1f} us  {spec.key}")

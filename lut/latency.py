@@ -120,6 +120,7 @@ class LatencyEstimator:
     def refresh(self) -> None:
         """Reload the entries (after more were measured into the table)."""
         meta = self.table.meta
+        self.dtype = self.table.dtype
         self.invoke_overhead_us = float(meta.get("invoke_overhead_us", 0.0))
         self.context = CacheContext.from_meta(meta)
         self._us: dict[LayerSpec, float] = self.table.latencies_us()
@@ -133,6 +134,11 @@ class LatencyEstimator:
         measured = self._us.get(spec)
         if measured is not None:
             return measured
+        if spec.dtype != self.dtype:
+            raise LutError(
+                f"The LUT {self.table.path} holds {self.dtype} ops; {spec.key} is {spec.dtype}. Estimate the model "
+                f"with a LUT built with `--dtype {spec.dtype}`, or convert it for the LUT's {self.dtype}."
+            )
         grid = self._grids.get(_family(spec))
         if not grid:
             raise LutError(
@@ -215,8 +221,9 @@ def _interpolate(spec: LayerSpec, grid: dict[int, dict[int, float]], path: str) 
     return _lerp(spec.cin, i0, i1, y0, y1)
 
 
-def specs_of(model: Any) -> list[LayerSpec]:
-    """The specs of a Keras model, or of a `.tflite` given as bytes or as a file path."""
+def specs_of(model: Any, dtype: str = "float32") -> list[LayerSpec]:
+    """The specs of a Keras model converted for `dtype` (`lut.keras_specs.specs_of_keras`), or of a
+    `.tflite` given as bytes or as a file path (its own dtype)."""
     if isinstance(model, (bytes, bytearray)):
         return specs_of_tflite(bytes(model))
     if isinstance(model, (str, os.PathLike)):
@@ -227,10 +234,11 @@ def specs_of(model: Any) -> list[LayerSpec]:
                     return specs_of(f.read())
             except OSError as e:
                 raise LutError(f"Cannot read {path}: {e.strerror}.") from e
-        return specs_of(load_model(path))
-    return specs_of_keras(model)
+        return specs_of(load_model(path), dtype)
+    return specs_of_keras(model, dtype=dtype)
 
 
 def estimate_latency_ms(model: Any, table: LatencyTable) -> float:
-    """Σ LUT(op) over the ops of `model` (Keras model, .keras/.tflite path, or .tflite bytes), in ms."""
-    return LatencyEstimator(table).total_us(specs_of(model)) / 1000
+    """Σ LUT(op) over the ops of `model` (Keras model, .keras/.tflite path, or .tflite bytes), in ms.
+    A Keras model is estimated as converted for the LUT's dtype."""
+    return LatencyEstimator(table).total_us(specs_of(model, table.dtype)) / 1000

@@ -37,7 +37,9 @@ _STAT_FIELDS = ("median_us", "mean_us", "min_us", "max_us", "std_us", "count")
 _SPEC_COLUMNS = ("op", "dtype", "h", "w", "cin", "cout", "kernel", "stride", "padding", "activation")
 # Keys of `meta` that describe the conditions of a measurement: a LUT opened for more
 # measurements must have been made under the same ones.
-CONDITION_KEYS = ("device", "backend", "threads", "delegate", "flags")
+CONDITION_KEYS = ("device", "backend", "threads", "delegate", "flags", "dtype")
+# A condition a LUT of before its key was recorded under (every LUT was float32 before int8).
+_CONDITION_DEFAULTS = {"dtype": "float32"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -126,10 +128,11 @@ class LatencyTable:
         table = cls.open(path)
         stored = table.meta
         for key in CONDITION_KEYS:
-            if key in meta and stored.get(key) != _meta_text(meta[key]):
+            if key in meta and stored.get(key, _CONDITION_DEFAULTS.get(key)) != _meta_text(meta[key]):
                 table.close()
                 raise LutError(
-                    f"{path} was measured with {key}={stored.get(key)!r}, not {_meta_text(meta[key])!r}. "
+                    f"{path} was measured with {key}={stored.get(key, _CONDITION_DEFAULTS.get(key))!r}, not "
+                    f"{_meta_text(meta[key])!r}. "
                     "Measure into another --out file, or delete this one to start over."
                 )
         table.set_meta({k: v for k, v in meta.items() if k not in CONDITION_KEYS})
@@ -193,6 +196,11 @@ class LatencyTable:
     @property
     def meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta"))
+
+    @property
+    def dtype(self) -> str:
+        """What the LUT's ops compute in: "float32" or "int8" (a condition of the whole LUT)."""
+        return self.meta.get("dtype", _CONDITION_DEFAULTS["dtype"])
 
     @property
     def fingerprint(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from lut.cli import ArgumentParser, check_output_file, positive_float, positive_
 from lut.latency import CONTEXT_META_KEY, CacheContext, LatencyEstimator
 from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
-from lut.spec import LayerSpec
+from lut.spec import DTYPES, LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.context import measure_cache_context
 from profiler.convert import keras_to_tflite
@@ -85,8 +85,9 @@ class BuildSummary:
         )
 
 
-def default_lut_path(device: str, backend: str, threads: object) -> str:
-    return f"luts/{device}-gpu.sqlite" if backend == "gpu" else f"luts/{device}-cpu-{threads}t.sqlite"
+def default_lut_path(device: str, backend: str, threads: object, dtype: str = "float32") -> str:
+    name = f"{device}-gpu" if backend == "gpu" else f"{device}-cpu-{threads}t"
+    return f"luts/{name}.sqlite" if dtype == "float32" else f"luts/{name}-{dtype}.sqlite"
 
 
 def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator[tuple[str, bytes]]:
@@ -99,10 +100,11 @@ def _timed_models(specs: Sequence[LayerSpec], summary: BuildSummary) -> Iterator
         yield spec.key, model
 
 
-def open_lut(path: str | os.PathLike[str], device: Device, step: int) -> LatencyTable:
-    """The LUT at `path` for measuring on `device` on a `step` channel grid: created with the
-    device's conditions, fingerprint and step, or opened to resume (same conditions only)."""
-    return LatencyTable.create(path, {**device.conditions(), "fingerprint": device.fingerprint(), "step": step})
+def open_lut(path: str | os.PathLike[str], device: Device, step: int, dtype: str = "float32") -> LatencyTable:
+    """The LUT at `path` for measuring `dtype` ops on `device` on a `step` channel grid: created with
+    the device's conditions, fingerprint and step, or opened to resume (same conditions only)."""
+    conditions = {**device.conditions(), "dtype": dtype}
+    return LatencyTable.create(path, {**conditions, "fingerprint": device.fingerprint(), "step": step})
 
 
 def _trivial_chain(ops: int) -> bytes:
@@ -252,6 +254,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which processor of the device to measure; 'both' writes one LUT each")
     parser.add_argument("--step", type=positive_int,
                         help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="what the ops compute in: float32, or int8 as a full-integer model runs them (XNNPACK's "
+                             "int8 kernels; one QUANTIZE of the input and one DEQUANTIZE of the output per model)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
     parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
@@ -310,12 +315,12 @@ def build_luts(args: argparse.Namespace, models: Sequence[Any]) -> int:
     backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
     for backend in backends:
         step = args.step if args.step is not None else (4 if backend == "gpu" else 8)
-        specs = plan_specs(models, step)
+        specs = plan_specs(models, step, args.dtype)
         device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
         try:
-            out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"])
+            out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"], args.dtype)
             check_output_file(out, "--out")
-            with open_lut(out, device, step) as table:
+            with open_lut(out, device, step, args.dtype) as table:
                 def log(message: str, out: str = out) -> None:
                     print(f"{out}: {message}", file=sys.stderr)
 

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["keras_to_tflite"]
+__all__ = ["convert_for", "keras_to_tflite", "random_calibration"]
+
+_CALIBRATION_IMAGES = 8
 
 KerasModel = Any  # keras.Model: Keras ships no type information
 
@@ -72,3 +74,21 @@ def _native_stderr_silenced() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def random_calibration(model: KerasModel, seed: int = 0, images: int = _CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """One batch of random normal inputs for `model`: int8 calibration where no data is at hand
+    (single-op models, random pruned variants). Activation ranges set the requantization
+    multipliers, which cost the same whatever their value."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((images, *model.inputs[0].shape[1:])).astype(np.float32)]
+
+
+def convert_for(model: KerasModel, dtype: str, representative_data: Iterable[np.ndarray] | None = None) -> bytes:
+    """`model` as a `dtype` LUT's ops describe it: float32, or int8 with float input and output,
+    calibrated on `representative_data` (`random_calibration` when None)."""
+    if dtype == "float32":
+        return keras_to_tflite(model)
+    if dtype != "int8":
+        raise ValueError(f"`dtype` must be 'float32' or 'int8'. Received: dtype={dtype!r}.")
+    return keras_to_tflite(model, representative_data=representative_data or random_calibration(model))

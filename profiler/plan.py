@@ -8,12 +8,13 @@ fixed (the model's input channels, the class count).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable
 from typing import Any  # Keras models: Keras ships no types
 
 from lut.keras_graph import inbound_layers, layers_in_order, producer_of
-from lut.keras_specs import channel_slopes
+from lut.keras_specs import channel_slopes, specs_of_keras
 from lut.spec import CHANNEL_PRESERVING_OPS, LayerSpec
 from profiler.errors import ProfilerError
 
@@ -48,13 +49,14 @@ def prunable_layers(model: Any) -> list[str]:
     ]
 
 
-def _free_fields(model: Any) -> list[tuple[LayerSpec, bool, bool]]:
+def _free_fields(model: Any, dtype: str) -> list[tuple[LayerSpec, bool, bool]]:
     """Each spec of the model with whether its cin and its cout follow pruning."""
     shrunk_filters = {}
     for name in prunable_layers(model):
         cfg = model.get_layer(name).get_config()
         shrunk_filters[name] = cfg.get("filters", cfg.get("units")) - 1
-    original, slopes = channel_slopes(model, {"every prunable layer": shrunk_filters})
+    specs_of = functools.partial(specs_of_keras, dtype=dtype)
+    original, slopes = channel_slopes(model, {"every prunable layer": shrunk_filters}, specs_of)
     free = {i: (d_in != 0, d_out != 0) for i, d_in, d_out in slopes["every prunable layer"]}
     return [(spec, *free.get(i, (False, False))) for i, spec in enumerate(original)]
 
@@ -69,12 +71,13 @@ def _variants(spec: LayerSpec, free_cin: bool, free_cout: bool, step: int) -> It
     return (spec.replace(cin=a, cout=b) for a, b in itertools.product(cins, couts))
 
 
-def plan_specs(models: Iterable[Any], step: int) -> list[LayerSpec]:
-    """All specs to measure for `models`, deduplicated across layers and models, in model order."""
+def plan_specs(models: Iterable[Any], step: int, dtype: str = "float32") -> list[LayerSpec]:
+    """All specs to measure for `models` converted for `dtype`, deduplicated across layers and
+    models, in model order."""
     channel_grid(1, step)  # validates step
     planned: dict[str, LayerSpec] = {}
     for model in models:
-        for spec, free_cin, free_cout in _free_fields(model):
+        for spec, free_cin, free_cout in _free_fields(model, dtype):
             for variant in _variants(spec, free_cin, free_cout, step):
                 planned.setdefault(variant.key, variant)
     return list(planned.values())

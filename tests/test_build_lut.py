@@ -9,6 +9,7 @@ import time
 import keras
 import pytest
 
+from lut.spec import LutError
 from lut.table import LatencyTable
 from profiler.plan import plan_specs
 from tests.conftest import LENIENT, LENIENT_FLAGS
@@ -138,3 +139,37 @@ def test_extending_a_lut_keeps_the_invocation_overhead_its_entries_were_measured
         assert float(first) > 0
         build_lut(device, [spec.replace(cout=16)], table, progress=False, policy=LENIENT)
         assert table.meta["invoke_overhead_us"] == first and len(table.keys()) == 2
+
+
+def test_an_int8_lut_measures_the_int8_models_ops_and_keeps_its_dtype_as_a_condition(tmp_path, tiny_v1):
+    import numpy as np
+
+    from lut.latency import estimate_latency_ms
+    from profiler.convert import keras_to_tflite
+
+    out = tmp_path / "host-int8.sqlite"
+    run = _build_lut("--device", "host", *TINY, "--step", "64", "--dtype", "int8", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    planned = plan_specs([tiny_v1], 64, "int8")
+    assert {s.dtype for s in planned} == {"int8"} and {"quantize", "dequantize"} <= {s.op for s in planned}
+    with LatencyTable.open(out) as table:
+        assert table.keys() == {s.key for s in planned} and table.dtype == "int8" and table.meta["dtype"] == "int8"
+        assert (table.to_dataframe().status == "ok").all()
+        # A Keras model is estimated as converted to int8; so is its int8 .tflite, op for op.
+        calibration = [np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)]
+        int8 = keras_to_tflite(tiny_v1, representative_data=calibration)
+        assert estimate_latency_ms(tiny_v1, table) == pytest.approx(estimate_latency_ms(int8, table))
+        with pytest.raises(LutError, match=r"holds int8 ops; conv2d:f32:.* is float32.*--dtype float32"):
+            estimate_latency_ms(keras_to_tflite(tiny_v1), table)
+
+    again = _build_lut("--device", "host", *TINY, "--step", "64", "--out", str(out))  # float32, into the int8 LUT
+    assert again.returncode == 2
+    assert "was measured with dtype='int8', not 'float32'" in again.stderr
+
+
+def test_a_lut_of_before_the_dtype_condition_is_float32(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with LatencyTable.create(path, {"device": "host", "backend": "cpu"}) as table:
+        assert "dtype" not in table.meta and table.dtype == "float32"
+    with LatencyTable.create(path, {"device": "host", "backend": "cpu", "dtype": "float32"}) as table:
+        assert table.dtype == "float32"

@@ -54,3 +54,15 @@ def test_a_device_slowed_since_the_lut_was_built_shows_in_its_own_entries(tmp_pa
     assert stored == sorted(stored, reverse=True)  # the original's largest entries
     assert slowed.device_move > same.device_move + 0.3  # 1.5× slower: about +50% more
     assert len(slowed.rows) == 2 and slowed.rows[0]["channels"] == {}  # variant 0: the model itself
+
+
+def test_validating_a_float_lut_as_int8_is_refused_before_measuring(tmp_path, capsys):
+    from adapter.validate_lut import main
+    from lut.table import LatencyTable
+
+    path = tmp_path / "float.sqlite"
+    LatencyTable.create(path, {"device": "host", "backend": "cpu", "dtype": "float32"}).close()
+
+    assert main(["--lut", str(path), "--dtype", "int8", "--model", "mobilenet_v1", "--alpha", "0.25",
+                 "--resolution", "32", "--classes", "10", "--no-progress"]) == 2
+    assert "holds float32 ops, not int8. Build a LUT with `python -m profiler.build_lut --dtype int8`" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import numpy as np
 
 from lut.spec import LayerSpec
 from lut.tflite_ops import op_details, read_model, tflite_schema
-from profiler.convert import keras_to_tflite
+from profiler.convert import keras_to_tflite, random_calibration
 from profiler.errors import ProfilerError
 from profiler.single_op.quantized import quantize_consts
 from profiler.single_op.recipes import Consts, KerasLayer, Recipe, check_spec, spec_rng, template_spec
@@ -20,7 +20,6 @@ __all__ = ["SingleOpFactory", "keras_layers_for", "naive_single_op_model"]
 
 _BUFFER_ALIGNMENT = 16  # what the converter uses for constant buffers
 _FILE_IDENTIFIER = b"TFL3"
-_CALIBRATION_IMAGES = 8
 ModelT: TypeAlias = Any  # the TFLite schema's generated object API ships no type information
 
 
@@ -89,12 +88,6 @@ def _keep_one_op(converted: bytes, index: int) -> bytes:
     return _serialize(model, len(converted))
 
 
-def _calibration_batches(model: Any, seed: int) -> list[np.ndarray]:
-    """Input batches the converter quantizes an int8 single-op model with (random normal)."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((_CALIBRATION_IMAGES, *model.inputs[0].shape[1:])).astype(np.float32)]
-
-
 def naive_single_op_model(spec: LayerSpec, seed: int = 0) -> bytes:
     """`spec`'s single-op model made the slow way: Keras layers → `profiler.convert.keras_to_tflite`.
 
@@ -107,7 +100,7 @@ def naive_single_op_model(spec: LayerSpec, seed: int = 0) -> bytes:
     if spec.dtype == "float32":
         converted = keras_to_tflite(model)
     else:
-        batches = _calibration_batches(model, seed)
+        batches = random_calibration(model, seed)
         converted = keras_to_tflite(model, representative_data=batches, int8_io=recipe.keep is None)
         if recipe.keep is not None:
             converted = _keep_one_op(converted, recipe.keep)
