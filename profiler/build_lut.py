@@ -28,6 +28,7 @@ from lut.spec import DTYPES, LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.context import measure_cache_context
 from profiler.convert import keras_to_tflite
+from profiler.device_config import BACKENDS
 from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
@@ -86,7 +87,7 @@ class BuildSummary:
 
 
 def default_lut_path(device: str, backend: str, threads: object, dtype: str = "float32") -> str:
-    name = f"{device}-gpu" if backend == "gpu" else f"{device}-cpu-{threads}t"
+    name = f"{device}-cpu-{threads}t" if backend == "cpu" else f"{device}-{backend}"  # a delegate runs the graph
     return f"luts/{name}.sqlite" if dtype == "float32" else f"luts/{name}-{dtype}.sqlite"
 
 
@@ -250,15 +251,18 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
     parser.add_argument("--devices", metavar="FILE",
                         help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
-    parser.add_argument("--backend", choices=("cpu", "gpu", "both"), default="cpu",
-                        help="which processor of the device to measure; 'both' writes one LUT each")
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="cpu",
+                        help="which processor of the device to measure: cpu, gpu (the GPU delegate) or nnapi (Android's "
+                             "NNAPI: a DSP or NPU, as devices.toml's [NAME.nnapi] picks); 'both' writes one LUT each for "
+                             "cpu and gpu (nnapi, which many phones delegate only in part, is measured when asked)")
     parser.add_argument("--step", type=positive_int,
-                        help="channel grid step (default: 8 on CPU, 4 on GPU, whose delegate works in 4-channel slices)")
+                        help="channel grid step (default: 8 on CPU and NNAPI, 4 on GPU, whose delegate works in 4-channel slices)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="what the ops compute in: float32, or int8 as a full-integer model runs them (XNNPACK's "
                              "int8 kernels; one QUANTIZE of the input and one DEQUANTIZE of the output per model)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the device's setting in devices.toml, 1 on the host)")
-    parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite or luts/DEVICE-gpu.sqlite)")
+    parser.add_argument("--out", help="LUT file (default: luts/DEVICE-cpu-Nt.sqlite, luts/DEVICE-gpu.sqlite or "
+                                      "luts/DEVICE-nnapi.sqlite)")
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
     parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV (its folder is created)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

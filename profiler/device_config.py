@@ -2,7 +2,8 @@
 
 Looked up, first found wins: the `--devices FILE` given, `./devices.toml`, then
 `$XDG_CONFIG_HOME/phonefit/devices.toml` (default `~/.config/phonefit/devices.toml`).
-One table per phone; `[NAME.cpu]` and `[NAME.gpu]` hold what differs per backend::
+One table per phone; `[NAME.cpu]`, `[NAME.gpu]` and `[NAME.nnapi]` hold what differs per
+backend, the GPU's and NNAPI's tables also their delegate's own settings::
 
     [pixel]
     transport = "tcp"                      # or "usb" with serial = "…"
@@ -11,7 +12,10 @@ One table per phone; `[NAME.cpu]` and `[NAME.gpu]` hold what differs per backend
     [pixel.cpu]
     taskset = "f0"                         # the big cores
     [pixel.gpu]
-    flags = ["--use_gpu=true", "--gpu_precision_loss_allowed=false"]
+    precision = "fp16"                     # as apps run it (--gpu_precision_loss_allowed=true); or "fp32"
+    gpu_backend = "cl"                     # or "gl"; left out: the delegate chooses
+    [pixel.nnapi]
+    accelerator = "qti-dsp"                # --nnapi_accelerator_name; left out: NNAPI chooses
 
 Relative paths are relative to the file that names them.  `android_bench/README.md`
 documents every field; `devices.example.toml` is a complete example.
@@ -30,6 +34,7 @@ from typing import Any
 from profiler.errors import ProfilerError
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_REMOTE_DIR",
     "AdbSettings",
     "BackendSettings",
@@ -44,11 +49,19 @@ _REMOTE_ROOT = "/data/local/tmp/"
 _SAFE_REMOTE_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
 _HEX_MASK_RE = re.compile(r"^(?:0[xX])?[0-9a-fA-F]+$")
 _RESERVED_NAMES = ("host",)
+_ACCELERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+BACKENDS = ("cpu", "gpu", "nnapi")  # what a phone measures with: its CPU, the GPU delegate, NNAPI
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendSettings:
-    """How `benchmark_model` runs for one backend (cpu or gpu) of a phone."""
+    """How `benchmark_model` runs for one backend (cpu, gpu or nnapi) of a phone.
+
+    `precision` and `gpu_backend` are the GPU delegate's, `accelerator` NNAPI's: only their
+    backend's table takes them, and `delegate_flags` says them to benchmark_model.
+    """
 
     threads: int | None = None  # the default when the caller does not choose
     taskset: str | None = None  # CPU mask in hex ("f0"), None: no pinning
@@ -58,11 +71,28 @@ class BackendSettings:
     min_secs: float = 0.5
     cooldown_s: float = 1.0
     model_timeout_s: float = 60.0
+    precision: str | None = None  # gpu: "fp16" (the default, as apps run it) or "fp32"
+    gpu_backend: str | None = None  # gpu: "cl" or "gl"; None: the delegate chooses
+    accelerator: str | None = None  # nnapi: the NNAPI device's name; None: NNAPI chooses
+
+    @property
+    def delegate_flags(self) -> tuple[str, ...]:
+        """The benchmark_model flags of the delegate's settings (`precision` … `accelerator`)."""
+        return tuple(flag(value) for field, flag in _DELEGATE_FLAGS.items()
+                     if (value := getattr(self, field)) is not None)
 
 
-_DEFAULT_CPU = BackendSettings(flags=("--use_xnnpack=true",))
-_DEFAULT_GPU = BackendSettings(flags=("--use_gpu=true",))
-_DEFAULT_BACKENDS = {"cpu": _DEFAULT_CPU, "gpu": _DEFAULT_GPU}
+# A delegate setting -> its benchmark_model flag (the one way to set that flag).
+_DELEGATE_FLAGS: dict[str, Callable[[str], str]] = {
+    "precision": lambda v: f"--gpu_precision_loss_allowed={'true' if v == 'fp16' else 'false'}",
+    "gpu_backend": lambda v: f"--gpu_backend={v}",
+    "accelerator": lambda v: f"--nnapi_accelerator_name={v}",
+}
+_DEFAULT_BACKENDS = {
+    "cpu": BackendSettings(flags=("--use_xnnpack=true",)),
+    "gpu": BackendSettings(flags=("--use_gpu=true",), precision="fp16"),
+    "nnapi": BackendSettings(flags=("--use_nnapi=true",)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +120,19 @@ class AdbSettings:
     drift_pct: float = 10.0
     drift_pause_s: float = 30.0
     drift_max_pauses: int = 3
-    cpu: BackendSettings = _DEFAULT_CPU
-    gpu: BackendSettings = _DEFAULT_GPU
+    cpu: BackendSettings = _DEFAULT_BACKENDS["cpu"]
+    gpu: BackendSettings = _DEFAULT_BACKENDS["gpu"]
+    nnapi: BackendSettings = _DEFAULT_BACKENDS["nnapi"]
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}" if self.transport == "tcp" else f"usb:{self.serial or 'any'}"
 
     def backend(self, name: str) -> BackendSettings:
-        return self.cpu if name == "cpu" else self.gpu
+        if name not in BACKENDS:
+            raise ValueError(f"`name` must be one of {', '.join(BACKENDS)}. Received: name={name!r}.")
+        settings: BackendSettings = getattr(self, name)
+        return settings
 
 
 # ---------------------------------------------------------------- field checks
@@ -128,6 +162,10 @@ def _text(value: object) -> bool:
 
 def _flag_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(f, str) and f.startswith("--") and "\n" not in f for f in value)
+
+
+def _accelerator_name(value: object) -> bool:
+    return isinstance(value, str) and bool(_ACCELERATOR_RE.match(value))
 
 
 # field -> (check, what it must be, convert); one table per level, so checks are data.
@@ -163,7 +201,21 @@ _DEVICE_FIELDS: dict[str, _Field] = {
     "drift_pause_s": (_non_negative_number, "a non-negative number of seconds", float),
     "drift_max_pauses": (_non_negative_int, "a non-negative integer", int),
 }
-_BACKENDS = ("cpu", "gpu")
+# backend -> its delegate's own settings, which only its table takes (in the order the LUT's
+# `delegate` condition names them: `profiler.adb.device`).
+_DELEGATE_FIELDS: dict[str, dict[str, _Field]] = {
+    "cpu": {},
+    "gpu": {
+        "precision": (lambda v: v in ("fp16", "fp32"),
+                      "\"fp16\" (--gpu_precision_loss_allowed=true, as apps run the GPU delegate) or \"fp32\"", str),
+        "gpu_backend": (lambda v: v in ("cl", "gl"), "\"cl\" (OpenCL) or \"gl\" (OpenGL ES); leave it out to let the "
+                        "delegate choose", str),
+    },
+    "nnapi": {
+        "accelerator": (_accelerator_name, "an NNAPI device name such as \"qti-dsp\" or \"google-edgetpu\" (benchmark_model "
+                        "lists them: `NNAPI accelerators available: [...]`); leave it out to let NNAPI choose", str),
+    },
+}
 # benchmark_model flags phonefit derives from other settings (or from the model).
 _FLAGS_SET_BY_PHONEFIT = {
     "--graph": "the model being measured",
@@ -171,6 +223,9 @@ _FLAGS_SET_BY_PHONEFIT = {
     "--warmup_runs": "`warmup_runs`",
     "--num_runs": "`num_runs`",
     "--min_secs": "`min_secs`",
+    "--gpu_precision_loss_allowed": "`precision` of the gpu table (\"fp16\": true, \"fp32\": false)",
+    "--gpu_backend": "`gpu_backend` of the gpu table",
+    "--nnapi_accelerator_name": "`accelerator` of the nnapi table",
 }
 
 
@@ -238,13 +293,13 @@ def parse_adb_settings(name: str, entry: object, *, source: str = "devices.toml"
         raise ProfilerError(f"{where}: a device name uses letters, digits, '_' and '-' only. Received: {name!r}.")
     if not isinstance(entry, Mapping):
         raise ProfilerError(f"{where} must be a table of settings. Received: {name} = {entry!r}.")
-    # Run settings (all but flags) may sit at the top, for both backends; [name.cpu] and
-    # [name.gpu] override them.
+    # Run settings (all but flags) may sit at the top, for every backend; [name.cpu],
+    # [name.gpu] and [name.nnapi] override them.
     shared_keys = [k for k in _BACKEND_FIELDS if k != "flags"]
     shared = _checked(where, {k: v for k, v in entry.items() if k in shared_keys}, _BACKEND_FIELDS)
-    values = _checked(where, {k: v for k, v in entry.items() if k not in (*_BACKENDS, *shared_keys)}, _DEVICE_FIELDS)
+    values = _checked(where, {k: v for k, v in entry.items() if k not in (*BACKENDS, *shared_keys)}, _DEVICE_FIELDS)
     backends = {}
-    for backend in _BACKENDS:
+    for backend in BACKENDS:
         table = entry.get(backend, {})
         if not isinstance(table, Mapping):
             raise ProfilerError(f"{where}: `{backend}` must be a table [{name}.{backend}]. Received: {table!r}.")
@@ -280,11 +335,12 @@ def parse_adb_settings(name: str, entry: object, *, source: str = "devices.toml"
         **values,
         cpu=backends["cpu"],
         gpu=backends["gpu"],
+        nnapi=backends["nnapi"],
     )
 
 
 def _backend_settings(where: str, backend: str, shared: Mapping[str, Any], table: Mapping[str, object]) -> BackendSettings:
-    values = {**shared, **_checked(where, table, _BACKEND_FIELDS)}
+    values = {**shared, **_checked(where, table, {**_BACKEND_FIELDS, **_DELEGATE_FIELDS[backend]})}
     for flag in values.get("flags", ()):
         name = flag.split("=", 1)[0]
         if name in _FLAGS_SET_BY_PHONEFIT:
@@ -299,9 +355,13 @@ def _checked(where: str, table: Mapping[str, object], fields: dict[str, _Field])
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:
+            owner = next((b for b, own in _DELEGATE_FIELDS.items() if key in own), None)
+            if owner is not None:
+                raise ProfilerError(f"{where}: `{key}` is a setting of the {owner} backend; move it into its table "
+                                    f"[NAME.{owner}]. Received: {key}={value!r}.")
             known = list(fields)
             if fields is _DEVICE_FIELDS:  # a phone's table also takes run settings and its backends' tables
-                known += [*(k for k in _BACKEND_FIELDS if k != "flags"), *_BACKENDS]
+                known += [*(k for k in _BACKEND_FIELDS if k != "flags"), *BACKENDS]
             raise ProfilerError(f"{where}: unknown setting {key!r}. Known settings: {', '.join(known)}.")
         check, expected, convert = fields[key]
         if not check(value):

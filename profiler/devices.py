@@ -1,7 +1,7 @@
 """The device interface and registry.
 
 A device measures the latency of `.tflite` models on one target (this machine's CPU, a
-phone's CPU or GPU).  `open_device(name)` is the one way to reach any device: `host` is
+phone's CPU, GPU or NNAPI).  `open_device(name)` is the one way to reach any device: `host` is
 built in, other names come from the `devices.toml` registry, whose `kind` says which
 backend opens them.
 
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol, TypeAlias
 
 from lut.table import Measurement, MeasurementFailure
-from profiler.device_config import load_device_configs
+from profiler.device_config import BACKENDS, load_device_configs
 from profiler.errors import ProfilerError
 from profiler.timing import TimingPolicy
 
@@ -55,7 +55,7 @@ class Device(Protocol):
 
     @property
     def backend(self) -> str:
-        """"cpu" or "gpu"."""
+        """"cpu", "gpu" or "nnapi" (`profiler.device_config.BACKENDS`)."""
 
     def conditions(self) -> dict[str, object]:
         """What a measurement depends on: device, backend, threads, delegate, flags."""
@@ -132,7 +132,7 @@ def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, 
 
     Args:
         name: "host", or a phone of the devices.toml registry.
-        backend: "cpu" or "gpu" (the host has only "cpu").
+        backend: "cpu", "gpu" or "nnapi" (the host has only "cpu").
         threads: the threads a model runs on; None takes the device's own setting
             (devices.toml), 1 on the host.
         devices_file: the devices.toml to read (None: ./devices.toml, then the user's).
@@ -140,8 +140,8 @@ def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, 
             whole models want longer). A phone times with benchmark_model as its
             devices.toml says and does not use it.
     """
-    if backend not in ("cpu", "gpu"):
-        raise ProfilerError(f"`backend` must be 'cpu' or 'gpu'. Received: backend={backend!r}.")
+    if backend not in BACKENDS:
+        raise ProfilerError(f"`backend` must be one of {', '.join(BACKENDS)}. Received: backend={backend!r}.")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ProfilerError(f"`threads` must be a positive integer. Received: threads={threads!r}.")
     if name == "host":

@@ -1,6 +1,6 @@
 """Check a phone before an hours-long LUT build: one line per check, each with its fix.
 
-    python -m profiler.doctor --device pixel [--backend cpu|gpu|both] [--devices FILE] [--json]
+    python -m profiler.doctor --device pixel [--backend cpu|gpu|nnapi|both] [--devices FILE] [--json]
 
 The checks are a table (`CHECKS`): small functions of what the phone says, each returning a
 `CheckResult` (name, ok / warn / fail / skip, what was found, what was expected, the fix).  A
@@ -15,8 +15,8 @@ or its LUT wrong:
 
 * impossible: no connection or a refused key; no benchmark_model file; a benchmark_model for
   another ABI; too little free space in `remote_dir` for the batches; a shell without the
-  runner's tools; benchmark_model not running the CPU probe; a requested GPU whose delegate
-  does not take the probe's whole graph (every GPU entry would fail); a low battery that is
+  runner's tools; benchmark_model not running the CPU probe; a requested GPU or NNAPI whose
+  delegate does not take the probe's whole graph (every entry would fail); a low battery that is
   not charging (the phone stops, or battery saver caps it, mid-build);
 * wrong LUT: a battery at 40 °C or more, or a thermal status above none (the phone is already
   throttling: the LUT would hold throttled latencies, and the conditions monitor would take
@@ -52,7 +52,7 @@ from profiler.adb.phone import FACTS_COMMAND, binary_abis, check_abi, parse_phon
 from profiler.adb.records import RunnerRecord, result_from_record
 from profiler.benchmark_output import BenchmarkResult, parse_benchmark_output
 from profiler.convert import keras_to_tflite
-from profiler.device_config import AdbSettings, load_device_configs
+from profiler.device_config import BACKENDS, AdbSettings, load_device_configs
 from profiler.errors import ProfilerError
 
 __all__ = [
@@ -196,8 +196,9 @@ def parse_battery(output: str) -> Battery:
 class _Phone:
     """What the checks share: the phone's settings, one connection, what it said (asked once)."""
 
-    def __init__(self, settings: AdbSettings, gpu: bool):
-        self.settings, self.gpu = settings, gpu
+    def __init__(self, settings: AdbSettings, backends: Sequence[str]):
+        self.settings = settings
+        self.backends = ("cpu", *(b for b in BACKENDS if b != "cpu" and b in backends))  # the CPU always
         self._link: Connection | None = None
         self._probes: dict[str, RunnerRecord | ProfilerError] = {}
 
@@ -317,7 +318,7 @@ def _check_free_space(phone: _Phone) -> CheckResult:
 
 def _check_runner_shell(phone: _Phone) -> CheckResult:
     tools = _pairs(phone.sections.get("tools", ""))
-    masks = [phone.settings.backend(b).taskset for b in _backends(phone)]
+    masks = [phone.settings.backend(b).taskset for b in phone.backends]
     needed = [t for t in _RUNNER_TOOLS if t != "taskset" or any(masks)]
     missing = [t for t in needed if not tools.get(t)]
     shell = f"sh = {tools.get('sh') or '?'}" + (f" ({tools['ksh']})" if tools.get("ksh") else "")
@@ -360,23 +361,39 @@ def _check_cpu_delegate(phone: _Phone) -> CheckResult:
     return _ok(f"{timing}, default kernels")
 
 
-def _check_gpu_delegate(phone: _Phone) -> CheckResult:
+# backend -> (the delegate's name, its flag, what else makes it take a graph): the delegate checks.
+_DELEGATE_CHECKS = {
+    "gpu": ("GPU", "--use_gpu=true", "use a benchmark_model build with the GPU delegate (the nightly has it) on a "
+            "phone with OpenCL or OpenGL ES 3.1, or build the CPU LUT only (--backend cpu)"),
+    "nnapi": ("NNAPI", "--use_nnapi=true", "set its `accelerator` to one benchmark_model lists (`NNAPI accelerators "
+              "available: [...]`) or leave it out, on Android 8.1 or later; or measure the CPU or GPU instead"),
+}
+
+
+def _check_delegate(backend: str, phone: _Phone) -> CheckResult:
     settings = phone.settings
-    record = phone.probe("gpu")
-    result, fault = result_from_record(record, "gpu", settings.gpu.model_timeout_s)
+    name, flag, fix = _DELEGATE_CHECKS[backend]
+    record = phone.probe(backend)
+    result, fault = result_from_record(record, backend, settings.backend(backend).model_timeout_s)
     if fault and isinstance(result, MeasurementFailure):
-        return _fail(f"the probe with [{settings.name}.gpu] flags: {result.error}", "a measured probe",
-                     f"check the flags of [{settings.name}.gpu] in {settings.source}")
+        return _fail(f"the probe with [{settings.name}.{backend}] flags: {result.error}", "a measured probe",
+                     f"check the flags of [{settings.name}.{backend}] in {settings.source}")
     parsed = parse_benchmark_output(record.output)
-    if parsed.gpu_delegate == "full":
-        return _ok(f"probe {_timing(parsed)}, whole graph on the GPU delegate")
-    evidence = f" ({parsed.gpu_delegate_line!r})" if parsed.gpu_delegate_line else ""
-    return _fail(
-        f"the GPU delegate did not take the probe's graph: delegation {parsed.gpu_delegate or 'not mentioned'}{evidence}",
-        "delegation full",
-        f"check [{settings.name}.gpu] flags has --use_gpu=true, use a benchmark_model build with the GPU delegate "
-        "(the nightly has it) on a phone with OpenCL or OpenGL ES 3.1, or build the CPU LUT only (--backend cpu)",
-    )
+    verdict, line = getattr(parsed, f"{backend}_delegate"), getattr(parsed, f"{backend}_delegate_line")
+    if verdict == "full":
+        return _ok(f"probe {_timing(parsed)}, whole graph on the {name} delegate")
+    evidence = f" ({line!r})" if line else ""
+    return _fail(f"the {name} delegate did not take the probe's graph: delegation {verdict or 'not mentioned'}{evidence}",
+                 "delegation full", f"check [{settings.name}.{backend}] flags has {flag}, {fix}")
+
+
+def _delegate_row(backend: str) -> Check:
+    """The table's row that probes `backend`'s delegate, left out unless that backend is asked for."""
+    def applies(phone: _Phone) -> bool:
+        return backend in phone.backends
+
+    return Check(f"{backend} delegate", functools.partial(_check_delegate, backend), needs=("benchmark_model runs",),
+                 applies=applies)
 
 
 def _check_governor(phone: _Phone) -> CheckResult:
@@ -479,10 +496,6 @@ def _mhz(khz: object) -> str:
     return str(khz // 1000) if isinstance(khz, int) else "?"
 
 
-def _backends(phone: _Phone) -> tuple[str, ...]:
-    return ("cpu", "gpu") if phone.gpu else ("cpu",)
-
-
 CHECKS: tuple[Check, ...] = (
     Check("connection", _check_connection),
     Check("benchmark_model", _check_benchmark_file),
@@ -491,7 +504,7 @@ CHECKS: tuple[Check, ...] = (
     Check("runner shell", _check_runner_shell, needs=("connection",)),
     Check("benchmark_model runs", _check_benchmark_runs, needs=("abi", "free space", "runner shell")),
     Check("cpu delegate", _check_cpu_delegate, needs=("benchmark_model runs",)),
-    Check("gpu delegate", _check_gpu_delegate, needs=("benchmark_model runs",), applies=lambda phone: phone.gpu),
+    *(_delegate_row(backend) for backend in _DELEGATE_CHECKS),
     Check("cpu governor", _check_governor, needs=("connection",)),
     Check("battery temperature", _check_battery_temperature, needs=("connection",)),
     Check("thermal status", _check_thermal_status, needs=("connection",)),
@@ -543,21 +556,21 @@ def _settings(args: argparse.Namespace) -> AdbSettings:
     return settings
 
 
-def _entry_asks_for_gpu(settings: AdbSettings) -> bool:
-    """Whether the phone's devices.toml entry has a [NAME.gpu] table."""
+def _entry_tables(settings: AdbSettings) -> tuple[str, ...]:
+    """The backends the phone's devices.toml entry has a table for ([NAME.gpu], [NAME.nnapi])."""
     try:
         entry = tomllib.loads(Path(settings.source).read_text(encoding="utf-8")).get(settings.name, {})
     except (OSError, tomllib.TOMLDecodeError):
-        return False
-    return isinstance(entry, dict) and isinstance(entry.get("gpu"), dict)
+        return ()
+    return tuple(b for b in BACKENDS if isinstance(entry, dict) and isinstance(entry.get(b), dict))
 
 
 def _doctor(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    gpu = args.backend in ("gpu", "both") if args.backend else _entry_asks_for_gpu(settings)
-    phone = _Phone(settings, gpu)
+    asked = {"both": ("cpu", "gpu"), None: _entry_tables(settings)}.get(args.backend, (args.backend,))
+    phone = _Phone(settings, asked)
     if not args.json:
-        print(f"{settings.name} ({settings.address}), backends: {', '.join(_backends(phone))}", flush=True)
+        print(f"{settings.name} ({settings.address}), backends: {', '.join(phone.backends)}", flush=True)
     try:
         results = run_checks(phone, report=(lambda r: None) if args.json else (lambda r: print(r.line(), flush=True)))
     finally:
@@ -591,9 +604,9 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--device", required=True, help="the phone's name in devices.toml")
     parser.add_argument("--devices", metavar="FILE",
                         help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
-    parser.add_argument("--backend", choices=("cpu", "gpu", "both"),
-                        help="which delegates to probe; the CPU is always probed (default: both when the entry "
-                             "has a [NAME.gpu] table, else cpu)")
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"),
+                        help="which delegates to probe ('both': cpu and gpu); the CPU is always probed (default: the "
+                             "backends the entry has a [NAME.gpu] or [NAME.nnapi] table for, and cpu)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of lines")
     return parser
 

@@ -87,7 +87,8 @@ Device stand-ins, for the commands a device fingerprint needs:
 
 Faults (`Faults`) reach the `benchmark_model` stand-in (tests/fake_benchmark_model.py,
 pushed by the tests; `gpu_unavailable`: its GPU delegate cannot be created, as on a phone
-without OpenCL) through the environment variable `PHONEFIT_FAKE_BENCHMARK` (JSON),
+without OpenCL; `partial_gpu_models` / `partial_nnapi_models`: the GPU / NNAPI delegate takes
+all but one node of those models) through the environment variable `PHONEFIT_FAKE_BENCHMARK` (JSON),
 set for every shell command.  The stand-in counts the models it ran in a file of the
 daemon's private state directory (not in `root`, so that listings of `/data/local/tmp`
 show only what was pushed).  With `drop_after_models=N`, the stand-in started after N models
@@ -262,6 +263,7 @@ class Faults:
     garbage_models: tuple[str, ...] = ()  # benchmark_model prints garbage instead of timings
     crash_models: tuple[str, ...] = ()  # benchmark_model prints an error and exits with 134
     partial_gpu_models: tuple[str, ...] = ()  # with --use_gpu=true the delegate takes part of the graph
+    partial_nnapi_models: tuple[str, ...] = ()  # with --use_nnapi=true the NNAPI delegate takes part of the graph
     slow_runs: tuple[int, int] | None = None  # models started while [first, end) models had run are slowed
     slow_factor: float = 2.0  # ... by this factor (a throttled phone)
     gpu_unavailable: bool = False  # with --use_gpu=true the GPU delegate cannot be created (runs on the CPU)
@@ -275,7 +277,7 @@ class Faults:
         n = self.drop_after_models
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"`drop_after_models` must be a positive integer or None. Received: drop_after_models={n!r}.")
-        for field in ("hang_models", "garbage_models", "crash_models", "partial_gpu_models"):
+        for field in ("hang_models", "garbage_models", "crash_models", "partial_gpu_models", "partial_nnapi_models"):
             value = getattr(self, field)
             if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(

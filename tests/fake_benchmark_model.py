@@ -3,8 +3,11 @@
 
 It accepts the tool's flags in `--flag=value` form (`--graph --num_threads --num_runs
 --warmup_runs --min_secs --max_secs --warmup_min_secs --run_delay --use_gpu --use_xnnpack
---enable_op_profiling --verbose` and the GPU delegate's `--gpu_backend
---gpu_precision_loss_allowed --gpu_experimental_enable_quant`), warns about others
+--enable_op_profiling --verbose`, the GPU delegate's `--gpu_backend
+--gpu_precision_loss_allowed --gpu_experimental_enable_quant` and NNAPI's `--use_nnapi
+--nnapi_accelerator_name`), echoes the ones given as the real tool does (`Use gpu: [1]`,
+`Allow lower precision in gpu: [0]`, `GPU backend: [cl]`, `Use NNAPI: [1]`, `NNAPI
+accelerator name: [google-edgetpu]`), warns about others
 (`WARN: Unconsumed cmdline flags: …`) and fails on a value it cannot parse.  It loads the
 graph with LiteRT, times it in a warm-up phase and a measured phase with the real tool's
 stopping rule (at least N runs and at least S seconds, at most `--max_secs`), and prints the
@@ -18,7 +21,14 @@ With `--use_gpu=true` it still times on the CPU but prints the GPU delegate's li
 `Created TensorFlow Lite delegate for GPU.`, `VERBOSE: Replacing N out of N node(s) with
 delegate (TfLiteGpuDelegateV2) node, yielding 1 partitions for the whole graph.` and
 `Explicitly applied GPU delegate, and the model graph will be completely executed by the
-delegate.`  `--enable_op_profiling=true` is accepted and echoed; no per-op table is printed.
+delegate.`  With `--use_nnapi=true` likewise NNAPI's: `NNAPI accelerators available:
+[google-edgetpu,nnapi-reference]` (the phone's, `NNAPI_ACCELERATORS`), `Created TensorFlow Lite
+delegate for NNAPI.`, `Replacing N out of N node(s) with delegate (TfLiteNnapiDelegate) node,
+yielding 1 partitions for the whole graph.` and `Explicitly applied NNAPI delegate, and the
+model graph will be completely executed by the delegate.`; an `--nnapi_accelerator_name` the
+phone does not have gets the real tool's `Could not find the specified NNAPI accelerator: …`
+and `NNAPI acceleration is unsupported on this platform.` (the graph then runs on the CPU).
+`--enable_op_profiling=true` is accepted and echoed; no per-op table is printed.
 
 Faults come from the JSON environment variable PHONEFIT_FAKE_BENCHMARK, which the loopback
 ADB daemon (tests/adb_daemon.py) sets: `state_dir` (where the models-run counter lives),
@@ -28,7 +38,9 @@ sleep until killed), `garbage_models` (print garbage instead of timings, exit 0)
 `crash_models` (print a kernel error, exit 134 as after SIGABRT) and `partial_gpu_models`
 (with `--use_gpu=true`, the delegate takes all nodes but one extra unsupported node it
 reports: `Replacing N out of N+1 node(s) … yielding 1 partitions`, `… partially executed by
-the delegate w/ 1 delegate kernels.`), and the slow-down switch `slow_runs` = [first, end)
+the delegate w/ 1 delegate kernels.`), `partial_nnapi_models` (the same with `--use_nnapi=true`:
+`… with delegate (TfLiteNnapiDelegate) node …`, `Explicitly applied NNAPI delegate, and the model
+graph will be partially executed by the delegate w/ 1 delegate kernels.`), and the slow-down switch `slow_runs` = [first, end)
 with `slow_factor` (models started while the models-run counter is in the window report
 their timings that many times slower, as a throttled phone does), and `gpu_unavailable`
 (with `--use_gpu=true`, the GPU delegate cannot be created, as on a phone without OpenCL: the
@@ -53,6 +65,7 @@ _MODELS_RUN_FILE = "models_run"
 _DROP_REQUEST_FILE = "drop_requested"
 _DROP_DONE_FILE = "drop_done"
 _CRASH_EXIT_STATUS = 134  # 128 + SIGABRT, what a shell reports for an aborted benchmark_model
+NNAPI_ACCELERATORS = ("google-edgetpu", "nnapi-reference")  # what a Pixel's NNAPI lists
 
 
 def _parse_bool(text: str) -> bool:
@@ -79,6 +92,8 @@ _FLAGS = {
     "gpu_precision_loss_allowed": (_parse_bool, True, "Allow lower precision in gpu"),
     "gpu_experimental_enable_quant": (_parse_bool, True, "Enable running quant models in gpu"),
     "gpu_backend": (str, "", "GPU backend"),
+    "use_nnapi": (_parse_bool, False, "Use NNAPI"),
+    "nnapi_accelerator_name": (str, "", "NNAPI accelerator name"),
     "use_xnnpack": (_parse_bool, False, "Use xnnpack"),
 }
 
@@ -207,12 +222,12 @@ def _print_crash(op_name: str) -> None:
 def _load(graph: str, values: dict, given: set[str]):
     """The interpreter, tensors allocated and inputs filled.  LiteRT itself prints `Created
     TensorFlow Lite XNNPACK delegate for CPU.` when it applies XNNPACK, as benchmark_model
-    does; like the real tool, no default XNNPACK when another delegate (GPU) is asked for."""
+    does; like the real tool, no default XNNPACK when another delegate (GPU, NNAPI) is asked for."""
     # Imported here, not at the top: bad flags, a missing graph and a hang answer without loading LiteRT.
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    xnnpack_off = values["use_gpu"] or ("use_xnnpack" in given and not values["use_xnnpack"])
+    xnnpack_off = values["use_gpu"] or values["use_nnapi"] or ("use_xnnpack" in given and not values["use_xnnpack"])
     resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if xnnpack_off else OpResolverType.AUTO
     threads = values["num_threads"] if values["num_threads"] > 0 else None
     interpreter = Interpreter(model_path=graph, num_threads=threads, experimental_op_resolver_type=resolver)
@@ -275,23 +290,40 @@ def _phase(interpreter, runs: int, min_secs: float, values: dict) -> list[int]:
     return durations
 
 
+def _print_delegate_verdict(name: str, kernel: str, nodes: int, partial: bool) -> None:
+    """TFLite's `Replacing …` line and benchmark_model's verdict for delegate `name` ("GPU", "NNAPI")."""
+    total = nodes + 1 if partial else nodes
+    _log(
+        f"Replacing {nodes} out of {total} node(s) with delegate ({kernel}) node, yielding 1 partitions for the whole graph.",
+        "VERBOSE",
+    )
+    if name == "GPU":
+        _log("Initialized OpenCL-based API.")
+        _log("Created 1 GPU delegate kernels.")
+    how = "partially executed by the delegate w/ 1 delegate kernels." if partial else "completely executed by the delegate."
+    _log(f"Explicitly applied {name} delegate, and the model graph will be {how}")
+
+
 def _print_gpu_delegate(nodes: int, partial: bool) -> None:
     _log("Created TensorFlow Lite delegate for GPU.")
     _log("GPU delegate created.")
-    total = nodes + 1 if partial else nodes
     if partial:
         _log("Following operations are not supported by GPU delegate:", "ERROR")
         _log("CUSTOM: Operation is not supported.", "ERROR")
         _log(f"{nodes} operations will run on the GPU, and the remaining 1 operations will run on the CPU.", "ERROR")
-    _log(
-        f"Replacing {nodes} out of {total} node(s) with delegate (TfLiteGpuDelegateV2) node,"
-        " yielding 1 partitions for the whole graph.",
-        "VERBOSE",
-    )
-    _log("Initialized OpenCL-based API.")
-    _log("Created 1 GPU delegate kernels.")
-    how = "partially executed by the delegate w/ 1 delegate kernels." if partial else "completely executed by the delegate."
-    _log(f"Explicitly applied GPU delegate, and the model graph will be {how}")
+    _print_delegate_verdict("GPU", "TfLiteGpuDelegateV2", nodes, partial)
+
+
+def _print_nnapi_delegate(nodes: int, accelerator: str, partial: bool) -> None:
+    _log(f"NNAPI accelerators available: [{','.join(NNAPI_ACCELERATORS)}]")
+    if accelerator and accelerator not in NNAPI_ACCELERATORS:
+        _log(f"Could not find the specified NNAPI accelerator: {accelerator}. Must be one of: "
+             f"{{{','.join(NNAPI_ACCELERATORS)}}}.", "WARN")
+        _log("NNAPI acceleration is unsupported on this platform.", "WARN")
+        return
+    _log("Created TensorFlow Lite delegate for NNAPI.")
+    _log("NNAPI delegate created.")
+    _print_delegate_verdict("NNAPI", "TfLiteNnapiDelegate", nodes, partial)
 
 
 def _max_rss_mb() -> float:
@@ -341,6 +373,9 @@ def main(argv: list[str]) -> int:
         _log("GPU acceleration is unsupported on this platform.", "WARN")
     elif values["use_gpu"]:
         _print_gpu_delegate(len(ops), partial=_matches(faults, "partial_gpu_models", graph))
+    if values["use_nnapi"]:
+        _print_nnapi_delegate(len(ops), values["nnapi_accelerator_name"],
+                              partial=_matches(faults, "partial_nnapi_models", graph))
     _log(f"The input model file size (MB): {_fmt(os.path.getsize(graph) / 1024 / 1024)}")
     _log(f"Initialized session in {_fmt(init_us / 1000)}ms.")
     if _matches(faults, "garbage_models", graph):

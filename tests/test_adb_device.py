@@ -27,7 +27,7 @@ from lut.table import LatencyTable, Measurement, MeasurementFailure
 from profiler.adb import parse_runner_records, runner_script
 from profiler.adb.archive import batch_archive, split_batches
 from profiler.adb.connection import ensure_adb_key
-from profiler.build_lut import OVERHEAD_REPEATS
+from profiler.build_lut import OVERHEAD_REPEATS, open_lut
 from profiler.context import _REPEATS, FETCH_BRANCHES
 from profiler.convert import keras_to_tflite
 from profiler.device_config import DEFAULT_REMOTE_DIR, load_device_configs
@@ -79,6 +79,7 @@ def loop_entry(tmp_path: Path, daemon: LoopbackAdbDaemon, **overrides) -> dict:
         **FAST,
         "cpu": {"flags": ["--use_xnnpack=true", "--warmup_min_secs=0"]},
         "gpu": {"flags": ["--use_gpu=true", "--warmup_min_secs=0"]},
+        "nnapi": {"flags": ["--use_nnapi=true", "--warmup_min_secs=0"]},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(entry.get(key), dict):
@@ -144,11 +145,16 @@ def test_devices_file_lookup_order(tmp_path, monkeypatch):
 def test_backend_tables_override_phone_wide_run_settings(tmp_path):
     path = write_devices_toml(tmp_path / "d.toml", {"pixel": {
         "address": "10.0.0.2:5555", "benchmark_model": "/bm", "num_runs": 30, "cooldown_s": 2,
-        "cpu": {"taskset": "0xF0", "threads": 4}, "gpu": {"num_runs": 80, "flags": ["--use_gpu=true", "--gpu_backend=cl"]},
+        "cpu": {"taskset": "0xF0", "threads": 4}, "gpu": {"num_runs": 80, "flags": ["--use_gpu=true"], "gpu_backend": "cl"},
+        "nnapi": {"accelerator": "qti-dsp"},
     }})
     settings = load_device_configs(path)["pixel"]["settings"]
     assert (settings.cpu.num_runs, settings.cpu.cooldown_s, settings.cpu.taskset, settings.cpu.threads) == (30, 2.0, "f0", 4)
-    assert (settings.gpu.num_runs, settings.gpu.cooldown_s, settings.gpu.flags) == (80, 2.0, ("--use_gpu=true", "--gpu_backend=cl"))
+    assert (settings.gpu.num_runs, settings.gpu.cooldown_s, settings.gpu.flags) == (80, 2.0, ("--use_gpu=true",))
+    assert (settings.gpu.precision, settings.gpu.gpu_backend) == ("fp16", "cl")  # fp16 by default, as apps run it
+    assert settings.gpu.delegate_flags == ("--gpu_precision_loss_allowed=true", "--gpu_backend=cl")
+    assert (settings.nnapi.num_runs, settings.nnapi.flags, settings.nnapi.accelerator) == (30, ("--use_nnapi=true",), "qti-dsp")
+    assert settings.nnapi.delegate_flags == ("--nnapi_accelerator_name=qti-dsp",) and settings.cpu.delegate_flags == ()
 
 
 @pytest.mark.parametrize(
@@ -173,6 +179,21 @@ def test_backend_tables_override_phone_wide_run_settings(tmp_path):
          r"\[pixel.cpu\]: `flags` may not set --num_threads"),
         ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": "--use_gpu=true"}},
          r"\[pixel.gpu\]: `flags` must be a list of benchmark_model flags"),
+        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"flags": ["--use_gpu=true", "--gpu_precision_loss_allowed=false"]}},
+         r"\[pixel.gpu\]: `flags` may not set --gpu_precision_loss_allowed; phonefit sets it from `precision` of the gpu "
+         r"table \(\"fp16\": true, \"fp32\": false\)"),
+        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"precision": "half"}},
+         r"\[pixel.gpu\]: `precision` must be \"fp16\" .* or \"fp32\". Received: precision='half'"),
+        ({"address": "a:1", "benchmark_model": "bm", "gpu": {"gpu_backend": "vulkan"}},
+         r"\[pixel.gpu\]: `gpu_backend` must be \"cl\" \(OpenCL\) or \"gl\""),
+        ({"address": "a:1", "benchmark_model": "bm", "cpu": {"precision": "fp32"}},
+         r"\[pixel.cpu\]: `precision` is a setting of the gpu backend; move it into its table"),
+        ({"address": "a:1", "benchmark_model": "bm", "accelerator": "qti-dsp"},
+         r"\[pixel\]: `accelerator` is a setting of the nnapi backend"),
+        ({"address": "a:1", "benchmark_model": "bm", "nnapi": {"accelerator": "qti dsp; reboot"}},
+         r"\[pixel.nnapi\]: `accelerator` must be an NNAPI device name such as \"qti-dsp\""),
+        ({"address": "a:1", "benchmark_model": "bm", "nnapi": {"flags": ["--nnapi_accelerator_name=qti-dsp"]}},
+         r"\[pixel.nnapi\]: `flags` may not set --nnapi_accelerator_name; phonefit sets it from `accelerator`"),
     ],
 )
 def test_bad_entries_name_file_entry_and_field(tmp_path, entry, message):
@@ -595,7 +616,7 @@ def test_partial_gpu_delegation_is_a_failure_never_a_gpu_latency(tmp_path, tflit
     with LoopbackAdbDaemon(tmp_path / "phone", faults=faults) as daemon:
         device = open_loop(tmp_path, daemon, backend="gpu")
         try:
-            assert device.conditions()["delegate"] == "gpu"
+            assert device.conditions()["delegate"] == "gpu/fp16/auto"
             results = dict(device.measure([("partial", tflite_models["conv"]), ("whole", tflite_models["conv"])]))
         finally:
             device.close()
@@ -603,6 +624,57 @@ def test_partial_gpu_delegation_is_a_failure_never_a_gpu_latency(tmp_path, tflit
     assert results["partial"].error.startswith("the GPU delegate did not run the whole graph (delegation partial: ")
     assert "partially executed by the delegate" in results["partial"].error
     assert isinstance(results["whole"], Measurement)
+
+
+@pytest.mark.timeout(120)
+def test_gpu_precision_and_backend_reach_benchmark_model_and_the_lut_conditions(tmp_path, daemon, tflite_models):
+    default = open_loop(tmp_path, daemon, backend="gpu")
+    try:
+        [record] = default.run_records([("conv", tflite_models["conv"])])
+        conditions = default.conditions()
+    finally:
+        default.close()
+    assert conditions["delegate"] == "gpu/fp16/auto"  # fp16 as apps run it; the delegate picks OpenCL or OpenGL
+    assert conditions["flags"].endswith("--use_gpu=true --warmup_min_secs=0 --gpu_precision_loss_allowed=true")
+    assert "INFO: Allow lower precision in gpu: [1]" in record.output.splitlines()
+    assert "GPU backend" not in record.output
+    device = open_loop(tmp_path, daemon, backend="gpu", gpu={"precision": "fp32", "gpu_backend": "gl"})
+    try:
+        [record] = device.run_records([("conv", tflite_models["conv"])])
+        with open_lut(tmp_path / "gpu.sqlite", device, 4) as table:
+            meta = table.meta
+    finally:
+        device.close()
+    lines = record.output.splitlines()  # what the stand-in echoes of the flags it was given
+    assert "INFO: Allow lower precision in gpu: [0]" in lines and "INFO: GPU backend: [gl]" in lines
+    assert (meta["backend"], meta["delegate"]) == ("gpu", "gpu/fp32/gl")
+    assert meta["flags"].endswith("--gpu_precision_loss_allowed=false --gpu_backend=gl")
+    assert json.loads(meta["fingerprint"])["benchmark_model_flags"] == meta["flags"]
+
+
+@pytest.mark.timeout(300)
+def test_resuming_a_gpu_lut_with_another_precision_is_refused(tmp_path, daemon):
+    import keras
+
+    inputs = keras.Input((8, 8, 4))
+    keras.Model(inputs, keras.layers.Conv2D(4, 1)(inputs)).save(tmp_path / "tiny.keras")
+    out = tmp_path / "loop-gpu.sqlite"
+    fp32 = open_loop(tmp_path, daemon, backend="gpu", gpu={"precision": "fp32"})
+    try:
+        open_lut(out, fp32, 4).close()  # a GPU LUT begun at fp32
+    finally:
+        fp32.close()
+    devices = write_devices_toml(tmp_path / "devices.toml", {"loop": loop_entry(tmp_path, daemon)})  # fp16: the default
+    command = [sys.executable, "-m", "profiler.build_lut", "--device", "loop", "--devices", str(devices), "--backend", "gpu",
+               "--model", str(tmp_path / "tiny.keras"), "--out", str(out), "--no-progress", *LENIENT_FLAGS]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[1])
+    assert run.returncode == 2, run.stderr[-3000:]
+    [line] = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert line == (f"python -m profiler.build_lut: error: {out} was measured with delegate='gpu/fp32/auto', not "
+                    "'gpu/fp16/auto'. Measure into another --out file, or delete this one to start over.")
+    with LatencyTable.open(out) as table:
+        assert len(table) == 0 and table.meta["delegate"] == "gpu/fp32/auto"  # nothing measured into it
+    assert daemon.models_run == 0
 
 
 def test_consecutive_failures_stop_the_run_after_recording_them(tmp_path, tflite_models):

@@ -54,11 +54,12 @@ def test_healthy_phone_is_ready_with_every_check_on_its_line(capsys, tmp_path, d
     code, lines, err = _doctor(capsys, tmp_path, daemon)
     assert code == 0, (lines, err)
     assert err == ""
-    assert list(lines) == [c.name for c in CHECKS]  # the GPU is probed: the entry has [loop.gpu]
+    assert list(lines) == [c.name for c in CHECKS]  # GPU and NNAPI probed: the entry has [loop.gpu], [loop.nnapi]
     assert {name for name, (label, _) in lines.items() if label != "ok"} == {"cpu governor"}
     assert lines["cpu governor"][1].startswith("policy0 schedutil at 1803 of 1803 MHz; policy4 schedutil")
     assert "expected governor performance" in lines["cpu governor"][1]
     assert lines["gpu delegate"][1].endswith("whole graph on the GPU delegate")
+    assert lines["nnapi delegate"][1].endswith("whole graph on the NNAPI delegate")
     assert "XNNPACK applied" in lines["cpu delegate"][1]
     assert lines["abi"][1].startswith("phone runs arm64-v8a, armeabi-v7a, armeabi")
     assert lines["battery temperature"][1] == "battery at 31.2 °C"
@@ -238,3 +239,16 @@ def test_sections_and_battery_parse_phone_text():
     assert (full.percent, full.charging, full.sources) == (100, True, ())
     unknown = parse_battery("Can't find service: battery\n")
     assert (unknown.percent, unknown.charging) == (None, False)
+
+
+@pytest.mark.timeout(120)
+def test_nnapi_delegate_not_applied_fails_the_nnapi_line(capsys, tmp_path):
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(partial_nnapi_models=("probe",))) as daemon:
+        code, lines, _ = _doctor(capsys, tmp_path, daemon, "--backend", "nnapi")
+    assert code == 2
+    assert _failed(lines) == ["nnapi delegate"]
+    assert "gpu delegate" not in lines and lines["cpu delegate"][0] == "ok"
+    assert lines["nnapi delegate"][1].startswith(
+        "the NNAPI delegate did not take the probe's graph: delegation partial ('INFO: Explicitly applied NNAPI delegate, "
+        "and the model graph will be partially executed by the delegate w/ 1 delegate kernels.'); expected delegation "
+        "full. Fix: check [loop.nnapi] flags has --use_nnapi=true, set its `accelerator`")

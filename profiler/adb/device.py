@@ -1,4 +1,4 @@
-"""`AdbDevice`: one phone's CPU or GPU, measured with TFLite's `benchmark_model` over ADB.
+"""`AdbDevice`: one phone's CPU, GPU or NNAPI, measured with TFLite's `benchmark_model` over ADB.
 
 A phone is reached with adb-shell (TCP, or USB with `adb-shell[usb]`) and RSA auth.  Models
 are measured in batches, because a round trip per entry costs more than a small layer:
@@ -11,8 +11,8 @@ are measured in batches, because a round trip per entry costs more than a small 
    status, since adb's shell service returns none) to the batch's `records.txt`;
 3. `records.txt` is pulled and each record becomes a `Measurement` or a
    `MeasurementFailure` (`profiler.adb.records`: crash with its exit status, timeout,
-   unreadable output, or a GPU delegate that did not take the whole graph — never a GPU
-   latency).
+   unreadable output, or a GPU or NNAPI delegate that did not take the whole graph — never
+   a latency of that backend).
 
 Batches stay on the phone until they hold `SWEEP_BYTES` (archives and unpacked models),
 then the session's earlier batches are removed in one command between two batches: every
@@ -63,7 +63,7 @@ from profiler.adb.records import (
     runner_script,
 )
 from profiler.adb.wire import push_files
-from profiler.device_config import AdbSettings, parse_adb_settings
+from profiler.device_config import BACKENDS, AdbSettings, BackendSettings, parse_adb_settings
 from profiler.errors import ProfilerError
 from profiler.monitor import REFERENCE_ID
 from profiler.timing import TimingPolicy
@@ -100,13 +100,27 @@ def _cpus(mask: str) -> int:
     return int(mask, 16).bit_count()
 
 
+# backend -> the settings its `delegate` condition names, in order ("auto": the delegate or NNAPI chooses).
+_DELEGATE_CONDITION = {"gpu": ("precision", "gpu_backend"), "nnapi": ("accelerator",)}
+
+
+def _delegate(backend: str, run: BackendSettings) -> str:
+    """The LUT's `delegate` condition: what runs the ops, with the delegate's settings
+    (`gpu/fp16/auto`, `gpu/fp32/cl`, `nnapi/auto`, `nnapi/qti-dsp`), so that a LUT is resumed
+    only under the same ones."""
+    if backend == "cpu":
+        off = any(flag in ("--use_xnnpack=false", "--use_xnnpack=0") for flag in run.flags)
+        return "none" if off else "xnnpack"
+    return "/".join([backend, *(getattr(run, field) or "auto" for field in _DELEGATE_CONDITION[backend])])
+
+
 class AdbDevice:
-    """One phone's CPU or GPU through `benchmark_model` over ADB.  Use `open_device`."""
+    """One phone's CPU, GPU or NNAPI through `benchmark_model` over ADB.  Use `open_device`."""
 
     def __init__(self, settings: AdbSettings, backend: str = "cpu", threads: int | None = None, *,
                  sleep: Callable[[float], None] = time.sleep):
-        if backend not in ("cpu", "gpu"):
-            raise ProfilerError(f"`backend` must be 'cpu' or 'gpu'. Received: backend={backend!r}.")
+        if backend not in BACKENDS:
+            raise ProfilerError(f"`backend` must be one of {', '.join(BACKENDS)}. Received: backend={backend!r}.")
         run = settings.backend(backend)
         threads = threads if threads is not None else (run.threads or 1)
         if not isinstance(threads, int) or threads < 1:
@@ -124,7 +138,7 @@ class AdbDevice:
         self._bench_sha = hashlib.sha256(self._bench).hexdigest()
         self._runner = runner_script()
         self._flags = (f"--num_threads={threads}", f"--warmup_runs={run.warmup_runs}", f"--num_runs={run.num_runs}",
-                       f"--min_secs={run.min_secs:g}", *run.flags)
+                       f"--min_secs={run.min_secs:g}", *run.flags, *run.delegate_flags)
         self._session = f"{settings.remote_dir}/runs/{secrets.token_hex(4)}"
         self._batches = itertools.count()
         self._phone_bytes = 0  # what the session's batches hold on the phone
@@ -159,13 +173,8 @@ class AdbDevice:
 
     # ------------------------------------------------------------ the protocol
     def conditions(self) -> dict[str, object]:
-        if self.backend == "gpu":
-            delegate = "gpu"
-        else:
-            off = any(flag in ("--use_xnnpack=false", "--use_xnnpack=0") for flag in self._flags)
-            delegate = "none" if off else "xnnpack"
         return {"device": self.name, "backend": self.backend, "threads": self.threads,
-                "delegate": delegate, "flags": self._flags_text()}
+                "delegate": _delegate(self.backend, self._run), "flags": self._flags_text()}
 
     def fingerprint(self) -> dict[str, object]:
         phone = self._phone
@@ -211,8 +220,8 @@ class AdbDevice:
     def run_records(self, models: Sequence[tuple[str, bytes]]) -> list[RunnerRecord | None]:
         """`models` run as one batch (at most `batch_size`) by the batch runner: each model's
         record as the runner wrote it, None where it left none.  The text `measure` makes its
-        results of, for a caller that reads more of it (`profiler.doctor`: the GPU delegate's
-        verdict, XNNPACK's line)."""
+        results of, for a caller that reads more of it (`profiler.doctor`: the GPU's and NNAPI's
+        delegate verdicts, XNNPACK's line)."""
         if not 0 < len(models) <= self._settings.batch_size:
             raise ValueError(f"`models` must be 1 to batch_size={self._settings.batch_size} models. "
                              f"Received: {len(models)} models.")
@@ -394,7 +403,7 @@ def open_adb(name: str, config: Mapping[str, object], backend: str, threads: int
         name: the phone's name in devices.toml.
         config: its entry: `{"settings": AdbSettings}` as `load_device_configs` reads it, or
             the raw table.
-        backend: "cpu" or "gpu".
+        backend: "cpu", "gpu" or "nnapi".
         threads: benchmark_model's threads (None: the backend's `threads` in devices.toml, else 1).
         timing: not used: a phone times models with benchmark_model as its devices.toml says.
     """

@@ -27,6 +27,23 @@ _ERROR_RE = re.compile(r"error|fail|abort|fault|signal|denied|not found", re.IGN
 Outcome: TypeAlias = tuple[Measurement | MeasurementFailure, bool]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Delegated:
+    """A backend whose delegate must take the whole graph: where `BenchmarkResult` says what it
+    did (`verdict` and `verdict`_line), and how a failure names it."""
+
+    verdict: str  # "gpu_delegate" | "nnapi_delegate"
+    name: str  # "GPU", "NNAPI"
+    latency: str  # "a GPU latency"
+
+
+# backend -> its delegate; a backend not listed (the CPU) runs whatever the graph has.
+_DELEGATED = {
+    "gpu": _Delegated("gpu_delegate", "GPU", "a GPU latency"),
+    "nnapi": _Delegated("nnapi_delegate", "NNAPI", "an NNAPI latency"),
+}
+
+
 def runner_script() -> bytes:
     """The bytes of `android_bench/run_batch.sh`, the batch runner pushed to the phone."""
     return resources.files("android_bench").joinpath("run_batch.sh").read_bytes()
@@ -70,8 +87,9 @@ def parse_runner_records(text: str, tag: str) -> dict[str, RunnerRecord]:
 def result_from_record(record: RunnerRecord | None, backend: str, timeout_s: float) -> Outcome:
     """(Measurement or MeasurementFailure, whether the failure is a fault of the run).
 
-    A GPU delegate that does not take the whole graph fails the entry but is no fault:
-    it says the op does not run on the GPU, not that the phone or the setup is broken.
+    A GPU or NNAPI delegate that does not take the whole graph (verdict "partial", "none",
+    or no word of it) fails the entry but is no fault: it says the op does not run there,
+    not that the phone or the setup is broken.
     """
     if record is None:
         return MeasurementFailure("the batch runner left no complete record for this model"), True
@@ -89,12 +107,14 @@ def result_from_record(record: RunnerRecord | None, backend: str, timeout_s: flo
         result = parse_benchmark_output(record.output)
     except BenchmarkOutputError as e:
         return MeasurementFailure(f"benchmark_model output could not be read: {e}"), True
-    if backend == "gpu" and result.gpu_delegate != "full":
-        state = result.gpu_delegate or "not mentioned"
-        evidence = f": {result.gpu_delegate_line!r}" if result.gpu_delegate_line else ""
+    delegated = _DELEGATED.get(backend)
+    if delegated is not None and getattr(result, delegated.verdict) != "full":
+        state = getattr(result, delegated.verdict) or "not mentioned"
+        line = getattr(result, f"{delegated.verdict}_line")
+        evidence = f": {line!r}" if line else ""
         return MeasurementFailure(
-            f"the GPU delegate did not run the whole graph (delegation {state}{evidence}); "
-            "not recorded as a GPU latency"
+            f"the {delegated.name} delegate did not run the whole graph (delegation {state}{evidence}); "
+            f"not recorded as {delegated.latency}"
         ), False
     if result.count is None or result.min_us is None or result.max_us is None or result.std_us is None:
         # Only the summary's average was printed: no spread, so nothing to store as a LUT entry.
