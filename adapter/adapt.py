@@ -4,8 +4,9 @@
         --budget 0.5 --data fashion_mnist --out runs/adapt
 
 runs NetAdapt (`adapter.search.netadapt`) until the LUT estimate meets the budget, fine-tunes the
-result, and writes to --out: adapted.keras, adapted.tflite (float32; --int8 adds
-adapted_int8.tflite), history.csv, proposals.csv, iter_NNN.keras, report.json, report.md
+result, and writes to --out: adapted.keras, adapted.tflite (as the LUT's ops: float32, or
+int8 with adapted_float32.tflite beside it; --int8 adds adapted_int8.tflite to a float32
+LUT's), history.csv, proposals.csv, iter_NNN.keras, report.json, report.md
 and accuracy_latency.png. The original is measured whole on the device (default: the
 LUT's, when reachable) before the search, which calibrates the budget in the LUT's terms
 (`Budget.lut_ms`); the exported model is measured after it, and the report says whether
@@ -89,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         help="learning rate of long-term fine-tuning (default: %(default)s)")
     add("--resume", action="store_true", help="continue the run in --out after its last completed iteration "
         "(rerunning the same command does this by itself; kept for scripts that pass it)")
-    add("--int8", action="store_true", help="also export an int8 model quantized with representative data")
+    add("--int8", action="store_true",
+        help="also export the adapted model as int8, quantized with training images, measured beside the float one "
+             "(with an int8 LUT, the search and the budget are int8 already, and the float model is exported beside)")
     add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")
     add_width_multiplier_arguments(parser)
     add_check_arguments(parser)
@@ -147,7 +150,7 @@ def _adapt(args: argparse.Namespace) -> int:
     print("exporting and measuring", flush=True)
     figures, interleaved = final_figures(
         {"original": session.model, "adapted": adapted}, session.estimator, session.data, checker, out,
-        int8_of="adapted" if args.int8 else None,
+        beside_of="adapted" if args.int8 or session.deployment.dtype == "int8" else None, deployment=session.deployment,
     )
     original, adapted_figures = figures["original"], figures["adapted"]
     budget = budget_fields(config.budget, result, original, adapted_figures, interleaved, checker)

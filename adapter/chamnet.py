@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adapter.errors import AdapterError
 from adapter.latency import OVER_BUDGET_TOLERANCE, Budget
 from adapter.search.chamnet.candidates import CandidateTrainer, Recipe, build_predictor, open_store
 from adapter.search.chamnet.space import SearchSpace
@@ -212,7 +213,18 @@ def _session(args: argparse.Namespace, stored: Any) -> Any:
 
     identity = stored.identity
     args.model, args.data, args.holdout = stored.model_path, identity["data"], int(identity["holdout"])
+    if Path(args.lut).is_file() and (dtype := _lut_dtype(args.lut)) != "float32":
+        raise AdapterError(f"{args.lut} is an {dtype} LUT; the ChamNet search estimates float32 candidates only so far. "
+                           "Build a float32 LUT (`python -m adapter.chamnet build-lut` without --dtype), or adapt "
+                           "for int8 with NetAdapt (`python -m adapter.adapt --lut` that LUT).")
     return open_session(args, check_model=lambda model: check_base(stored, model, stored.model_path))
+
+
+def _lut_dtype(path: str) -> str:
+    from lut.table import LatencyTable
+
+    with LatencyTable.open(path) as table:
+        return table.dtype
 
 
 def _ensure_space(session: Any, stored: Any, args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from profiler.devices import Device, open_device
 from profiler.timing import TimingPolicy
 
 __all__ = [
+    "Deployment",
     "ModelMeasurement",
     "export_tflite",
     "measure_models",
@@ -47,6 +48,34 @@ def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int 
     """Model-ready image batches for int8 calibration (the first `images` of `x`)."""
     x = x[:images]
     return [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """How the adapter converts models for the device: as the LUT's ops run, float32 or int8
+    (full-integer with float input and output, calibrated on `calibration`: training images)."""
+
+    dtype: str = "float32"
+    calibration: tuple[np.ndarray, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "int8"):
+            raise AdapterError(f"`dtype` must be 'float32' or 'int8'. Received: dtype={self.dtype!r}.")
+        if self.dtype == "int8" and not self.calibration:
+            raise AdapterError("An int8 deployment needs calibration images (`representative_batches`).")
+
+    @classmethod
+    def for_lut(cls, dtype: str, x_train: np.ndarray) -> Deployment:
+        """The deployment a LUT of `dtype` describes, calibrated (for any int8 export) on the first
+        training images."""
+        return cls(dtype, tuple(representative_batches(x_train)))
+
+    def export(self, model, path: str | Path, dtype: str | None = None) -> bytes:
+        """`model` converted as deployed (or as `dtype`, e.g. the float model beside an int8 one) into `path`."""
+        dtype = dtype or self.dtype
+        if dtype == "int8" and not self.calibration:
+            raise AdapterError("An int8 export needs calibration images; this deployment has none (`Deployment.for_lut`).")
+        return export_tflite(model, path, representative_data=list(self.calibration) if dtype == "int8" else None)
 
 
 def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None) -> Device:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapter.errors import AdapterError
-from adapter.export import export_tflite, representative_batches, tflite_accuracy
+from adapter.export import Deployment, tflite_accuracy
 from adapter.latency import OVER_BUDGET_TOLERANCE, OVER_PRUNED, Budget, Estimator, estimate_ms
 from adapter.train import evaluate, evaluate_split
 from adapter.training.data import Dataset
@@ -67,8 +67,9 @@ class ModelChecker:
     """
 
     def __init__(self, device: Device, monitor: ConditionsMonitor | None, original_tflite: bytes, out_dir: str | Path,
-                 *, rounds: int = ROUNDS, lut_tolerance: float = LUT_TOLERANCE):
+                 *, rounds: int = ROUNDS, lut_tolerance: float = LUT_TOLERANCE, deployment: Deployment = Deployment()):
         self.device, self.monitor, self.rounds, self.lut_tolerance = device, monitor, rounds, lut_tolerance
+        self.deployment = deployment  # how a candidate is converted: as the original was
         self.original, self.out = original_tflite, Path(out_dir)
         self.last: Interleaved | None = None  # the latest interleaved measurement
 
@@ -113,7 +114,7 @@ class ModelChecker:
     def fraction(self, model, name: str = "search") -> float | None:
         """`model`'s latency as a fraction of the original's (None: the device stayed disturbed)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        tflite = export_tflite(model, self.out / f"{name}.tflite")
+        tflite = self.deployment.export(model, self.out / f"{name}.tflite")
         result = self._measure({"original": self.original, name: tflite})
         return None if result is None else result.ratio(name, "original")
 
@@ -178,18 +179,19 @@ def _model_figures(model: Any, estimator: Estimator, data: Dataset, x_test: Any,
 
 
 def final_figures(models: Mapping[str, Any], estimator: Estimator, data: Dataset, checker: ModelChecker | None,
-                  out: Path, *, int8_of: str | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
-    """Export every model of `models` (the original among them) to `out`/NAME.tflite, measure them
-    on the device interleaved with the original (no measurement without a `checker`) and score
-    them; `int8_of` also exports that model quantized (NAME_int8.tflite). Returns each model's
-    figures and the interleaved measurement (None when none was taken)."""
+                  out: Path, *, beside_of: str | None = None,
+                  deployment: Deployment = Deployment()) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Export every model of `models` (the original among them) to `out`/NAME.tflite as deployed,
+    measure them on the device interleaved with the original (no measurement without a
+    `checker`) and score them; `beside_of` also exports that model in the other dtype
+    (NAME_int8.tflite beside a float32 deployment, NAME_float32.tflite beside an int8 one),
+    measured and scored beside it. Returns each model's figures and the interleaved
+    measurement (None when none was taken)."""
     x_test, y_test = data.test.arrays()
-    tflites = {name: export_tflite(model, out / f"{name}.tflite") for name, model in models.items()}
-    if int8_of is not None:
-        x_train, _ = data.train.take(min(256, len(data.train))).arrays()
-        tflites[f"{int8_of}_int8"] = export_tflite(
-            models[int8_of], out / f"{int8_of}_int8.tflite", representative_data=representative_batches(x_train)
-        )
+    tflites = {name: deployment.export(model, out / f"{name}.tflite") for name, model in models.items()}
+    other = "int8" if deployment.dtype == "float32" else "float32"
+    if beside_of is not None:
+        tflites[f"{beside_of}_{other}"] = deployment.export(models[beside_of], out / f"{beside_of}_{other}.tflite", other)
     measured = None
     if checker is not None:
         measured = checker.measure({name: tflite for name, tflite in tflites.items() if name != "original"})
@@ -197,10 +199,11 @@ def final_figures(models: Mapping[str, Any], estimator: Estimator, data: Dataset
                for name, model in models.items()}
     for name in figures:
         figures[name]["measured_ms"] = measured.median_ms(name) if measured else None
-    if int8_of is not None:
-        figures[int8_of]["int8"] = {
-            "measured_ms": measured.median_ms(f"{int8_of}_int8") if measured else None,
-            "tflite_test_accuracy": tflite_accuracy(tflites[f"{int8_of}_int8"], x_test, y_test),
+        figures[name]["dtype"] = deployment.dtype
+    if beside_of is not None:
+        figures[beside_of][other] = {
+            "measured_ms": measured.median_ms(f"{beside_of}_{other}") if measured else None,
+            "tflite_test_accuracy": tflite_accuracy(tflites[f"{beside_of}_{other}"], x_test, y_test),
         }
     return figures, measured
 

@@ -11,6 +11,7 @@ measured fraction meets the budget, and when it is over-pruned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ __all__ = [
     "GroupLatency",
     "ensure_estimable",
     "estimate_ms",
+    "model_specs",
 ]
 
 MAX_RECALIBRATIONS = 3  # times a search may rescale the budget in the LUT's terms by a measurement
@@ -44,6 +46,7 @@ class Estimator(Protocol):
     """What a search needs of a LUT estimator (`lut.latency.LatencyEstimator` is one)."""
 
     table: LatencyTable
+    dtype: str  # the LUT's: what a model is converted to for the device ("float32" or "int8")
 
     def total_us(self, specs: Sequence[LayerSpec]) -> float: ...
 
@@ -109,10 +112,16 @@ class Budget:
 
 
 
+def model_specs(estimator: Estimator, model: Any, out_channels: Mapping[str, int] | None = None) -> list[LayerSpec]:
+    """The specs of `model` (pruned to `out_channels` per Conv2D/Dense) as deployed for the
+    estimator's LUT: converted to its dtype (an int8 LUT counts the int8 model's ops)."""
+    return specs_of_keras(model, out_channels, dtype=estimator.dtype)
+
+
 def estimate_ms(estimator: Estimator, model: Any, out_channels: Mapping[str, int] | None = None) -> float:
     """The LUT estimate of `model` (pruned to `out_channels` per Conv2D/Dense), in ms."""
     try:
-        return estimator.total_us(specs_of_keras(model, out_channels)) / 1000
+        return estimator.total_us(model_specs(estimator, model, out_channels)) / 1000
     except LutError as e:
         raise AdapterError(str(e)) from e
 
@@ -167,10 +176,12 @@ class GroupLatency:
 
     def __init__(
         self, model: Any, groups: Sequence[Any], estimator: Estimator,
-        specs_of: Callable[[Any, Mapping[str, int]], list[LayerSpec]] = specs_of_keras,
+        specs_of: Callable[[Any, Mapping[str, int]], list[LayerSpec]] | None = None,
     ) -> None:
         self.estimator, self.groups = estimator, {g.id: g for g in groups}
         shrunk = {g.id: {name: g.size - 1 for name in g.producers} for g in groups if g.size > 1}
+        if specs_of is None:  # the model as deployed for the estimator's LUT
+            specs_of = functools.partial(model_specs, estimator)
         self.base, self._slopes = channel_slopes(model, shrunk, specs_of)
 
     @property

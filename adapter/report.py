@@ -111,9 +111,10 @@ def _channels(report: Mapping) -> list[str]:
 def render_markdown(report: Mapping) -> str:
     """report.md: the budget verdict, the models side by side, channels per group, the plot."""
     budget, search = report["budget"], report["search"]
+    dtype = report["lut"].get("dtype", "float32")
     lines = [
         f"# {_method(report)}: {report['model']} on {report['lut']['device']} ({report['lut']['backend']}, "
-        f"{report['lut']['threads']} thread(s))",
+        f"{report['lut']['threads']} thread(s){'' if dtype == 'float32' else ', ' + dtype})",
         "",
         *_budget_lines(budget, report["device"]),
         f"- Search: {search.get('text') or str(search['iterations']) + ' iterations'} in {search['seconds']:.0f} s; "
@@ -124,9 +125,11 @@ def render_markdown(report: Mapping) -> str:
         "",
         *_side_by_side(report),
     ]
-    int8 = report["adapted"].get("int8")
-    if int8:
-        lines += ["", f"int8 export: measured {_ms(int8['measured_ms'])}, test accuracy {_pct(int8['tflite_test_accuracy'])}."]
+    for dtype in ("int8", "float32"):  # the adapted model exported in the other dtype, beside the deployed one
+        beside = report["adapted"].get(dtype)
+        if beside:
+            lines += ["", f"{dtype} export beside the {report['adapted'].get('dtype', 'float32')} one: measured "
+                          f"{_ms(beside['measured_ms'])}, test accuracy {_pct(beside['tflite_test_accuracy'])}."]
     if report.get("baseline"):
         b = report["baseline"]
         lines += ["", f"The width-multiplier baseline was chosen by {b['select_by']} and trained from scratch for "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.errors import AdapterError
-from adapter.export import export_tflite, open_final_check_device
+from adapter.export import Deployment, open_final_check_device
 from adapter.final_check import LUT_TOLERANCE, ModelChecker
 from adapter.latency import estimate_ms
 from adapter.train import SPLIT_SEED, TrainingRecord, record_path
@@ -32,6 +32,8 @@ from profiler.build_lut import open_monitor
 from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
 from profiler.monitor import ConditionsMonitor, add_monitor_arguments, monitor_policy
+
+_CALIBRATION_IMAGES = 256  # training images an int8 export is calibrated on
 
 __all__ = [
     "Session",
@@ -57,6 +59,7 @@ class Session:
     data: Dataset
     monitor: ConditionsMonitor | None = None  # the conditions monitor on lut_device, with the LUT's quiet reference
     lut_tolerance: float = LUT_TOLERANCE
+    deployment: Deployment = Deployment()  # how models are converted for the device: as the LUT's ops
 
 
 def add_session_arguments(parser: argparse.ArgumentParser, *, holdout_default: int) -> None:
@@ -159,8 +162,12 @@ def open_session(args: argparse.Namespace, *, check_model: Any = None) -> Sessio
         monitor = open_monitor(lut_device, table, monitor_policy(args), log=lambda message: print(message, flush=True))
     print(f"loading {args.data} at {model.input_shape[1]} px", flush=True)
     data = load_dataset(args.data, resolution=int(model.input_shape[1]), holdout=args.holdout, seed=SPLIT_SEED)
+    deployment = Deployment.for_lut(table.dtype, data.train.take(min(_CALIBRATION_IMAGES, len(data.train))).arrays()[0])
+    if deployment.dtype != "float32":
+        print(f"the LUT is {deployment.dtype}: models are measured and exported as {deployment.dtype} "
+              f"(calibrated on {_CALIBRATION_IMAGES} training images), the float model beside it", flush=True)
     return Session(table, estimator, lut_device, check_device, device_name, model, data, monitor,
-                   args.lut_tolerance / 100)
+                   args.lut_tolerance / 100, deployment)
 
 
 def model_checker(session: Session, out: Path) -> ModelChecker | None:
@@ -168,8 +175,9 @@ def model_checker(session: Session, out: Path) -> ModelChecker | None:
     if session.check_device is None:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    return ModelChecker(session.check_device, session.monitor, export_tflite(session.model, out / "original.tflite"),
-                        out, lut_tolerance=session.lut_tolerance)
+    original = session.deployment.export(session.model, out / "original.tflite")
+    return ModelChecker(session.check_device, session.monitor, original, out, lut_tolerance=session.lut_tolerance,
+                        deployment=session.deployment)
 
 
 def measure_original(session: Session, checker: ModelChecker | None) -> float | None:
@@ -186,4 +194,4 @@ def lut_fields(path: str, table: LatencyTable, step: int) -> dict[str, Any]:
     """The LUT as the report names it."""
     meta = table.meta
     return {"path": path, "device": meta.get("device"), "backend": meta.get("backend"),
-            "threads": meta.get("threads"), "step": step}
+            "threads": meta.get("threads"), "dtype": table.dtype, "step": step}

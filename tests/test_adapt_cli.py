@@ -179,3 +179,31 @@ def test_resume_reuses_the_fine_tuned_model_only_if_it_is_the_searchs_model(file
     assert channel_counts(keras.models.load_model(tmp_path / "adapted.keras")) == channel_counts(model)
     again, _ = _long_term(args, SimpleNamespace(data=None), searched, config, tmp_path)
     assert "reusing" in capsys.readouterr().out and channel_counts(again) == channel_counts(model)
+
+
+@pytest.mark.slow
+def test_an_int8_lut_adapts_for_int8_measuring_the_int8_models_with_the_float_one_beside(files, tmp_path):
+    from lut.tflite_ops import op_details
+
+    model = keras.models.load_model(files["model"])
+    lut = write_synthetic_lut(tmp_path / "host-int8.sqlite", [model], device="host", dtype="int8")
+    argv = _argv(files, tmp_path, **{"--lut": lut}) + ["--lut-tolerance", "100000"]  # synthetic: not this machine
+    result = subprocess.run([sys.executable, "-m", "adapter.adapt", *argv], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert "the LUT is int8: models are measured and exported as int8" in result.stdout
+    # The deployed models are int8 (the search's candidates too); the float model is exported beside.
+    for name in ("original", "adapted", "search"):
+        ops = [op["opcode"] for op in op_details((out / f"{name}.tflite").read_bytes())]
+        assert ops[0] == "QUANTIZE" and ops[-1] == "DEQUANTIZE", name
+    beside = op_details((out / "adapted_float32.tflite").read_bytes())
+    assert beside[0]["opcode"] == "CONV_2D" and beside[0]["inputs"][0]["dtype"] == "float32"
+    report = json.loads((out / "report.json").read_text())
+    adapted, budget = report["adapted"], report["budget"]
+    assert report["lut"]["dtype"] == "int8" and adapted["dtype"] == "int8"
+    assert adapted["measured_ms"] > 0 and adapted["float32"]["measured_ms"] > 0
+    assert 0 < adapted["tflite_test_accuracy"] <= 1 and 0 < adapted["float32"]["tflite_test_accuracy"] <= 1
+    assert budget["measured_fraction"] == pytest.approx(adapted["measured_ms"] / report["original"]["measured_ms"],
+                                                        rel=0.25)  # a ratio of medians over rounds, not of medians
+    assert "float32 export beside the int8 one" in (out / "report.md").read_text()

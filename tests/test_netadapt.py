@@ -46,14 +46,14 @@ def synthetic_us(spec) -> float:
     return 0.5 + work / 2000
 
 
-def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=()):
+def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=(), dtype="float32"):
     from profiler.plan import plan_specs
 
     meta = {"device": device, "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "step": step,
-            "invoke_overhead_us": 0.4}  # what a model pays once, not once per op
+            "invoke_overhead_us": 0.4, "dtype": dtype}  # the overhead: what a model pays once, not once per op
     with LatencyTable.create(path, meta) as table:
         rows = []
-        for spec in plan_specs(models, step):
+        for spec in plan_specs(models, step, dtype):
             if spec.key not in drop:
                 us = synthetic_us(spec)
                 rows.append((spec, Measurement(us, us, us, us, 0.0, 1)))

@@ -22,12 +22,11 @@ from typing import Any
 
 from adapter.errors import AdapterError
 from adapter.export import export_tflite, measure_models, tflite_accuracy
-from adapter.latency import Estimator, ensure_estimable, estimate_ms
+from adapter.latency import Estimator, ensure_estimable, estimate_ms, model_specs
 from adapter.search.netadapt import read_history, read_state
 from adapter.train import TrainingRecord, evaluate, evaluate_split, fit, record_path
 from adapter.training.data import Dataset
 from lut.cli import number, positive_int
-from lut.keras_specs import specs_of_keras
 from lut.models import MODELS, build_model
 from profiler.convert import keras_to_tflite
 from profiler.devices import Device
@@ -124,7 +123,7 @@ def alpha_for_budget(
     conditions monitor's `policy`, as `ensure_estimable` takes it)."""
     for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
-        ensure_estimable(estimator, specs_of_keras(model), device, log=log, policy=policy)
+        ensure_estimable(estimator, model_specs(estimator, model), device, log=log, policy=policy)
         estimated = estimate_ms(estimator, model)
         log(f"α = {alpha:g}: estimated {estimated:.4g} ms (budget {budget_ms:.4g} ms)")
         if estimated <= budget_ms:

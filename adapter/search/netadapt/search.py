@@ -20,6 +20,7 @@ from adapter.latency import (
     GroupLatency,
     ensure_estimable,
     estimate_ms,
+    model_specs,
 )
 from adapter.search.netadapt.config import NetAdaptConfig
 from adapter.search.netadapt.history import (
@@ -55,7 +56,6 @@ from adapter.search.netadapt.run import (
 )
 from adapter.train import evaluate, fit
 from adapter.training.data import Dataset
-from lut.keras_specs import specs_of_keras
 from profiler.devices import Device
 from profiler.monitor import MonitorPolicy
 
@@ -73,7 +73,7 @@ MAX_WALK_BACK = 6
 
 
 def _propose(run: NetAdaptRun, model, groups, target_ms: float) -> tuple[GroupLatency, list[Proposal]]:
-    latency = GroupLatency(model, groups, run.estimator, specs_of_keras)
+    latency = GroupLatency(model, groups, run.estimator)
     ensure_estimable(run.estimator, _candidate_specs(latency, run.step), run.device, log=run.log, policy=run.policy)
     return latency, _proposals(latency, run.step, target_ms)
 
@@ -159,7 +159,7 @@ def _check_reachable(run: NetAdaptRun, model, groups) -> None:
             f"{config.max_reduction():.1%}. Raise --initial-reduction or --decay (1.0 keeps every step equal)."
         )
     smallest = {name: min(run.step, g.size) for g in groups for name in g.producers}
-    ensure_estimable(run.estimator, specs_of_keras(model, smallest), run.device, log=run.log, policy=run.policy)
+    ensure_estimable(run.estimator, model_specs(run.estimator, model, smallest), run.device, log=run.log, policy=run.policy)
     floor = estimate_ms(run.estimator, model, smallest)
     if floor > budget + EPSILON_MS:
         raise AdapterError(
@@ -197,7 +197,7 @@ def prepare_run(model: Any, data: Dataset, estimator: Estimator, config: NetAdap
             f"holdout_size {config.holdout_size} needs as many holdout images; the data has {len(data.holdout)}."
         )
     x_holdout, y_holdout = data.holdout.take(config.holdout_size).arrays()
-    ensure_estimable(estimator, specs_of_keras(model), device, log=log, policy=policy)
+    ensure_estimable(estimator, model_specs(estimator, model), device, log=log, policy=policy)
     original = estimate_ms(estimator, model)
     budget = config.budget.lut_ms(original, measured_original_ms)
     run = NetAdaptRun(config, estimator, device, data, x_holdout, y_holdout, original, budget, measured_original_ms,
