@@ -280,24 +280,17 @@ def _softmax(op: _Op) -> LayerSpec:
     return LayerSpec("softmax", h, w, c, c, dtype=_dtype(op))
 
 
-def _quantize(op: _Op) -> LayerSpec:
-    if (op.input(0).dtype, op.outputs[0].dtype) != ("FLOAT32", "INT8"):
-        raise _Unsupported(
-            f"a QUANTIZE from {op.input(0).dtype} to {op.outputs[0].dtype} (only float32 to int8, "
-            "an int8 model's input, is keyed; a requantization inside the model is not)"
-        )
-    h, w, c = _nhwc(op.input(0))
-    return LayerSpec("quantize", h, w, c, c, dtype="int8")
+def _conversion(name: str, source: str, target: str, why: str) -> Callable[[_Op], LayerSpec]:
+    """The parser of an int8 model's QUANTIZE (float input to int8) or DEQUANTIZE (int8 output to float)."""
 
+    def parse(op: _Op) -> LayerSpec:
+        if (op.input(0).dtype, op.outputs[0].dtype) != (source, target):
+            raise _Unsupported(f"a {name.upper()} from {op.input(0).dtype} to {op.outputs[0].dtype} (only {source} to "
+                               f"{target}, {why}, is keyed)")
+        h, w, c = _nhwc(op.input(0))
+        return LayerSpec(name, h, w, c, c, dtype="int8")
 
-def _dequantize(op: _Op) -> LayerSpec:
-    if (op.input(0).dtype, op.outputs[0].dtype) != ("INT8", "FLOAT32"):
-        raise _Unsupported(
-            f"a DEQUANTIZE from {op.input(0).dtype} to {op.outputs[0].dtype} (only int8 to float32, "
-            "an int8 model's output, is keyed; float16 weights are not measured)"
-        )
-    h, w, c = _nhwc(op.input(0))
-    return LayerSpec("dequantize", h, w, c, c, dtype="int8")
+    return parse
 
 
 # BuiltinOperator name -> parser of one op into its LayerSpec.
@@ -312,8 +305,8 @@ _PARSERS: dict[str, Callable[[_Op], LayerSpec]] = {
     "PAD": _pad,
     "RESHAPE": _reshape,
     "SOFTMAX": _softmax,
-    "QUANTIZE": _quantize,
-    "DEQUANTIZE": _dequantize,
+    "QUANTIZE": _conversion("quantize", "FLOAT32", "INT8", "an int8 model's input; not a requantization"),
+    "DEQUANTIZE": _conversion("dequantize", "INT8", "FLOAT32", "an int8 model's output; not float16 weights"),
 }
 
 

@@ -120,6 +120,13 @@ def _pool_recipe(opcode: str) -> Recipe:
     return Recipe(opcode=opcode, keras_layers=_pool_layers, input_shapes=lambda s: [_nhwc_in(s)],
                   output_shape=_nhwc_out, graph_inputs=1, windowed=True, activations=_FUSED)
 
+
+def _elementwise_recipe(opcode: str, keep: int | None = None) -> Recipe:
+    """An op of one [1, c] or NHWC input, no constants, built from a Keras softmax (see `keep`)."""
+    return Recipe(opcode=opcode, keras_layers=lambda s, keras: [keras.layers.Softmax()],
+                  input_shapes=lambda s: [_flat_or_nhwc(s)], output_shape=_flat_or_nhwc, graph_inputs=1, keep=keep)
+
+
 RECIPES: dict[str, Recipe] = {
     "conv2d": Recipe(
         opcode="CONV_2D",
@@ -188,31 +195,11 @@ RECIPES: dict[str, Recipe] = {
         graph_inputs=1,
         consts=_int32_const(lambda s: [1, s.cout]),
     ),
-    "softmax": Recipe(
-        opcode="SOFTMAX",
-        keras_layers=lambda s, keras: [keras.layers.Softmax()],
-        input_shapes=lambda s: [_flat_or_nhwc(s)],
-        output_shape=_flat_or_nhwc,
-        graph_inputs=1,
-    ),
+    "softmax": _elementwise_recipe("SOFTMAX"),
     # No Keras layer converts to a QUANTIZE or DEQUANTIZE alone: they are the first and the last
     # op of an int8 softmax converted with float input and output (`keep`).
-    "quantize": Recipe(
-        opcode="QUANTIZE",
-        keras_layers=lambda s, keras: [keras.layers.Softmax()],
-        input_shapes=lambda s: [_flat_or_nhwc(s)],
-        output_shape=_flat_or_nhwc,
-        graph_inputs=1,
-        keep=0,
-    ),
-    "dequantize": Recipe(
-        opcode="DEQUANTIZE",
-        keras_layers=lambda s, keras: [keras.layers.Softmax()],
-        input_shapes=lambda s: [_flat_or_nhwc(s)],
-        output_shape=_flat_or_nhwc,
-        graph_inputs=1,
-        keep=-1,
-    ),
+    "quantize": _elementwise_recipe("QUANTIZE", keep=0),
+    "dequantize": _elementwise_recipe("DEQUANTIZE", keep=-1),
 }
 
 
