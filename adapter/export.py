@@ -24,7 +24,6 @@ from profiler.timing import TimingPolicy
 __all__ = [
     "Deployment",
     "ModelMeasurement",
-    "export_tflite",
     "measure_models",
     "open_final_check_device",
     "representative_batches",
@@ -32,16 +31,6 @@ __all__ = [
 ]
 
 _HOST_FINAL_TIMING: dict[str, Any] = dict(warmup_runs=20, min_runs=200, min_seconds=1.0, max_seconds=5.0, stable_pct=0.5)
-
-
-def export_tflite(model, path: str | Path, *, representative_data=None) -> bytes:
-    """Convert `model` (float32; int8 with `representative_data` batches) and write it to `path`."""
-    try:
-        tflite = keras_to_tflite(model, representative_data=representative_data)
-    except Exception as e:  # the converter raises many types (ConverterError, ValueError, RuntimeError)
-        raise AdapterError(f"Could not convert {model.name} to .tflite: {e}") from e
-    Path(path).write_bytes(tflite)
-    return tflite
 
 
 def representative_batches(x: np.ndarray, *, images: int = 256, batch_size: int = 32) -> list[np.ndarray]:
@@ -70,12 +59,21 @@ class Deployment:
         training images."""
         return cls(dtype, tuple(representative_batches(x_train)))
 
-    def export(self, model, path: str | Path, dtype: str | None = None) -> bytes:
-        """`model` converted as deployed (or as `dtype`, e.g. the float model beside an int8 one) into `path`."""
+    def convert(self, model, dtype: str | None = None) -> bytes:
+        """`model` converted as deployed (or as `dtype`, e.g. the float model beside an int8 one)."""
         dtype = dtype or self.dtype
         if dtype == "int8" and not self.calibration:
             raise AdapterError("An int8 export needs calibration images; this deployment has none (`Deployment.for_lut`).")
-        return export_tflite(model, path, representative_data=list(self.calibration) if dtype == "int8" else None)
+        try:
+            return keras_to_tflite(model, representative_data=list(self.calibration) if dtype == "int8" else None)
+        except Exception as e:  # the converter raises many types (ConverterError, ValueError, RuntimeError)
+            raise AdapterError(f"Could not convert {model.name} to .tflite: {e}") from e
+
+    def export(self, model, path: str | Path, dtype: str | None = None) -> bytes:
+        """`convert`, written to `path`."""
+        tflite = self.convert(model, dtype)
+        Path(path).write_bytes(tflite)
+        return tflite
 
 
 def open_final_check_device(name: str, *, backend: str, threads: int, devices_file: str | None = None) -> Device:

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from adapter.errors import AdapterError
-from adapter.export import export_tflite, measure_models, tflite_accuracy
+from adapter.export import Deployment, measure_models, tflite_accuracy
 from adapter.latency import Estimator, ensure_estimable, estimate_ms, model_specs
 from adapter.search.netadapt import read_history, read_state
 from adapter.train import TrainingRecord, evaluate, evaluate_split, fit, record_path
 from adapter.training.data import Dataset
 from lut.cli import number, positive_int
 from lut.models import MODELS, build_model
-from profiler.convert import keras_to_tflite
 from profiler.devices import Device
 from profiler.monitor import MonitorPolicy, monitor_policy
 
@@ -134,12 +133,13 @@ def alpha_for_budget(
 
 
 def _alpha_by_measurement(
-    recipe: ModelRecipe, device: Device, budget_ms: float, alpha_step: float, log: Callable[[str], None]
+    recipe: ModelRecipe, device: Device, budget_ms: float, alpha_step: float, log: Callable[[str], None],
+    deployment: Deployment,
 ) -> tuple[float, float]:
-    """The largest α on the grid whose whole model, measured on `device`, is ≤ `budget_ms`."""
+    """The largest α on the grid whose whole model, measured on `device` as deployed, is ≤ `budget_ms`."""
     for alpha in alpha_grid(recipe.alpha, alpha_step):
         model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
-        measured = measure_models(device, {"alpha": keras_to_tflite(model)})["alpha"]
+        measured = measure_models(device, {"alpha": deployment.convert(model)})["alpha"]
         if measured.median_ms is None:
             raise AdapterError(f"Could not measure α = {alpha:g} on {device.name}: {measured.error}")
         log(f"α = {alpha:g}: measured {measured.median_ms:.4g} ms (budget {budget_ms:.4g} ms)")
@@ -205,6 +205,7 @@ def run_baseline(
     seed: int = 0,
     log: Callable[[str], None] = print,
     policy: MonitorPolicy | None = MonitorPolicy(),
+    deployment: Deployment = Deployment(),
 ) -> BaselineResult:
     """Choose α, train it `epochs` epochs, export, measure on `device`; saves to `out_dir`/baseline.
 
@@ -223,6 +224,7 @@ def run_baseline(
         seed: seed of the initialisation and the training.
         log: where progress lines go.
         policy: the conditions monitor's policy for on-demand LUT entries (None: no monitor).
+        deployment: how the baseline is converted to be measured and exported (as the LUT's ops).
     """
     # Keras and the pruning engine load TensorFlow: imported on use, so the CLI's --help answers at once.
     import keras
@@ -239,7 +241,7 @@ def run_baseline(
                                     policy=policy)
     else:
         assert device is not None and measured_budget_ms is not None  # checked above
-        alpha, _ = _alpha_by_measurement(recipe, device, measured_budget_ms, alpha_step, log)
+        alpha, _ = _alpha_by_measurement(recipe, device, measured_budget_ms, alpha_step, log, deployment)
     keras.utils.set_random_seed(seed)
     model = build_model(recipe.model, alpha=alpha, resolution=recipe.resolution, classes=recipe.classes)
     estimated = estimate_ms(estimator, model)
@@ -249,7 +251,7 @@ def run_baseline(
     out = Path(out_dir) / BASELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "baseline.keras")
-    tflite = export_tflite(model, out / "baseline.tflite")
+    tflite = deployment.export(model, out / "baseline.tflite")
     measured = measure_models(device, {"baseline": tflite})["baseline"].median_ms if device is not None else None
     x_test, y_test = data.test.arrays()
     result = BaselineResult(
@@ -300,6 +302,6 @@ def baseline_fields(
     result = run_baseline(
         recipe, session.data, session.estimator, budget_ms, out, epochs=epochs, device=session.check_device,
         select_by=args.select_by, measured_budget_ms=measured_budget_ms, alpha_step=args.alpha_step,
-        holdout_size=args.holdout, seed=args.seed, policy=monitor_policy(args),
+        holdout_size=args.holdout, seed=args.seed, policy=monitor_policy(args), deployment=session.deployment,
     )
     return dataclasses.asdict(result)
