@@ -12,13 +12,16 @@ LUT's, when reachable) before the search, which calibrates the budget in the LUT
 (`Budget.lut_ms`); the exported model is measured after it, and the report says whether
 the budget is met there, within a 3% measuring tolerance. `--baseline` also trains the
 width-multiplier model that meets the same budget (`adapter.search.width_multiplier`) and puts
-it in the report. Running the same command again resumes an interrupted run (a run in --out
+it in the report. `--workers N` fine-tunes each iteration's proposals on N Ray workers of a local
+cluster (`--ray-address` on an existing one), with the serial run's results at the same threads
+per worker (`adapter.search.netadapt.parallel`). Running the same command again resumes an interrupted run (a run in --out
 started with other settings is refused, naming them). What it opens and how it measures the
 original is `adapter.session`'s, shared with `adapter.baseline`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adapter.cluster import add_cluster_arguments, cluster_config, open_cluster
 from adapter.errors import AdapterError
 from adapter.final_check import budget_fields, final_figures
 from adapter.latency import Budget
@@ -96,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--baseline", action="store_true", help="also train the width-multiplier baseline for the report")
     add_width_multiplier_arguments(parser)
     add_check_arguments(parser)
+    add_cluster_arguments(parser)
     return parser
 
 
@@ -135,10 +140,13 @@ def _adapt(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     checker = model_checker(session, out)
     measured = None if resuming else measure_original(session, checker)
+    cluster = cluster_config(args)
     try:
-        result = run_netadapt(session.model, session.data, session.estimator, config, out, device=session.lut_device,
-                              measured_original_ms=measured, measure=checker.fraction if checker else None,
-                              resume=args.resume, policy=monitor_policy(args))
+        with open_cluster(cluster) if cluster else contextlib.nullcontext():
+            result = run_netadapt(session.model, session.data, session.estimator, config, out,
+                                  device=session.lut_device, measured_original_ms=measured,
+                                  measure=checker.fraction if checker else None, resume=args.resume,
+                                  policy=monitor_policy(args), cluster=cluster)
     except AdapterError as e:
         if not str(e).startswith("The budget "):
             raise

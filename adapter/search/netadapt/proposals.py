@@ -96,14 +96,32 @@ class _Batches:
 
 
 class ProposalTrainer(Protocol):
-    """Fine-tunes and scores one proposal: (holdout accuracy, last loss, trained weights or None,
-    the pruned Keras model or None)."""
+    """Fine-tunes and scores an iteration's proposals (one `keep` each): per proposal (holdout
+    accuracy, last loss, trained weights or None, the pruned Keras model or None), in order."""
 
-    def train(self, model: Any, graph: Any, weights: Any, keep: Mapping[str, np.ndarray], batches: _Batches,
-              times: dict[str, float]) -> tuple[float, float, Any, Any]: ...
+    def train_all(self, iteration: int, model: Any, keeps: Sequence[Mapping[str, np.ndarray]], batches: _Batches,
+                  times: dict[str, float]) -> list[tuple[float, float, Any, Any]]: ...
 
 
-class _FlexProposals:
+class _InProcess:
+    """Proposals trained one after another in this process."""
+
+    def train_all(self, iteration: int, model, keeps, batches: _Batches, times: dict) -> list[tuple]:
+        # imports Keras (TensorFlow): on use, so --help and bad input answer at once
+        from adapter.pruning.graph import analyze
+
+        graph = analyze(model)
+        weights = self.model_weights(model)
+        return [self.train(model, graph, weights, keep, batches, times) for keep in keeps]
+
+    def model_weights(self, model) -> Any:
+        return None
+
+    def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
+        raise NotImplementedError
+
+
+class _FlexProposals(_InProcess):
     """Proposals as sliced weights, fine-tuned by one `FlexTrainer` for the whole run."""
 
     def __init__(self, model, config: NetAdaptConfig):
@@ -111,6 +129,12 @@ class _FlexProposals:
         from adapter.training.flex import FlexTrainer
 
         self.config, self.trainer = config, FlexTrainer(model, optimizer=config.optimizer)
+
+    def model_weights(self, model) -> Any:
+        # imports TensorFlow: on use, so --help and bad input answer at once
+        from adapter.training.flex import model_weights
+
+        return model_weights(model)
 
     def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
         # imports Keras (TensorFlow): on use, so --help and bad input answer at once
@@ -131,7 +155,7 @@ class _FlexProposals:
         return accuracy, loss, self.trainer.weights(), None
 
 
-class _KerasProposals:
+class _KerasProposals(_InProcess):
     """Proposals as Keras models: `prune` then `adapter.train.fit` (one graph trace each)."""
 
     def __init__(self, model, config: NetAdaptConfig):

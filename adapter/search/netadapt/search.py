@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapter.cluster import ClusterConfig
 from adapter.errors import AdapterError
 from adapter.latency import (
     MAX_RECALIBRATIONS,
@@ -40,7 +41,6 @@ from adapter.search.netadapt.proposals import (
     ProposalResult,
     _assign_weights,
     _candidate_specs,
-    _FlexProposals,
     _kept_channels,
     _proposal_trainer,
     _proposals,
@@ -117,21 +117,15 @@ def run_iteration(run: NetAdaptRun, iteration: int, model, previous: IterationRe
 
 def _train_proposals(run: NetAdaptRun, iteration: int, model, graph, proposals, times: dict) -> list[ProposalResult]:
     """Fine-tune and score every proposal on the iteration's shared training images."""
-    # imports TensorFlow: on use, so --help and bad input answer at once
-    from adapter.training.flex import model_weights
-
     batches = _iteration_batches(run, iteration)
-    weights = model_weights(model) if isinstance(run.trainer, _FlexProposals) else None
     groups = {g.id: g for g in graph.groups}
-    results = []
-    for proposal in proposals:
-        start = time.perf_counter()
-        keep = {proposal.group: _kept_channels(model, groups[proposal.group], proposal.count)}
-        times["surgery_s"] += time.perf_counter() - start
-        assert run.trainer is not None  # set by prepare_run
-        accuracy, loss, tuned, keras_model = run.trainer.train(model, graph, weights, keep, batches, times)
-        results.append(ProposalResult(proposal, accuracy, loss, keep, tuned, keras_model))
-    return results
+    start = time.perf_counter()
+    keeps = [{p.group: _kept_channels(model, groups[p.group], p.count)} for p in proposals]
+    times["surgery_s"] += time.perf_counter() - start
+    assert run.trainer is not None  # set by prepare_run
+    trained = run.trainer.train_all(iteration, model, keeps, batches, times)
+    return [ProposalResult(p, accuracy, loss, keep, tuned, keras_model)
+            for p, keep, (accuracy, loss, tuned, keras_model) in zip(proposals, keeps, trained, strict=True)]
 
 
 class SearchStopped(AdapterError):
@@ -185,10 +179,10 @@ def _start(run: NetAdaptRun, model, groups, out: Path, lut_path: str) -> Iterati
 def prepare_run(model: Any, data: Dataset, estimator: Estimator, config: NetAdaptConfig, out_dir: str | os.PathLike[str],
                 *, device: Device | None = None,
                 measured_original_ms: float | None = None, log: Callable[[str], None] = print,
-                policy: MonitorPolicy | None = MonitorPolicy()) -> NetAdaptRun:
+                policy: MonitorPolicy | None = MonitorPolicy(), cluster: ClusterConfig | None = None) -> NetAdaptRun:
     """Everything the iterations of one run share: the holdout images, the original estimate
     and the budget (`Budget.lut_ms`; checked to be reachable), the grid step and the
-    proposal trainer."""
+    proposal trainer (in this process, or on the Ray workers of `cluster`, Ray started)."""
     # imports Keras (TensorFlow): on use, so --help and bad input answer at once
     from adapter.pruning.graph import find_groups
 
@@ -203,7 +197,12 @@ def prepare_run(model: Any, data: Dataset, estimator: Estimator, config: NetAdap
     run = NetAdaptRun(config, estimator, device, data, x_holdout, y_holdout, original, budget, measured_original_ms,
                       config.step or _lut_step(estimator.table), None, Path(out_dir), log, policy=policy)
     _check_reachable(run, model, find_groups(model))
-    run.trainer = _proposal_trainer(model, config, log)
+    if cluster is None:
+        run.trainer = _proposal_trainer(model, config, log)
+    else:
+        from adapter.search.netadapt.parallel import RayProposals  # loads Ray: only for a cluster
+
+        run.trainer = RayProposals(model, config, cluster, log)
     return run
 
 
@@ -220,6 +219,7 @@ def run_netadapt(
     resume: bool = False,
     log: Callable[[str], None] = print,
     policy: MonitorPolicy | None = MonitorPolicy(),
+    cluster: ClusterConfig | None = None,
 ) -> NetAdaptResult:
     """Prune `model` until `estimator`'s LUT says it meets `config.budget` (see the module doc).
 
@@ -231,6 +231,8 @@ def run_netadapt(
     measured interleaved on that device, or None when no verdict could be taken) checks
     the search's result (see the module doc). With `resume`, continues the run
     recorded in `out_dir` (with its budget); without it, `out_dir` must not hold one.
+    `cluster` (Ray started by the caller, `adapter.cluster.open_cluster`) fine-tunes each
+    iteration's proposals in parallel on its workers, with the serial run's results.
     """
     out = Path(out_dir)
     history = read_history(out)
@@ -245,7 +247,7 @@ def run_netadapt(
     if history:
         measured_original_ms = _saved_state(out).get("measured_original_ms")
     run = prepare_run(model, data, estimator, config, out, device=device, measured_original_ms=measured_original_ms,
-                      log=log, policy=policy)
+                      log=log, policy=policy, cluster=cluster)
     if history:
         saved = _check_resumable(out, _state(run, estimator.table.path))
         run.original_ms, run.budget_ms = saved["original_ms"], saved["budget_ms"]
