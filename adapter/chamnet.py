@@ -28,6 +28,7 @@ run the same command again to go on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -116,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--region-macs", type=_range, default=(0.1, 1.0), metavar="LOW,HIGH",
                           help="Bayesian optimization picks among candidates of LOW..HIGH times the base's MACs, where "
                                "the budgets that matter lie (default: 0.1,1.0)")
+    from adapter.cluster import add_cluster_arguments
+
+    add_cluster_arguments(build.add_argument_group("training in parallel (each set of candidates spread over Ray workers)"))
 
     from profiler.build_lut import add_build_arguments
 
@@ -156,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- build-predictor
 def _build_predictor(args: argparse.Namespace) -> int:
+    from adapter.cluster import cluster_config, open_cluster
     from adapter.search.chamnet.build import candidate_of
     from adapter.search.chamnet.predictor import macs
     from adapter.training.sources import load_dataset
@@ -172,12 +177,13 @@ def _build_predictor(args: argparse.Namespace) -> int:
     classes, (low, high) = trainer.classes, args.region_macs
     base_macs = macs(space.base, classes)
     print(f"space around {space.base.text()}: {space.size:.3g} candidates; recipe: {recipe.describe()}", flush=True)
-    with open_store(out) as store:
+    cluster = cluster_config(args)
+    with open_store(out) as store, open_cluster(cluster) if cluster else contextlib.nullcontext():
         built = build_predictor(trainer, space, store, total=args.total, initial=args.initial,
                                 held_out=args.held_out, per_round=args.per_round,
                                 region=lambda c: low * base_macs <= macs(c, classes) <= high * base_macs,
                                 model_path=str(Path(args.model).resolve()),
-                                progress=lambda line: print(line, flush=True))
+                                progress=lambda line: print(line, flush=True), cluster=cluster)
     print(f"predictor: {built.quality}; FLOPs only: {built.flops_quality} ({out})")
     return 0
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from adapter.errors import AdapterError
 
-__all__ = ["MAX_RETRIES", "Cluster", "ClusterConfig", "add_cluster_arguments", "cluster_config", "open_cluster"]
+__all__ = ["MAX_RETRIES", "Cluster", "ClusterConfig", "add_cluster_arguments", "cluster_config", "open_cluster",
+           "set_worker_threads"]
 
 MAX_RETRIES = 3  # restarts of a dead actor, and retries of the task it was running
 _QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore", "RAY_DEDUP_LOGS": "0"}
@@ -67,7 +68,10 @@ def cluster_config(args) -> ClusterConfig | None:
 
 
 class Cluster:
-    """A pool of Ray actors of one class, each made with the same arguments."""
+    """A pool of Ray actors of one class, each made with the same arguments and the threads it
+    may use (an actor class takes them last, and has a `pid()`). The arguments are small values
+    (a restarted actor is made with them again); what is large travels with the tasks (`map`).
+    The actors stop when the pool is dropped."""
 
     def __init__(self, config: ClusterConfig, actor_class: type, *args: Any):
         import ray  # on use: the serial path and --help never load Ray
@@ -75,16 +79,16 @@ class Cluster:
         options = {"num_cpus": config.threads(), "num_gpus": config.gpus_per_task,
                    "max_restarts": MAX_RETRIES, "max_task_retries": MAX_RETRIES}
         remote: Any = ray.remote(actor_class).options(**options)
-        self.config, self.args = config, args  # the args' object refs must outlive the actors (restarts)
+        self.config = config
         self.actors = [remote.remote(*args, config.threads()) for _ in range(config.workers)]
 
     def map(self, method: str, items: Sequence[Any], *shared: Any,
-            done: Callable[[int], None] | None = None) -> list[Any]:
+            done: Callable[[int, Any], None] | None = None) -> list[Any]:
         """`actor.method(*shared, item)` for every item, spread over the actors, results in order.
 
         `shared` values are put in Ray's object store once and handed to every task by reference
-        (wrapped in a list, so a worker fetches one only when it changes); `done(i)` is called as
-        item i finishes.
+        (wrapped in a list, so a worker fetches one only when it changes); `done(i, result)` is
+        called as item i finishes (to commit it at once).
         """
         import ray
 
@@ -103,7 +107,7 @@ class Cluster:
             results[index] = ray.get(ready[0])
             free.append(actor)
             if done is not None:
-                done(index)
+                done(index, results[index])
         return results
 
     def pids(self) -> list[int]:
@@ -111,6 +115,14 @@ class Cluster:
         import ray
 
         return ray.get([actor.pid.remote() for actor in self.actors])
+
+
+def set_worker_threads(threads: int) -> None:
+    """TensorFlow's thread counts in a worker: call before its first op (before it gets a model)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Cost of one NetAdapt iteration: where the time goes, and what the naive way costs.
 
-    python benchmarks/bench_netadapt_iteration.py [--lut luts/host-cpu-1t.sqlite] [--model base.keras]
+    python benchmarks/bench_netadapt_iteration.py [--lut luts/host-cpu-1t.sqlite] [--model base.keras] [--workers 2]
 
 MobileNetV1 α=0.5 at 32 px on Fashion-MNIST, every proposal, 50 short-term steps of batch
 128 per proposal, a 2,000-image holdout, Δ = 2.5% of the original latency. Runs two
@@ -12,7 +12,13 @@ estimating every candidate count by walking the whole model (`specs_of_keras` pe
 candidate), and building + `model.fit`-training each proposal as its own Keras model
 (measured on --naive-proposals proposals and scaled to all).
 
+With --workers N it then runs the same two iterations on a local Ray cluster, on 1 worker and on N
+workers of --threads-per-worker threads each, and prints the second iteration's wall time of
+each, the ratios to 1 worker and to the single-process run, and whether every proposal's holdout
+accuracy and the chosen proposal are the same.
+
 Targets (issue 4): surgery + LUT estimation < 10% of the iteration; iteration < 60 s.
+Target (issue 13): N=2 workers ≥ 1.7× one worker at the same threads per worker, same results.
 Without --lut (or if the file is missing) the LUT is built for the model first (~6 min).
 """
 from __future__ import annotations
@@ -37,6 +43,8 @@ def _args():
     parser.add_argument("--holdout", type=int, default=2000)
     parser.add_argument("--reduction", type=float, default=0.025)
     parser.add_argument("--naive-proposals", type=int, default=2, help="proposals trained the naive way (0: skip)")
+    parser.add_argument("--workers", type=int, default=0, help="also run on 1 and on N Ray workers (0: skip)")
+    parser.add_argument("--threads-per-worker", type=int, default=1)
     return parser.parse_args()
 
 
@@ -102,20 +110,7 @@ def main() -> int:
         batch_size=args.batch_size, holdout_size=args.holdout, long_term_epochs=0,
     )
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        run = netadapt.prepare_run(model, data, estimator, config, out, log=lambda line: None)
-        print(f"prepare_run (holdout, estimate, FlexTrainer): {time.perf_counter() - start:.1f} s")
-        previous = netadapt.IterationRecord(0, "", 0, {}, run.original_ms, run.original_ms, 0.0, 0, 0.0)
-        records, current = [], model
-        for iteration in (1, 2):
-            cpu, load = time.process_time(), os.getloadavg()[0]
-            record, _, current_next = netadapt.run_iteration(run, iteration, current, previous)
-            cpu = time.process_time() - cpu
-            records.append((record, current))
-            print(f"iteration {iteration}: {record.proposals} proposals, {record.seconds:.1f} s wall, {cpu:.1f} s CPU "
-                  f"of this process on {os.cpu_count()} cores, load average {load:.1f} → {os.getloadavg()[0]:.1f} "
-                  f"(chose {record.group} → {record.count}, estimated {record.estimated_ms:.4g} ms)", flush=True)
-            previous, current = record, current_next
+        run, records, rows = _two_iterations(model, data, estimator, config, out)
         _report(records[1][0], args.steps, args.batch_size)
         print(f"  (on an otherwise idle machine the wall time is about the CPU time / {os.cpu_count()}, "
               "TensorFlow using every core)")
@@ -130,7 +125,57 @@ def main() -> int:
             print(f"naive proposals (clone_model surgery + model.fit, measured on {n}): per proposal "
                   f"surgery {per['surgery_s']:.2f} s, fine-tune {per['finetune_s']:.2f} s, evaluate {per['evaluate_s']:.2f} s; "
                   f"an iteration of {rec.proposals} proposals ≈ {naive_total:.0f} s vs {rec.seconds:.0f} s here")
+        if args.workers:
+            _on_workers(args, model, data, estimator, config, records[1][0], rows)
     return 0
+
+
+def _two_iterations(model, data, estimator, config, out, cluster=None, label="this process"):
+    """Iterations 1 and 2 from `model`; the run, (record, model) of each, and iteration 2's proposal rows."""
+    from adapter.search import netadapt
+
+    start = time.perf_counter()
+    run = netadapt.prepare_run(model, data, estimator, config, out, log=lambda line: None, cluster=cluster)
+    print(f"[{label}] prepare_run (holdout, estimate, proposal trainer): {time.perf_counter() - start:.1f} s")
+    previous = netadapt.IterationRecord(0, "", 0, {}, run.original_ms, run.original_ms, 0.0, 0, 0.0)
+    records, current, rows = [], model, []
+    for iteration in (1, 2):
+        cpu, load = time.process_time(), os.getloadavg()[0]
+        record, rows, current_next = netadapt.run_iteration(run, iteration, current, previous)
+        cpu = time.process_time() - cpu
+        records.append((record, current))
+        print(f"[{label}] iteration {iteration}: {record.proposals} proposals, {record.seconds:.1f} s wall, {cpu:.1f} s "
+              f"CPU of this process on {os.cpu_count()} cores, load average {load:.1f} → {os.getloadavg()[0]:.1f} "
+              f"(chose {record.group} → {record.count}, estimated {record.estimated_ms:.4g} ms)", flush=True)
+        previous, current = record, current_next
+    return run, records, rows
+
+
+def _on_workers(args, model, data, estimator, config, serial, serial_rows) -> None:
+    """The same two iterations on 1 and on N Ray workers; iteration 2 compared."""
+    from adapter.cluster import ClusterConfig, open_cluster
+
+    def figures(rows):
+        return [(r["group"], r["count"], r["holdout_accuracy"], r["chosen"]) for r in rows]
+
+    threads = args.threads_per_worker
+    results = {}
+    with open_cluster(ClusterConfig(args.workers, threads_per_worker=threads)):
+        for workers in (1, args.workers):
+            with tempfile.TemporaryDirectory() as out:
+                label = f"{workers} worker{'s' if workers > 1 else ''} × {threads} thread{'s' if threads > 1 else ''}"
+                # the run (its pool of actors) is dropped here: the next pool gets every CPU
+                records, rows = _two_iterations(model, data, estimator, config, out,
+                                                ClusterConfig(workers, threads_per_worker=threads), label)[1:]
+                results[workers] = (records[1][0], figures(rows))
+    one, many = results[1], results[args.workers]
+    print(f"\niteration 2 wall: this process (TensorFlow on every core) {serial.seconds:.1f} s, 1 worker "
+          f"{one[0].seconds:.1f} s, {args.workers} workers {many[0].seconds:.1f} s")
+    print(f"  {args.workers} workers vs 1 worker (same threads per worker): {one[0].seconds / many[0].seconds:.2f}× "
+          f"(target ≥ 1.7×); vs this process: {serial.seconds / many[0].seconds:.2f}×")
+    print(f"  every proposal's holdout accuracy and the chosen one, {args.workers} workers vs 1: "
+          f"{'the same' if many[1] == one[1] else 'DIFFERENT'}; vs this process: "
+          f"{'the same' if many[1] == figures(serial_rows) else 'different (another thread count: another float order)'}")
 
 
 def _report(record, steps: int, batch_size: int) -> None:

@@ -16,12 +16,15 @@ run killed at any point goes on where it stopped: a candidate is trained once, n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from adapter.cluster import Cluster, ClusterConfig, set_worker_threads
 from adapter.search.chamnet.build import build, inherit
 from adapter.search.chamnet.predictor import (
     AccuracyPredictor,
@@ -34,7 +37,8 @@ from adapter.search.chamnet.predictor import (
 from adapter.search.chamnet.space import Candidate, SearchSpace, SpaceError
 from adapter.search.run_store import RunStore
 
-__all__ = ["CANDIDATE_FIELDS", "CandidateTrainer", "PredictorBuild", "Recipe", "build_predictor", "open_store"]
+__all__ = ["CANDIDATE_FIELDS", "CandidateTrainer", "CandidateWorker", "PredictorBuild", "Recipe", "build_predictor",
+           "open_store"]
 
 CANDIDATE_FIELDS = ("step", "role", "candidate", "holdout_accuracy", "macs", "seconds")
 
@@ -68,6 +72,9 @@ class CandidateTrainer:
         self._load_dataset = load_dataset
         self._data: dict[int, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_data": {}}  # a worker loads its own data: once per worker and resolution
+
     def data(self, resolution: int):
         """The splits at `resolution` (loaded once per resolution: the same images, resized)."""
         if resolution not in self._data:
@@ -78,10 +85,15 @@ class CandidateTrainer:
         return self._data[resolution]
 
     def train(self, candidate: Candidate) -> tuple[float, float]:
-        """(holdout accuracy, seconds) of `candidate` trained by the recipe."""
+        """(holdout accuracy, seconds) of `candidate` trained by the recipe, seeded by the recipe's seed
+        and the candidate alone (the same figures in any order, on any worker with the same threads)."""
+        import keras
+
         from adapter.train import evaluate_split, fit
 
         start, recipe, data = time.perf_counter(), self.recipe, self.data(candidate.resolution)
+        digest = hashlib.sha256(f"{recipe.seed}:{candidate.text()}".encode()).digest()
+        keras.utils.set_random_seed(int.from_bytes(digest[:4], "little"))
         model = build(candidate, self.classes)
         if recipe.from_scratch_epochs:
             fit(model, data.train, epochs=recipe.from_scratch_epochs, batch_size=recipe.batch_size, seed=recipe.seed)
@@ -89,6 +101,25 @@ class CandidateTrainer:
             inherit(model, candidate, self.base_model, self.base)
             fit(model, data.train, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
         return evaluate_split(model, data.holdout), time.perf_counter() - start
+
+
+class CandidateWorker:
+    """One Ray actor: a `CandidateTrainer`, fetched with its first task (its data then loaded once
+    per worker and resolution)."""
+
+    def __init__(self, threads: int):
+        set_worker_threads(threads)  # before any op: the trainer's base model comes with the tasks
+        self.trainer: CandidateTrainer | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train(self, trainer_box: list, text: str) -> tuple[float, float]:
+        if self.trainer is None:
+            import ray
+
+            self.trainer = ray.get(trainer_box[0])
+        return self.trainer.train(Candidate.parse(text))
 
 
 def open_store(out) -> RunStore:
@@ -106,6 +137,11 @@ class PredictorBuild:
     flops_quality: Quality
 
 
+def _in_order(rows) -> list[dict[str, Any]]:
+    """Rows by candidate: the fits do not depend on the order parallel workers finished in."""
+    return sorted(rows, key=lambda r: r["candidate"])
+
+
 def _identity(trainer: CandidateTrainer, space: SearchSpace) -> dict[str, Any]:
     return {"base": trainer.base.text(), "classes": trainer.classes, "data": str(trainer.source),
             "holdout": trainer.holdout, "seed": trainer.seed, "recipe": dataclasses.asdict(trainer.recipe),
@@ -116,9 +152,11 @@ def _identity(trainer: CandidateTrainer, space: SearchSpace) -> dict[str, Any]:
 def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunStore, *, total: int = 60,
                     initial: int = 24, held_out: int = 12, per_round: int = 6, pool: int = 2048,
                     region: Callable[[Candidate], bool] | None = None, model_path: str | None = None,
-                    progress: Callable[[str], None] = print) -> PredictorBuild:
+                    progress: Callable[[str], None] = print, cluster: ClusterConfig | None = None) -> PredictorBuild:
     """Train candidates into `store` until `total` are fitted on (see the module doc); resumes.
-    `model_path` (the base model's file) is kept in the store's state for the search to load."""
+    `model_path` (the base model's file) is kept in the store's state for the search to load.
+    `cluster` (Ray started by the caller) trains each set's candidates in parallel on its workers,
+    each committed as it arrives; the figures are the serial run's at the same threads per worker."""
     identity = _identity(trainer, space)
     state = store.state()
     if state is not None and state.get("identity") != identity:
@@ -129,25 +167,32 @@ def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunSto
     rows = store.rows("candidates")
     done = {(r["role"], r["candidate"]) for r in rows}
 
-    def train(candidate: Candidate, role: str) -> None:
-        if (role, candidate.text()) in done:
-            return
-        accuracy, seconds = trainer.train(candidate)
-        row = {"step": len(rows), "role": role, "candidate": candidate.text(), "holdout_accuracy": accuracy,
-               "macs": macs(candidate, trainer.classes), "seconds": round(seconds, 1)}
-        store.commit_step(len(rows), {"candidates": [row]})
-        rows.append(row)
-        done.add((role, candidate.text()))
-        fitted = sum(r["role"] != "held_out" for r in rows)
-        progress(f"{role} {candidate.text()}: holdout {accuracy:.4f} in {seconds:.0f} s ({fitted}/{total} fitted on)")
+    workers = None if cluster is None else Cluster(cluster, CandidateWorker)
 
-    for candidate in space.sample(held_out, seed=trainer.seed + 1):
-        train(candidate, "held_out")
-    for candidate in space.sample(min(initial, total), seed=trainer.seed):
-        train(candidate, "sobol")
+    def train(candidates: list[Candidate], role: str) -> None:
+        todo = [c for c in candidates if (role, c.text()) not in done]
+
+        def commit(index: int, result: tuple[float, float]) -> None:
+            (accuracy, seconds), candidate = result, todo[index]
+            row = {"step": len(rows), "role": role, "candidate": candidate.text(), "holdout_accuracy": accuracy,
+                   "macs": macs(candidate, trainer.classes), "seconds": round(seconds, 1)}
+            store.commit_step(len(rows), {"candidates": [row]})
+            rows.append(row)
+            done.add((role, candidate.text()))
+            fitted = sum(r["role"] != "held_out" for r in rows)
+            progress(f"{role} {candidate.text()}: holdout {accuracy:.4f} in {seconds:.0f} s ({fitted}/{total} fitted on)")
+
+        if workers is None:
+            for index, candidate in enumerate(todo):
+                commit(index, trainer.train(candidate))
+        else:
+            workers.map("train", [c.text() for c in todo], trainer, done=commit)
+
+    train(space.sample(held_out, seed=trainer.seed + 1), "held_out")
+    train(space.sample(min(initial, total), seed=trainer.seed), "sobol")
     predictor = AccuracyPredictor(space, seed=trainer.seed)
     bo_round = 0
-    while (fitted := [r for r in rows if r["role"] != "held_out"]) and len(fitted) < total:
+    while (fitted := _in_order(r for r in rows if r["role"] != "held_out")) and len(fitted) < total:
         predictor.fit([Candidate.parse(r["candidate"]) for r in fitted], [r["holdout_accuracy"] for r in fitted])
         taken = {r["candidate"] for r in rows}
         options = [c for c in space.sample(pool, seed=trainer.seed + 100 + bo_round)
@@ -157,11 +202,10 @@ def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunSto
                              "widen the space or the region.")
         mean, std = predictor.predict(options)
         gain = expected_improvement(mean, std, best=max(r["holdout_accuracy"] for r in fitted))
-        for index in np.argsort(-gain)[: min(per_round, total - len(fitted))]:
-            train(options[int(index)], f"bo{bo_round + 1}")
+        train([options[int(i)] for i in np.argsort(-gain)[: min(per_round, total - len(fitted))]], f"bo{bo_round + 1}")
         bo_round += 1
-    fitted = [r for r in rows if r["role"] != "held_out"]
-    tested = [r for r in rows if r["role"] == "held_out"]
+    fitted = _in_order(r for r in rows if r["role"] != "held_out")
+    tested = _in_order(r for r in rows if r["role"] == "held_out")
     fit_candidates = [Candidate.parse(r["candidate"]) for r in fitted]
     fit_accuracy = [r["holdout_accuracy"] for r in fitted]
     predictor.fit(fit_candidates, fit_accuracy)

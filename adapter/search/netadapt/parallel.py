@@ -10,10 +10,13 @@ runs again on the restarted actor. The driver keeps the run store.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from adapter.cluster import Cluster, ClusterConfig
+from tqdm import tqdm
+
+from adapter.cluster import Cluster, ClusterConfig, set_worker_threads
 from adapter.search.netadapt.config import NetAdaptConfig
 from adapter.search.netadapt.proposals import _Batches, _proposal_trainer
 
@@ -21,16 +24,13 @@ __all__ = ["ProposalWorker", "RayProposals"]
 
 
 class ProposalWorker:
-    """One Ray actor: a proposal trainer and the iteration it last fetched."""
+    """One Ray actor: a proposal trainer (made from its first task's model: every iteration's model
+    has the same topology) and the iteration it last fetched."""
 
-    def __init__(self, model_box: list, config: NetAdaptConfig, threads: int):
-        # imports TensorFlow: in the worker, before any op, so the thread counts still apply
-        import ray
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-        self.trainer = _proposal_trainer(ray.get(model_box[0]), config, log=lambda _: None)
+    def __init__(self, config: NetAdaptConfig, threads: int):
+        set_worker_threads(threads)  # before any op: no model is sent with the actor, tasks bring it
+        self.config = config
+        self.trainer: Any = None
         self.loaded: tuple | None = None
 
     def pid(self) -> int:
@@ -45,6 +45,8 @@ class ProposalWorker:
         key = model_box[0].hex()  # a new object per iteration (an iteration may be run again on another model)
         if self.loaded is None or self.loaded[0] != key:
             model, batches = ray.get(model_box[0]), ray.get(batches_box[0])
+            if self.trainer is None:
+                self.trainer = _proposal_trainer(model, self.config, log=lambda _: None)
             self.loaded = (key, model, analyze(model), self.trainer.model_weights(model), batches)
         _, model, graph, weights, batches = self.loaded
         times = dict.fromkeys(("surgery_s", "finetune_s", "evaluate_s"), 0.0)
@@ -58,16 +60,22 @@ class RayProposals:
     evaluate seconds are the workers' summed; its total is the wall time.
     """
 
-    def __init__(self, model: Any, config: NetAdaptConfig, cluster: ClusterConfig, log: Callable[[str], None]):
-        import ray
-
-        self.pool = Cluster(cluster, ProposalWorker, [ray.put(model)], config)
-        self.done: Callable[[int], None] | None = None  # called with each proposal's index as it finishes
+    def __init__(self, config: NetAdaptConfig, cluster: ClusterConfig, log: Callable[[str], None]):
+        self.pool = Cluster(cluster, ProposalWorker, config)
+        self.done: Callable[[int, Any], None] | None = None  # called as each proposal finishes
         where = f"the Ray cluster at {cluster.address}" if cluster.address else "a local Ray cluster"
         log(f"fine-tuning proposals on {cluster.workers} workers of {where}, {cluster.threads()} threads each")
 
     def train_all(self, iteration: int, model, keeps, batches: _Batches, times: dict) -> list[tuple]:
-        results = self.pool.map("train", keeps, model, batches, done=self.done)
+        workers = len(self.pool.actors)
+        with tqdm(total=len(keeps), desc=f"iteration {iteration} on {workers} workers", unit="proposal", leave=False,
+                  disable=not sys.stderr.isatty()) as bar:
+            def done(index: int, result: Any) -> None:
+                bar.update()
+                if self.done is not None:
+                    self.done(index, result)
+
+            results = self.pool.map("train", keeps, model, batches, done=done)
         for *_, worker_times in results:
             for key, seconds in worker_times.items():
                 times[key] += seconds

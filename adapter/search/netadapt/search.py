@@ -202,7 +202,7 @@ def prepare_run(model: Any, data: Dataset, estimator: Estimator, config: NetAdap
     else:
         from adapter.search.netadapt.parallel import RayProposals  # loads Ray: only for a cluster
 
-        run.trainer = RayProposals(model, config, cluster, log)
+        run.trainer = RayProposals(config, cluster, log)
     return run
 
 
