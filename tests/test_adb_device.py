@@ -767,10 +767,12 @@ def _monitored(tmp_path, daemon, messages, **policy):
 
 @pytest.mark.timeout(300)
 def test_a_phone_that_slows_down_has_its_chunk_measured_again_after_a_pause(tmp_path, tflite_models):
-    # runs 0–4: the reference's quiet value; 5–8: the first chunk and its reference, slowed 3×
-    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(slow_runs=(5, 9), slow_factor=3.0)) as daemon:
+    # runs 0–4: the reference's quiet value; 5–8: the first chunk and its reference, slowed 6×.
+    # The tolerance (+100%) is far above what a busy host does to this few-µs model (a 50% one
+    # was passed by the host's own noise once, with a competitor on the other core).
+    with LoopbackAdbDaemon(tmp_path / "phone", faults=Faults(slow_runs=(5, 9), slow_factor=6.0)) as daemon:
         messages = []
-        device, monitor, sleeps = _monitored(tmp_path, daemon, messages, tolerance_pct=50.0, wait_s=30.0)
+        device, monitor, sleeps = _monitored(tmp_path, daemon, messages, tolerance_pct=100.0, wait_s=30.0)
         try:
             models = [(f"m{i}", tflite_models["dense"]) for i in range(6)]
             results = list(monitor.measure(models))
@@ -779,11 +781,11 @@ def test_a_phone_that_slows_down_has_its_chunk_measured_again_after_a_pause(tmp_
         assert daemon.models_run == _START_REPEATS + 4 + 4 + 4  # the first chunk twice, the second once
     assert [name for name, _, _ in results] == [name for name, _ in models]
     [event] = monitor.events
-    assert event["drift_pct"] > 100 and event["others_cores"] is None  # 3x slower: +200%
+    assert event["drift_pct"] > 200 and event["others_cores"] is None  # 6x slower: +500%
     assert sleeps == [30.0 / 6]  # a phone shows no cause: it gets a pause to cool down
     assert any("was disturbed (reference" in m and "measuring 3 entries again" in m for m in messages)
     quiet = monitor.quiet_us
-    assert all(abs(reference / quiet - 1) <= 0.5 for _, _, reference in results)
+    assert all(reference / quiet - 1 <= 1.0 for _, _, reference in results)  # what was kept is within the tolerance
 
 
 @pytest.mark.timeout(300)
