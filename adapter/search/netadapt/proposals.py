@@ -10,6 +10,7 @@ layers `FlexTrainer` does not know are pruned and trained with Keras for every p
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -103,8 +104,8 @@ class ProposalTrainer(Protocol):
                   times: dict[str, float]) -> list[tuple[float, float, Any, Any]]: ...
 
 
-class _InProcess:
-    """Proposals trained one after another in this process."""
+class _InProcess(abc.ABC):
+    """Proposals trained one after another in this process, by a subclass's `train`."""
 
     def train_all(self, iteration: int, model, keeps, batches: _Batches, times: dict) -> list[tuple]:
         # imports Keras (TensorFlow): on use, so --help and bad input answer at once
@@ -117,8 +118,9 @@ class _InProcess:
     def model_weights(self, model) -> Any:
         return None
 
+    @abc.abstractmethod
     def train(self, model, graph, weights, keep, batches: _Batches, times: dict) -> tuple:
-        raise NotImplementedError
+        """(holdout accuracy, last loss, trained weights or None, the pruned Keras model or None) of one proposal."""
 
 
 class _FlexProposals(_InProcess):
