@@ -66,7 +66,12 @@ class HostDevice:
     With several threads the work spreads over a thread pool, and wall time is the latency.
     """
 
-    monitor_every = 20  # entries between two looks at the conditions (about a second: docs/profiler-figures.md)
+    # The conditions monitor looks at the reference every quarter of a second of measuring (at
+    # most 20 entries apart), and every 0.2 s while it waits: a VM's speed moves within a second
+    # as its neighbours come and go (docs/profiler-figures.md).
+    monitor_every = 20
+    monitor_chunk_s = 0.25
+    monitor_defaults = {"poll_s": 0.2}
 
     def __init__(self, name: str = "host", threads: int = 1, policy: TimingPolicy = TimingPolicy()):
         self.name, self.backend, self.threads, self.policy = name, "cpu", threads, policy

@@ -1,18 +1,21 @@
 """The conditions monitor: no measurement is trusted unless the device measured a fixed
 reference model at its quiet value around it.
 
-A reference model (`reference_model`) is measured when a measuring
-session starts, after every chunk of entries, and at its end. A chunk is kept only if the
-reference measured right after it is within `tolerance_pct` of its quiet value and, on a
-device that can tell (the host, from /proc), other processes did not use more than
-`busy_cores` cores meanwhile: a competing process slows an op through the caches, memory
-bandwidth and sibling threads that it shares, which the thread CPU clock cannot see. A
-disturbed chunk is measured again after waiting for the device to be quiet (at most
-`wait_s` each time, saying why); after `max_tries` the session stops with `DriftError`,
-and what was kept before stays kept. The quiet value is the LUT's (`reference_us` in its
-metadata), measured when the LUT was created; every kept entry stores the reference's
-value at the time, so a LUT can be audited later. Disturbance only ever slows the reference,
-so its quiet value is the lowest it measured while nothing else ran.
+A reference model (`reference_model`) is measured when a measuring session starts, after
+every chunk of entries, and at its end. A chunk is kept only if the references before it and
+after it are within `tolerance_pct` of the quiet value and, on a device that can tell (the
+host, from /proc), other processes did not use more than `busy_cores` cores meanwhile: a
+competing process slows an op through the caches, memory bandwidth and sibling threads that
+it shares, which the thread CPU clock cannot see. The host's chunks last about a quarter of a
+second (a VM's speed moves within a second as its neighbours come and go); a phone's are its
+batches. After a disturbed chunk the device is let settle: other processes are waited for (at
+most `wait_s`, saying why), then the reference is looked at every `poll_s` until it is quiet
+again (for up to wait_s × try / 6), and the chunk is measured again. When the reference does
+not come back in `max_tries` such tries, the session stops with `DriftError`, and what was
+kept before stays kept. The quiet value is the LUT's (`reference_us` in its metadata),
+measured when the LUT was created; every kept entry stores the reference's value at the
+time, so a LUT can be audited later. Disturbance only ever slows the reference, so its quiet
+value is the lowest it measured while nothing else ran.
 
 The same monitor serves interleaved whole-model checks (`adapter`): `check()` measures
 the reference once and says whether a verdict taken now can be trusted.
@@ -66,6 +69,7 @@ _MIN_WINDOW_S = 0.1
 _KEPT_EVENTS = 50  # disturbed chunks listed in a LUT's metadata (the count covers all)
 _DEFAULT_EVERY = 32  # entries per chunk of a device that does not say (`monitor_every`)
 _BACKOFF_PARTS = 6  # waits of wait_s/6, 2·wait_s/6, 3·wait_s/6: wait_s in all over 4 tries
+_FLIPS = 4  # a chunk is measured at most max_tries × this many times when the device is quiet before and not after it
 
 
 class DriftError(ProfilerError):
@@ -221,6 +225,9 @@ class ConditionsMonitor:
         self.events: list[dict[str, object]] = []
         self.checks: list[Check] = []
         self._recent: collections.deque[float] = collections.deque(maxlen=_CONFIRM)
+        self._chunk_s: float | None = getattr(device, "monitor_chunk_s", None)
+        self._item_s: float | None = None  # what one entry took in the last chunk, the reference's included
+        self._quiet_now = quiet_us is None  # a new quiet value is measured quiet; a stored one is looked at first
         self.quiet_us = quiet_us if quiet_us is not None else self._measure_quiet()
 
     # ------------------------------------------------------------ looking
@@ -262,10 +269,15 @@ class ConditionsMonitor:
 
     def check(self) -> Check:
         """Measure the reference now; `ok(check)` says whether the conditions hold."""
-        others = self._others()
-        check = Check(self._reference_us(), self.quiet_us, others)
+        return self._look(self._reference_us())
+
+    def _look(self, reference_us: float | None) -> Check:
+        """One look at the conditions, with the reference just measured: recorded, and the
+        start of the next chunk's window."""
+        check = Check(reference_us, self.quiet_us, self._others())
         self.checks.append(check)
         self._lower_quiet(check)
+        self._quiet_now = self.ok(check)
         return check
 
     def _lower_quiet(self, check: Check) -> None:
@@ -290,24 +302,48 @@ class ConditionsMonitor:
     # ------------------------------------------------------------ measuring
     def measure(self, models: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure, float | None]]:
         """Yield `(model_id, result, reference_us)` for every model, chunk by chunk, each chunk
-        kept only when the reference after it says the device was quiet while it ran (on
-        Ctrl-C, what the device finished of the chunk comes with reference None, then the
-        interrupt goes on)."""
-        every = self.policy.every
+        kept only when the reference before it and the one after it say the device was quiet
+        (on Ctrl-C, what the device finished of the chunk comes with reference None, then the
+        interrupt goes on).
+
+        A device with `monitor_chunk_s` (the host) gets chunks of about that many seconds, at
+        most `every` entries: a VM whose neighbours come and go changes speed by 15–25% within
+        a second (docs/profiler-figures.md), so a chunk must be short for the two looks around
+        it to speak for it. Other devices (a phone's batch) get `every` entries a chunk."""
         chunk: list[tuple[str, bytes]] = []
+        size = 1 if self._chunk_s else self.policy.every
         for item in models:
             chunk.append(item)
-            if len(chunk) >= every:
+            if len(chunk) >= size:
                 yield from self._measure_chunk(chunk)
-                chunk = []
+                size, chunk = self._next_size(), []
         if chunk:
             yield from self._measure_chunk(chunk)
 
+    def _next_size(self) -> int:
+        if not self._chunk_s or not self._item_s:
+            return self.policy.every
+        return max(1, min(self.policy.every, int(self._chunk_s / self._item_s)))
+
     def _measure_chunk(self, chunk: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Result, float | None]]:
         started = time.monotonic()
-        for attempt in range(1, self.policy.max_tries + 1):
+        unsettled = measured = 0
+        while True:
+            if not self._quiet_now and not self._settle(unsettled + 1):
+                unsettled += 1
+                if unsettled >= self.policy.max_tries:
+                    check = self.checks[-1]
+                    raise DriftError(
+                        f"{self.device.name} stayed disturbed: {check.describe()} after {unsettled} tries in "
+                        f"{time.monotonic() - started:.0f} s (tolerance +{self.policy.tolerance_pct:g}%, "
+                        f"{self.policy.busy_cores:g} busy cores). Nothing measured under these conditions was kept; "
+                        "what was measured before is. Stop what else runs (or let the phone cool down) and run the "
+                        "same command again."
+                    )
+                continue
             self._others()  # start the busy window with the chunk
             results: list[tuple[str, Result]] = []
+            begun = time.monotonic()
             try:
                 results.extend(self.device.measure([*chunk, (REFERENCE_ID, self._model)]))
             except KeyboardInterrupt:
@@ -317,36 +353,51 @@ class ConditionsMonitor:
                     if model_id != REFERENCE_ID:
                         yield model_id, result, None
                 raise
+            self._item_s = (time.monotonic() - begun) / len(results)
             _, reference = results.pop()
-            others = self._others()
-            check = Check(reference.median_us if isinstance(reference, Measurement) else None, self.quiet_us, others)
-            self.checks.append(check)
-            self._lower_quiet(check)
-            if self.ok(check):
+            check = self._look(reference.median_us if isinstance(reference, Measurement) else None)
+            if self._quiet_now:
                 for model_id, result in results:
                     yield model_id, result, check.reference_us
                 return
+            measured += 1
             vitals = self.device.vitals() if hasattr(self.device, "vitals") else {}  # a phone's battery temperature
-            self.events.append({"entries": len(chunk), "attempt": attempt, "reference_us": check.reference_us,
+            self.events.append({"entries": len(chunk), "attempt": measured, "reference_us": check.reference_us,
                                 "drift_pct": None if check.drift_pct is None else round(check.drift_pct, 2),
-                                "others_cores": None if others is None else round(others, 2), **vitals})
-            if attempt < self.policy.max_tries:
-                told = ", ".join(f"{k} {v}" for k, v in vitals.items())
-                self._log(f"{self.device.name} was disturbed ({check.describe()}{'; ' + told if told else ''}); "
-                          f"measuring {len(chunk)} entries again")
-                if self.load is None or self.wait_quiet() < self.policy.poll_s * 2:
-                    # nothing to see here slows the device (a phone's heat, a VM's neighbours):
-                    # give it time, longer with every try, within `wait_s` in all
-                    pause = min(self.policy.wait_s * attempt / _BACKOFF_PARTS, self.policy.wait_s)
-                    if pause:
-                        self._log(f"pausing {pause:.0f} s for {self.device.name} to settle (heat, other work)")
-                    self._sleep(pause)
-        raise DriftError(
-            f"{self.device.name} stayed disturbed: {check.describe()} after {self.policy.max_tries} tries in "
-            f"{time.monotonic() - started:.0f} s (tolerance +{self.policy.tolerance_pct:g}%, "
-            f"{self.policy.busy_cores:g} busy cores). Nothing measured under these conditions was kept; what was "
-            "measured before is. Stop what else runs (or let the phone cool down) and run the same command again."
-        )
+                                "others_cores": None if check.others_cores is None else round(check.others_cores, 2),
+                                **vitals})
+            if measured >= self.policy.max_tries * _FLIPS:
+                raise DriftError(
+                    f"{self.device.name} never stayed quiet through a chunk of {_entries(len(chunk))}: measured "
+                    f"{measured} times in {time.monotonic() - started:.0f} s, each time quiet before it and disturbed "
+                    f"after it (last: {check.describe()}). Nothing measured under these conditions was kept; what was "
+                    "measured before is. Measure with fewer entries a chunk (the device's batch) or on a steadier "
+                    "device, and run the same command again."
+                )
+            told = ", ".join(f"{k} {v}" for k, v in vitals.items())
+            self._log(f"{self.device.name} was disturbed ({check.describe()}{'; ' + told if told else ''}); "
+                      f"measuring {_entries(len(chunk))} again")
+
+    def _settle(self, attempt: int) -> bool:
+        """Wait until the reference measures quiet again: first for other processes to leave the
+        device alone (`wait_quiet`), then looking at the reference every `poll_s` for up to
+        wait_s × attempt / 6 (a phone's heat and a VM's neighbours show no cause, only a slow
+        reference). Whether it came back."""
+        self.wait_quiet()
+        budget, slept, told = min(self.policy.wait_s * attempt / _BACKOFF_PARTS, self.policy.wait_s), 0.0, False
+        while True:
+            check = self.check()
+            if self._quiet_now:
+                return True
+            if slept >= budget:
+                return False
+            if not told:
+                told = True
+                self._log(f"{self.device.name} is slow ({check.describe()}): looking again every "
+                          f"{self.policy.poll_s:g} s for up to {budget:.0f} s")
+            step = min(self.policy.poll_s, budget - slept)
+            self._sleep(step)
+            slept += step
 
     def summary(self) -> dict[str, object]:
         """What the monitor saw, for the LUT's metadata and reports."""
@@ -360,6 +411,10 @@ class ConditionsMonitor:
             "tolerance_pct": self.policy.tolerance_pct, "busy_cores": self.policy.busy_cores,
             "events": self.events[-_KEPT_EVENTS:],
         }
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
 
 
 def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
