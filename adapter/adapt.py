@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapter.cluster import add_cluster_arguments, cluster_config, open_cluster
 from adapter.errors import AdapterError
 from adapter.final_check import budget_fields, final_figures
 from adapter.latency import Budget
@@ -66,6 +65,7 @@ from lut.cli import (
     run_parsed,
 )
 from lut.models import load_model
+from profiler.cluster import add_cluster_arguments, cluster_config, open_cluster
 from profiler.monitor import monitor_policy
 
 __all__ = ["main", "run_cli"]

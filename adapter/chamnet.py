@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--region-macs", type=_range, default=(0.1, 1.0), metavar="LOW,HIGH",
                           help="Bayesian optimization picks among candidates of LOW..HIGH times the base's MACs, where "
                                "the budgets that matter lie (default: 0.1,1.0)")
-    from adapter.cluster import add_cluster_arguments
+    from profiler.cluster import add_cluster_arguments
 
     add_cluster_arguments(build.add_argument_group("training in parallel (each set of candidates spread over Ray workers)"))
 
@@ -160,11 +160,11 @@ def _parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- build-predictor
 def _build_predictor(args: argparse.Namespace) -> int:
-    from adapter.cluster import cluster_config, open_cluster
     from adapter.search.chamnet.build import candidate_of
     from adapter.search.chamnet.predictor import macs
     from adapter.training.sources import load_dataset
     from lut.models import load_model
+    from profiler.cluster import cluster_config, open_cluster
 
     out = check_output_folder(args.out, "--out")
     base_model = load_model(args.model)

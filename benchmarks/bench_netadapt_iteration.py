@@ -153,7 +153,7 @@ def _two_iterations(model, data, estimator, config, out, cluster=None, label="th
 
 def _on_workers(args, model, data, estimator, config, serial, serial_rows) -> None:
     """The same two iterations on 1 and on N Ray workers; iteration 2 compared."""
-    from adapter.cluster import ClusterConfig, open_cluster
+    from profiler.cluster import ClusterConfig, open_cluster
 
     def figures(rows):
         return [(r["group"], r["count"], r["holdout_accuracy"], r["chosen"]) for r in rows]

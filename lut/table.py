@@ -7,11 +7,13 @@ Layout (schema version 1)::
                                                   -- fingerprint (JSON), created_at
     entries(key TEXT PRIMARY KEY, op, dtype, h, w, cin, cout, kernel, stride, padding,
             activation, status 'ok'|'failed', median_us, mean_us, min_us, max_us,
-            std_us, count, error, measured_at, reference_us)
+            std_us, count, error, measured_at, reference_us, measured_by)
 
 `reference_us` is the conditions monitor's reference model measured right after the entry
 (NULL where none was: LUTs made before the monitor, or without it); `meta.reference_us` is
-its quiet value. A LUT of before that column gets it when it is opened.
+its quiet value. `measured_by` names the device that measured the entry: the LUT's device,
+or one phone of a phone farm (`profiler.farm`; NULL in LUTs of before it). A LUT of before
+those columns gets them when it is opened.
 
 Each measurement is committed as soon as it arrives, so an interrupted `build_lut` loses
 nothing and a rerun measures only what is missing.
@@ -51,7 +53,8 @@ CREATE TABLE IF NOT EXISTS entries (
     status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
     median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, count INTEGER,
     error TEXT, measured_at TEXT NOT NULL,
-    reference_us REAL
+    reference_us REAL,
+    measured_by TEXT
 );
 """
 
@@ -100,12 +103,13 @@ class LatencyTable:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-        if "reference_us" not in columns:
-            try:
-                with self._db:
-                    self._db.execute("ALTER TABLE entries ADD COLUMN reference_us REAL")
-            except sqlite3.OperationalError:
-                pass  # a read-only LUT of before the column: readable as it is
+        for column, kind in (("reference_us", "REAL"), ("measured_by", "TEXT")):
+            if column not in columns:
+                try:
+                    with self._db:
+                        self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError:
+                    pass  # a read-only LUT of before the column: readable as it is
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -260,16 +264,19 @@ class LatencyTable:
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, _meta_text(v)) for k, v in items.items()])
 
-    def record(self, spec: LayerSpec, result: Measurement | MeasurementFailure, reference_us: float | None = None) -> None:
+    def record(self, spec: LayerSpec, result: Measurement | MeasurementFailure, reference_us: float | None = None,
+               measured_by: str | None = None) -> None:
         """Store one result and commit it at once (a later result for the same spec replaces it);
-        `reference_us`: the conditions monitor's reference measured with it."""
-        self.record_many([(spec, result, reference_us)])
+        `reference_us`: the conditions monitor's reference measured with it; `measured_by`: the
+        device (a farm's phone) that measured it."""
+        self.record_many([(spec, result, reference_us, measured_by)])
 
     def record_many(self, results: Iterable[tuple[Any, ...]]) -> None:
-        """Store `(spec, result)` or `(spec, result, reference_us)` items in one commit."""
+        """Store `(spec, result)`, `(spec, result, reference_us)` or `(spec, result, reference_us,
+        measured_by)` items in one commit."""
         self._check_writable()
         rows = []
-        for spec, result, *reference in results:
+        for spec, result, *extra in results:
             if isinstance(result, Measurement):
                 stats, status, error = [getattr(result, f) for f in _STAT_FIELDS], "ok", None
             elif isinstance(result, MeasurementFailure):
@@ -277,8 +284,9 @@ class LatencyTable:
             else:
                 raise TypeError(f"Expected a Measurement or MeasurementFailure. Received: {result!r}.")
             spec_values = [_column_value(getattr(spec, c)) for c in _SPEC_COLUMNS]
-            rows.append([spec.key, *spec_values, status, *stats, error, _now(), reference[0] if reference else None])
-        columns = ("key", *_SPEC_COLUMNS, "status", *_STAT_FIELDS, "error", "measured_at", "reference_us")
+            reference_us, measured_by = (*extra, None, None)[:2]
+            rows.append([spec.key, *spec_values, status, *stats, error, _now(), reference_us, measured_by])
+        columns = ("key", *_SPEC_COLUMNS, "status", *_STAT_FIELDS, "error", "measured_at", "reference_us", "measured_by")
         with self._db:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO entries ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows

@@ -10,6 +10,7 @@ as it arrives, so an interrupted run is resumed by running the same command agai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -26,11 +27,13 @@ from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import DTYPES, LayerSpec
 from lut.table import LatencyTable, Measurement, MeasurementFailure
+from profiler.cluster import ClusterConfig, open_cluster
 from profiler.context import measure_cache_context
 from profiler.convert import keras_to_tflite
-from profiler.device_config import BACKENDS
+from profiler.device_config import BACKENDS, load_device_groups
 from profiler.devices import Device, open_device
 from profiler.errors import ProfilerError
+from profiler.farm import PhoneFarm
 from profiler.monitor import REFERENCE_NAME, ConditionsMonitor, MonitorPolicy, add_monitor_arguments, monitor_policy
 from profiler.plan import plan_specs
 from profiler.single_op import SingleOpFactory
@@ -159,6 +162,16 @@ def _measured(
     return monitor.measure(models)
 
 
+def _entries_measured(
+    device: Device, monitor: ConditionsMonitor | None, models: Iterable[tuple[str, bytes]]
+) -> Iterator[tuple[str, Measurement | MeasurementFailure, float | None, str]]:
+    """`(model_id, result, reference_us, measured_by)` for every model: sharded over the phones of
+    a farm (`profiler.farm.PhoneFarm.measure_shards`), else through the monitor on `device`."""
+    if isinstance(device, PhoneFarm):
+        return device.measure_shards(models)
+    return ((model_id, result, reference, device.name) for model_id, result, reference in _measured(device, monitor, models))
+
+
 def build_lut(
     device: Device,
     specs: Iterable[LayerSpec],
@@ -177,10 +190,21 @@ def build_lut(
     conditions monitor finds the device quiet around them (`profiler.monitor`; a device
     that stays disturbed raises `DriftError`, what was measured before stays), and each
     stores the reference's value. Records the device fingerprint and what the monitor saw.
+
+    A `PhoneFarm` (a devices.toml group) measures the entries on all its phones, each with its
+    own monitor judged against the group's reference (its `policy` is the farm's); every row
+    names the phone that measured it, and the progress bar shows each phone's pace.
     """
     start = time.perf_counter()
     say = log or (lambda message: tqdm.write(message, file=sys.stderr))
-    monitor = open_monitor(device, table, policy, say)
+    if isinstance(device, PhoneFarm):  # each phone's own monitor, judged against the group's reference
+        stored = table.meta.get("reference_us")
+        quiet = device.start(None if stored is None else float(stored))
+        if quiet is not None:
+            table.set_meta({"reference_us": quiet, "reference_model": REFERENCE_NAME})
+        monitor = None
+    else:
+        monitor = open_monitor(device, table, policy, say)
     if "invoke_overhead_us" not in table.meta:
         table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
@@ -194,18 +218,21 @@ def build_lut(
     by_key = {spec.key: spec for spec in todo}
     bar = tqdm(total=len(todo), unit="entry", desc=f"measuring on {device.name}", disable=not progress, smoothing=0.05)
     try:
-        results = _measured(device, monitor, _timed_models(todo, summary))
+        results = _entries_measured(device, monitor, _timed_models(todo, summary))
         while True:
             measure_start, generate_before = time.perf_counter(), summary.generate_s
             try:
-                key, result, reference_us = next(results)
+                key, result, reference_us, measured_by = next(results)
             except StopIteration:
                 break
             summary.measure_s += time.perf_counter() - measure_start - (summary.generate_s - generate_before)
-            table.record(by_key[key], result, reference_us)
+            table.record(by_key[key], result, reference_us, measured_by)
             summary.failed += isinstance(result, MeasurementFailure)
             summary.measured += not isinstance(result, MeasurementFailure)
-            if monitor is not None and monitor.checks:
+            if isinstance(device, PhoneFarm):
+                bar.set_postfix_str(" · ".join(f"{name} {rate:.0f}/min" for name, rate in device.rates().items()),
+                                    refresh=False)
+            elif monitor is not None and monitor.checks:
                 bar.set_postfix_str(monitor.checks[-1].describe().replace(" of its quiet", ""), refresh=False)
             bar.update()
         if monitor is not None and todo:
@@ -216,6 +243,9 @@ def build_lut(
         if monitor is not None:
             summary.monitor = monitor.summary()
             table.set_meta({"monitor": summary.monitor, "reference_us": monitor.quiet_us})
+        elif isinstance(device, PhoneFarm):
+            summary.monitor = device.monitor_summary()
+            table.set_meta({"monitor": summary.monitor})
     table.set_meta({"fingerprint": device.fingerprint()})
     if summary.measured >= RATE_SAMPLE:
         table.set_meta({RATE_META_KEY: summary.total_s / summary.measured})
@@ -248,7 +278,9 @@ def calibrate_cache_context(device: Device, table: LatencyTable, *, policy: Moni
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """What a LUT build is measured on and written to (every option but the models')."""
-    parser.add_argument("--device", default="host", help="device name: 'host' (this CPU) or an entry of devices.toml")
+    parser.add_argument("--device", default="host",
+                        help="device name: 'host' (this CPU), a phone of devices.toml, or a group of phones there "
+                             "([groups.NAME]: all of them build the one LUT, each driven by a Ray actor)")
     parser.add_argument("--devices", metavar="FILE",
                         help="devices.toml registry (default: ./devices.toml, then ~/.config/phonefit/devices.toml)")
     parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="cpu",
@@ -266,6 +298,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="measure again the entries that failed before")
     parser.add_argument("--csv", metavar="FILE", help="also export the LUT as CSV (its folder is created)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ray-address", help="with a group of phones: the Ray cluster whose nodes they are attached to "
+                                              "(e.g. auto; default: a local cluster started and stopped here)")
+    parser.add_argument("--rates", action="store_true",
+                        help="with a group of phones: say each phone's entries per minute whenever a batch finishes")
     add_monitor_arguments(parser)
 
 
@@ -315,30 +351,40 @@ def check_build_outputs(args: argparse.Namespace) -> None:
 
 def build_luts(args: argparse.Namespace, models: Sequence[Any]) -> int:
     """Plan `models`' entries on the grid and measure them as `args` (`add_build_arguments`) say:
-    one LUT per backend, then its cache context."""
+    one LUT per backend, then its cache context. A devices.toml group is measured by all its
+    phones at once (`profiler.farm`), on the Ray cluster at --ray-address or a local one."""
     backends = ("cpu", "gpu") if args.backend == "both" else (args.backend,)
-    for backend in backends:
-        step = args.step if args.step is not None else (4 if backend == "gpu" else 8)
-        specs = plan_specs(models, step, args.dtype)
-        device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
-        try:
-            out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"], args.dtype)
-            check_output_file(out, "--out")
-            with open_lut(out, device, step, args.dtype) as table:
-                def log(message: str, out: str = out) -> None:
-                    print(f"{out}: {message}", file=sys.stderr)
+    groups = load_device_groups(args.devices) if args.device != "host" else {}
+    policy = monitor_policy(args)
+    with open_cluster(ClusterConfig(address=args.ray_address)) if args.device in groups else contextlib.nullcontext():
+        for backend in backends:
+            step = args.step if args.step is not None else (4 if backend == "gpu" else 8)
+            specs = plan_specs(models, step, args.dtype)
+            device: Device
+            if args.device in groups:
+                device = PhoneFarm(args.device, groups[args.device], backend=backend, threads=args.threads,
+                                   devices_file=args.devices, policy=policy,
+                                   log=lambda message: print(message, file=sys.stderr), show_rates=args.rates)
+            else:
+                device = open_device(args.device, backend=backend, threads=args.threads, devices_file=args.devices)
+            try:
+                out = args.out or default_lut_path(args.device, backend, device.conditions()["threads"], args.dtype)
+                check_output_file(out, "--out")
+                with open_lut(out, device, step, args.dtype) as table:
+                    def log(message: str, out: str = out) -> None:
+                        print(f"{out}: {message}", file=sys.stderr)
 
-                print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} ({backend})", file=sys.stderr)
-                policy = monitor_policy(args)
-                summary = build_lut(device, specs, table, retry_failed=args.retry_failed, progress=not args.no_progress,
-                                    policy=policy)
-                print(f"{out}: {summary}")
-                calibrate_cache_context(device, table, policy=policy, log=log)
-                if args.csv:
-                    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-                    table.to_csv(args.csv)
-        finally:
-            device.close()
+                    print(f"{out}: {len(specs)} entries for {', '.join(m.name for m in models)} on {args.device} "
+                          f"({backend})", file=sys.stderr)
+                    summary = build_lut(device, specs, table, retry_failed=args.retry_failed,
+                                        progress=not args.no_progress, policy=policy)
+                    print(f"{out}: {summary}")
+                    calibrate_cache_context(device, table, policy=policy, log=log)
+                    if args.csv:
+                        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+                        table.to_csv(args.csv)
+            finally:
+                device.close()
     return 0
 
 

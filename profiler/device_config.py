@@ -38,8 +38,10 @@ __all__ = [
     "DEFAULT_REMOTE_DIR",
     "AdbSettings",
     "BackendSettings",
+    "GROUPS_TABLE",
     "devices_file_candidates",
     "load_device_configs",
+    "load_device_groups",
     "parse_adb_settings",
 ]
 
@@ -49,6 +51,7 @@ _REMOTE_ROOT = "/data/local/tmp/"
 _SAFE_REMOTE_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
 _HEX_MASK_RE = re.compile(r"^(?:0[xX])?[0-9a-fA-F]+$")
 _RESERVED_NAMES = ("host",)
+GROUPS_TABLE = "groups"  # [groups.NAME] devices = [...]: phones of one model that build one LUT together
 _ACCELERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -120,6 +123,7 @@ class AdbSettings:
     drift_pct: float = 10.0
     drift_pause_s: float = 30.0
     drift_max_pauses: int = 3
+    ray_node: str | None = None  # in a phone farm: the Ray node (IP address) whose host reaches the phone
     cpu: BackendSettings = _DEFAULT_BACKENDS["cpu"]
     gpu: BackendSettings = _DEFAULT_BACKENDS["gpu"]
     nnapi: BackendSettings = _DEFAULT_BACKENDS["nnapi"]
@@ -200,6 +204,7 @@ _DEVICE_FIELDS: dict[str, _Field] = {
     "drift_pct": (_positive_number, "a positive percentage", float),
     "drift_pause_s": (_non_negative_number, "a non-negative number of seconds", float),
     "drift_max_pauses": (_non_negative_int, "a non-negative integer", int),
+    "ray_node": (_text, "the IP address of the Ray node the phone is attached to (a phone farm's actor runs there)", str),
 }
 # backend -> its delegate's own settings, which only its table takes (in the order the LUT's
 # `delegate` condition names them: `profiler.adb.device`).
@@ -248,13 +253,8 @@ def devices_file_candidates(devices_file: str | os.PathLike[str] | None = None) 
     return [Path("devices.toml"), Path(config_home) / "phonefit" / "devices.toml"]
 
 
-def load_device_configs(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, object]]:
-    """Every phone of the registry, by name: `{"kind": "adb", "settings": AdbSettings}`.
-
-    With `path` that file must exist; without, the first of `./devices.toml` and the user's
-    config file is read, and no file means no phones.  A malformed file raises
-    `ProfilerError` naming the file, the entry and the field.
-    """
+def _read_registry(path: str | os.PathLike[str] | None) -> tuple[Path | None, dict[str, Any]]:
+    """The devices.toml that `path` (or the default places) names, parsed; (None, {}) for none."""
     candidates = devices_file_candidates(path)
     if path is not None and not candidates[0].is_file():
         raise ProfilerError(
@@ -264,10 +264,10 @@ def load_device_configs(path: str | os.PathLike[str] | None = None) -> dict[str,
         )
     source = next((c for c in candidates if c.is_file()), None)
     if source is None:
-        return {}
+        return None, {}
     try:
         with open(source, "rb") as f:
-            document = tomllib.load(f)
+            return source, tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ProfilerError(f"{source} is not valid TOML: {e}.") from e
     except UnicodeDecodeError as e:
@@ -277,11 +277,53 @@ def load_device_configs(path: str | os.PathLike[str] | None = None) -> dict[str,
         ) from e
     except OSError as e:
         raise ProfilerError(f"Cannot read the devices file {source}: {e.strerror}.") from e
+
+
+def load_device_configs(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, object]]:
+    """Every phone of the registry, by name: `{"kind": "adb", "settings": AdbSettings}`.
+
+    With `path` that file must exist; without, the first of `./devices.toml` and the user's
+    config file is read, and no file means no phones.  A malformed file raises
+    `ProfilerError` naming the file, the entry and the field.
+    """
+    source, document = _read_registry(path)
     configs: dict[str, dict[str, object]] = {}
     for name, entry in document.items():
-        settings = parse_adb_settings(name, entry, source=str(source))
-        configs[name] = {"kind": "adb", "settings": settings}
+        if name != GROUPS_TABLE:
+            configs[name] = {"kind": "adb", "settings": parse_adb_settings(name, entry, source=str(source))}
     return configs
+
+
+def load_device_groups(path: str | os.PathLike[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """The registry's groups of phones of one model (`[groups.NAME] devices = [...]`), by name:
+    their phones in the order given (the first that is reachable leads: it measures what one
+    phone must, such as the invocation overhead and the cache sweep)."""
+    source, document = _read_registry(path)
+    tables = document.get(GROUPS_TABLE, {})
+    if not isinstance(tables, Mapping):
+        raise ProfilerError(f"{source}: [{GROUPS_TABLE}] must be a table of groups such as "
+                            f"[{GROUPS_TABLE}.pixel7] devices = [\"pixel7-a\", \"pixel7-b\"]. Received: {tables!r}.")
+    phones = {name for name in document if name != GROUPS_TABLE}
+    groups: dict[str, tuple[str, ...]] = {}
+    for name, table in tables.items():
+        where = f"{source}: [{GROUPS_TABLE}.{name}]"
+        if not re.match(r"^[A-Za-z0-9_-]+$", name) or name in _RESERVED_NAMES or name in phones:
+            raise ProfilerError(f"{where}: a group's name uses letters, digits, '_' and '-' and is no phone's name "
+                                f"(nor 'host'). Received: {name!r}.")
+        if not isinstance(table, Mapping) or set(table) != {"devices"}:
+            raise ProfilerError(f"{where} must hold one setting, `devices = [\"phone-a\", \"phone-b\", ...]`. "
+                                f"Received: {table!r}.")
+        members = table["devices"]
+        if (not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members)
+                or len(set(members)) != len(members)):
+            raise ProfilerError(f"{where}: `devices` must be a non-empty list of distinct phone names. "
+                                f"Received: devices={members!r}.")
+        unknown = [m for m in members if m not in phones]
+        if unknown:
+            raise ProfilerError(f"{where}: {', '.join(map(repr, unknown))} is not a phone of {source}. "
+                                f"Known phones: {', '.join(sorted(phones)) or 'none'}.")
+        groups[name] = tuple(members)
+    return groups
 
 
 def parse_adb_settings(name: str, entry: object, *, source: str = "devices.toml") -> AdbSettings:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol, TypeAlias
 
 from lut.table import Measurement, MeasurementFailure
-from profiler.device_config import BACKENDS, load_device_configs
+from profiler.device_config import BACKENDS, load_device_configs, load_device_groups
 from profiler.errors import ProfilerError
 from profiler.timing import TimingPolicy
 
@@ -122,8 +122,8 @@ def _factory(kind: str) -> DeviceFactory:
 
 
 def known_devices(devices_file: str | None = None) -> list[str]:
-    """`host`, then the devices.toml registry's phones by name."""
-    return ["host", *sorted(load_device_configs(devices_file))]
+    """`host`, then the devices.toml registry's phones and groups by name."""
+    return ["host", *sorted(load_device_configs(devices_file)), *sorted(load_device_groups(devices_file))]
 
 
 def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, devices_file: str | None = None,
@@ -147,6 +147,9 @@ def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, 
     if name == "host":
         return _factory("host")(name, {}, backend, threads or 1, timing=timing)
     configs = load_device_configs(devices_file)
+    groups = load_device_groups(devices_file)
+    if name in groups:
+        return _first_reachable(name, groups[name], backend, threads, devices_file, timing)
     if name not in configs:
         raise ProfilerError(
             f"Unknown device {name!r}. Known devices: {', '.join(known_devices(devices_file))}. "
@@ -156,3 +159,19 @@ def open_device(name: str, *, backend: str = "cpu", threads: int | None = None, 
     config = configs[name]
     kind = config.get("kind", "adb")
     return _factory(str(kind))(name, config, backend, threads, timing=timing)
+
+
+def _first_reachable(group: str, phones: Sequence[str], backend: str, threads: int | None, devices_file: str | None,
+                     timing: TimingPolicy | None) -> Device:
+    """A group measured as one device (a whole model, an interleaved verdict): its first phone
+    that opens. (`profiler.build_lut` measures a LUT with all of them: `profiler.farm`.)"""
+    reasons = []
+    for phone in phones:
+        try:
+            device = open_device(phone, backend=backend, threads=threads, devices_file=devices_file, timing=timing)
+        except ProfilerError as e:
+            reasons.append(f"{phone}: {e}")
+            continue
+        device.group = group  # type: ignore[attr-defined]  # an AdbDevice: its conditions name the group
+        return device
+    raise ProfilerError(f"No phone of the group {group!r} could be opened. " + " ".join(reasons))

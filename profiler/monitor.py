@@ -213,15 +213,17 @@ class ConditionsMonitor:
             the device cannot tell.
         log: where to say what the monitor does (waiting, measuring again); None: nowhere.
         sleep: how to pause (tests pass a recorder).
+        reference: `reference_model()`'s bytes, made elsewhere (a phone farm's actor needs no
+            TensorFlow); None makes them here.
     """
 
     def __init__(self, device: Device, policy: MonitorPolicy = MonitorPolicy(), *, quiet_us: float | None = None,
                  load: LoadProbe | None = None, log: Callable[[str], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, reference: bytes | None = None):
         self.device, self.policy, self.load = device, policy.for_device(device), load
         self._log = log or (lambda message: None)
         self._sleep = sleep
-        self._model = reference_model()
+        self._model = reference if reference is not None else reference_model()
         self.events: list[dict[str, object]] = []
         self.checks: list[Check] = []
         self._recent: collections.deque[float] = collections.deque(maxlen=_CONFIRM)

@@ -266,6 +266,7 @@ class Faults:
     partial_nnapi_models: tuple[str, ...] = ()  # with --use_nnapi=true the NNAPI delegate takes part of the graph
     slow_runs: tuple[int, int] | None = None  # models started while [first, end) models had run are slowed
     slow_factor: float = 2.0  # ... by this factor (a throttled phone)
+    steady_us: float | None = None  # every run reports this many µs (times the slow factor): no host noise
     gpu_unavailable: bool = False  # with --use_gpu=true the GPU delegate cannot be created (runs on the CPU)
 
     def __post_init__(self) -> None:

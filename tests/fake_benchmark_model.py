@@ -42,7 +42,9 @@ the delegate w/ 1 delegate kernels.`), `partial_nnapi_models` (the same with `--
 `… with delegate (TfLiteNnapiDelegate) node …`, `Explicitly applied NNAPI delegate, and the model
 graph will be partially executed by the delegate w/ 1 delegate kernels.`), and the slow-down switch `slow_runs` = [first, end)
 with `slow_factor` (models started while the models-run counter is in the window report
-their timings that many times slower, as a throttled phone does), and `gpu_unavailable`
+their timings that many times slower, as a throttled phone does), `steady_us` (every run
+takes that long, times the slow factor: a phone whose timings do not wander with the host's
+load, for tests of what is done with a slow-down rather than of live timings), and `gpu_unavailable`
 (with `--use_gpu=true`, the GPU delegate cannot be created, as on a phone without OpenCL: the
 tool warns `GPU acceleration is unsupported on this platform.` and runs the graph on the
 CPU, exit 0).  Without that variable
@@ -283,6 +285,8 @@ def _phase(interpreter, runs: int, min_secs: float, values: dict) -> list[int]:
         f" but terminate if exceeding {_fmt(values['max_secs'])} seconds."
     )
     durations = _run_phase(interpreter, runs, min_secs, values["max_secs"], values["run_delay"])
+    if values.get("steady_us") is not None:  # a phone whose timings do not wander with the host's load
+        durations = [int(values["steady_us"])] * len(durations)
     factor = values.get("slow_factor", 1.0)
     durations = [max(int(d * factor), 1) for d in durations]
     _log(_stats_line(durations))
@@ -382,7 +386,7 @@ def main(argv: list[str]) -> int:
         _print_garbage(graph)
         _count_model_run(faults)
         return 0
-    values = {**values, "slow_factor": _slow_factor(faults)}
+    values = {**values, "slow_factor": _slow_factor(faults), "steady_us": faults.get("steady_us")}
     warmup = _phase(interpreter, values["warmup_runs"], values["warmup_min_secs"], values)
     measured = _phase(interpreter, values["num_runs"], values["min_secs"], values)
     _log(

@@ -5,8 +5,8 @@ issue's competing process on the other core), so every threshold here is relativ
 load measured before the test's own competitor starts.
 """
 import dataclasses
-import re
 import os
+import re
 import subprocess
 import sys
 import threading

@@ -1,4 +1,4 @@
-"""NetAdapt's proposals on a real local Ray cluster (adapter.cluster, adapter.search.netadapt.parallel).
+"""NetAdapt's proposals on a real local Ray cluster (profiler.cluster, adapter.search.netadapt.parallel).
 
 One iteration of a tiny MobileNetV1 on its synthetic LUT is run serially at one TensorFlow
 thread (in a subprocess, so the thread count holds), on one and on two Ray workers of one
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from adapter.adapt import run_cli
-from adapter.cluster import ClusterConfig, open_cluster
-from adapter.errors import AdapterError
 from adapter.search import netadapt
+from profiler.cluster import ClusterConfig, open_cluster
+from profiler.errors import ProfilerError
 from tests.test_adapt_cli import _argv, files  # noqa: F401  (files: a fixture)
 from tests.test_netadapt import _config, small_data, v1, write_synthetic_lut  # noqa: F401  (fixtures)
 
@@ -90,9 +90,9 @@ def test_proposals_on_ray_workers_are_the_serial_runs_even_when_workers_are_kill
 
 
 def test_cluster_settings_are_checked():
-    with pytest.raises(AdapterError, match="workers must be a positive integer"):
+    with pytest.raises(ProfilerError, match="workers must be a positive integer"):
         ClusterConfig(0)
-    with pytest.raises(AdapterError, match="gpus_per_task"):
+    with pytest.raises(ProfilerError, match="gpus_per_task"):
         ClusterConfig(1, gpus_per_task=-1)
     assert ClusterConfig(2, threads_per_worker=3).threads() == 3
     assert ClusterConfig(os.cpu_count() or 1).threads() == 1

@@ -46,13 +46,15 @@ def test_a_device_slowed_since_the_lut_was_built_shows_in_its_own_entries(tmp_pa
         with open_lut(tmp_path / "lut.sqlite", host, 64) as table:
             build_lut(host, plan_specs([tiny_v1], 64), table, progress=False, policy=LENIENT)
             same = validate(tiny_v1, table, host, samples=2, seed=0, repeats=3, progress=False)
-            slowed = validate(tiny_v1, table, _Slowed(host, 1.5), samples=2, seed=0, repeats=3, progress=False)
+            slowed = validate(tiny_v1, table, _Slowed(host, 3.0), samples=2, seed=0, repeats=3, progress=False)
     finally:
         host.close()
     assert len(same.sentinels) == SENTINELS and [s["key"] for s in same.sentinels] == [s["key"] for s in slowed.sentinels]
     stored = [s["stored_us"] for s in same.sentinels]
     assert stored == sorted(stored, reverse=True)  # the original's largest entries
-    assert slowed.device_move > same.device_move + 0.3  # 1.5× slower: about +50% more
+    # 3× slower: about +200% more (this VM's speed moves these µs entries by ±30% between two
+    # validations, which moved a 1.5× slow-down's +50% to +22% once)
+    assert slowed.device_move > same.device_move + 1.0
     assert len(slowed.rows) == 2 and slowed.rows[0]["channels"] == {}  # variant 0: the model itself
 
 

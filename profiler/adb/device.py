@@ -133,6 +133,9 @@ class AdbDevice:
                 f"Received: threads={threads}, taskset={run.taskset!r}."
             )
         self.name, self.backend, self.threads = settings.name, backend, threads
+        # the devices.toml group this phone was opened as (`open_device(GROUP)`): its conditions
+        # name the group, so a LUT the group built is this phone's too
+        self.group: str | None = None
         self._settings, self._run = settings, run
         self._bench = self._read_benchmark_model()
         self._bench_sha = hashlib.sha256(self._bench).hexdigest()
@@ -173,7 +176,7 @@ class AdbDevice:
 
     # ------------------------------------------------------------ the protocol
     def conditions(self) -> dict[str, object]:
-        return {"device": self.name, "backend": self.backend, "threads": self.threads,
+        return {"device": self.group or self.name, "backend": self.backend, "threads": self.threads,
                 "delegate": _delegate(self.backend, self._run), "flags": self._flags_text()}
 
     def fingerprint(self) -> dict[str, object]:

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from adapter.cluster import Cluster, ClusterConfig, set_worker_threads
 from adapter.search.chamnet.build import build, inherit
 from adapter.search.chamnet.predictor import (
     AccuracyPredictor,
@@ -36,6 +35,7 @@ from adapter.search.chamnet.predictor import (
 )
 from adapter.search.chamnet.space import Candidate, SearchSpace, SpaceError
 from adapter.search.run_store import RunStore
+from profiler.cluster import Cluster, ClusterConfig, set_worker_threads
 
 __all__ = ["CANDIDATE_FIELDS", "CandidateTrainer", "CandidateWorker", "PredictorBuild", "Recipe", "build_predictor",
            "open_store"]

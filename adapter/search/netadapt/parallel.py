@@ -16,9 +16,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from adapter.cluster import Cluster, ClusterConfig, set_worker_threads
 from adapter.search.netadapt.config import NetAdaptConfig
 from adapter.search.netadapt.proposals import _Batches, _proposal_trainer
+from profiler.cluster import Cluster, ClusterConfig, set_worker_threads
 
 __all__ = ["ProposalWorker", "RayProposals"]
 
@@ -56,7 +56,7 @@ class ProposalWorker:
 class RayProposals:
     """A `ProposalTrainer` that spreads an iteration's proposals over a pool of `ProposalWorker`s.
 
-    Needs Ray started (`adapter.cluster.open_cluster`). The iteration record's fine-tune and
+    Needs Ray started (`profiler.cluster.open_cluster`). The iteration record's fine-tune and
     evaluate seconds are the workers' summed; its total is the wall time.
     """
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapter.cluster import ClusterConfig
 from adapter.errors import AdapterError
 from adapter.latency import (
     MAX_RECALIBRATIONS,
@@ -56,6 +55,7 @@ from adapter.search.netadapt.run import (
 )
 from adapter.train import evaluate, fit
 from adapter.training.data import Dataset
+from profiler.cluster import ClusterConfig
 from profiler.devices import Device
 from profiler.monitor import MonitorPolicy
 
@@ -231,7 +231,7 @@ def run_netadapt(
     measured interleaved on that device, or None when no verdict could be taken) checks
     the search's result (see the module doc). With `resume`, continues the run
     recorded in `out_dir` (with its budget); without it, `out_dir` must not hold one.
-    `cluster` (Ray started by the caller, `adapter.cluster.open_cluster`) fine-tunes each
+    `cluster` (Ray started by the caller, `profiler.cluster.open_cluster`) fine-tunes each
     iteration's proposals in parallel on its workers, with the serial run's results.
     """
     out = Path(out_dir)

@@ -7,13 +7,14 @@ driver keeps the run store, so nothing committed is lost and nothing is counted 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from adapter.errors import AdapterError
+from profiler.errors import ProfilerError
 
 __all__ = ["MAX_RETRIES", "Cluster", "ClusterConfig", "add_cluster_arguments", "cluster_config", "open_cluster",
            "set_worker_threads"]
@@ -35,19 +36,19 @@ class ClusterConfig:
     threads_per_worker: int | None = None
     gpus_per_task: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or self.workers < 1:
-            raise AdapterError(f"workers must be a positive integer; received {self.workers!r}.")
+            raise ProfilerError(f"workers must be a positive integer; received {self.workers!r}.")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise AdapterError(f"threads_per_worker must be a positive integer; received {self.threads_per_worker!r}.")
+            raise ProfilerError(f"threads_per_worker must be a positive integer; received {self.threads_per_worker!r}.")
         if self.gpus_per_task < 0:
-            raise AdapterError(f"gpus_per_task must be ≥ 0; received {self.gpus_per_task!r}.")
+            raise ProfilerError(f"gpus_per_task must be ≥ 0; received {self.gpus_per_task!r}.")
 
     def threads(self) -> int:
         return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.workers)
 
 
-def add_cluster_arguments(parser) -> None:
+def add_cluster_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """`--workers`, `--ray-address`, `--threads-per-worker` and `--gpus-per-task`."""
     from lut.cli import non_negative_int, number, positive_int
 
@@ -60,7 +61,7 @@ def add_cluster_arguments(parser) -> None:
     add("--gpus-per-task", type=number(float, 0, open_low=False), default=0.0, help="GPUs reserved for each worker (default: %(default)s)")
 
 
-def cluster_config(args) -> ClusterConfig | None:
+def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
     """The parsed arguments' cluster, or None to train in this process."""
     if not args.workers and not args.ray_address:
         return None
@@ -132,7 +133,7 @@ def open_cluster(config: ClusterConfig) -> Iterator[None]:
     try:
         import ray
     except ImportError as e:  # pragma: no cover - ray is a dependency
-        raise AdapterError("--workers and --ray-address need Ray: pip install 'ray>=2.9'") from e
+        raise ProfilerError("--workers and --ray-address need Ray: pip install 'ray>=2.9'") from e
     if ray.is_initialized():
         yield
         return
@@ -147,7 +148,7 @@ def open_cluster(config: ClusterConfig) -> Iterator[None]:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {config.address}" if config.address else "a local Ray cluster"
-        raise AdapterError(f"Could not start or join {where}: {str(e).splitlines()[0]}") from e
+        raise ProfilerError(f"Could not start or join {where}: {str(e).splitlines()[0]}") from e
     try:
         yield
     finally:
