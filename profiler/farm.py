@@ -205,7 +205,7 @@ class PhoneFarm:
     # ------------------------------------------------------------ the farm
     @property
     def phones(self) -> list[str]:
-        """The phones still in."""
+        """The phones not taken out."""
         return [p.name for p in self._phones if p.out is None]
 
     def start(self, quiet_us: float | None) -> float | None:
@@ -285,8 +285,12 @@ class PhoneFarm:
                 for model_id, result, reference_us in results:
                     yield model_id, result, reference_us, phone.name
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            # stopped early (Ctrl-C): a batch in flight is not waited for; its phone's actor goes
+            # (the phone's next session clears what it left there) and a rerun measures it again
+            for phone, _, _ in pending.values():
+                if phone.actor is not None:
+                    ray.kill(phone.actor)
+                    phone.actor = None
 
     def rates(self) -> dict[str, float]:
         """Entries per minute of each phone still in, over the time it spent measuring."""
@@ -300,8 +304,7 @@ class PhoneFarm:
         own = {p.name: s for p, s in zip(self._in(), self._gather(self._in(), "monitor_summary"), strict=True)
                if isinstance(s, dict)}
         drifts = [s["max_abs_drift_pct"] for s in own.values() if s.get("max_abs_drift_pct") is not None]
-        lead = self._lead()
-        first = own.get(lead.name, {})
+        first = next(iter(own.values()), {})  # the lead's
         return {
             "quiet_us": first.get("quiet_us"), "checks": sum(int(s["checks"]) for s in own.values()),
             "disturbed": sum(int(s["disturbed"]) for s in own.values()),
@@ -312,7 +315,8 @@ class PhoneFarm:
 
     # ------------------------------------------------------------ helpers
     def _in(self) -> list[_Phone]:
-        return [p for p in self._phones if p.out is None]
+        """The phones still in (with an actor: not closed, not stopped mid-batch)."""
+        return [p for p in self._phones if p.out is None and p.actor is not None]
 
     def _lead(self) -> _Phone:
         phones = self._in()

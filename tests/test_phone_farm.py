@@ -160,3 +160,33 @@ def test_a_phone_off_the_group_from_the_start_measures_nothing(tmp_path, ray_clu
     assert any("b taken out: its reference model measures 240.0 µs, +20.0% of the group's 200.0 µs" in m
                for m in messages), messages
     assert b.models_run == 5  # its reference, and nothing else
+
+
+@pytest.mark.timeout(300)
+def test_a_group_whose_phones_are_all_unreachable_exits_2_in_one_line(tmp_path, capsys):
+    from profiler.build_lut import main
+
+    with LoopbackAdbDaemon(tmp_path / "pa") as a, LoopbackAdbDaemon(tmp_path / "pb") as b:
+        devices = _devices(tmp_path, [a, b], a={"connect_timeout_s": 0.5}, b={"connect_timeout_s": 0.5})
+    # both daemons are gone: nothing listens on their ports
+    code = main(["--device", "pair", "--devices", devices, "--model", "mobilenet_v1", "--alpha", "0.25",
+                 "--resolution", "32", "--classes", "10", "--step", "64", "--out", str(tmp_path / "lut.sqlite"),
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("python -m profiler.build_lut: error: No phone of the group 'pair' is left: a could not "
+                              "be opened: "), err
+    assert "b could not be opened" in err[-1]
+
+
+@pytest.mark.timeout(300)
+def test_a_group_named_as_one_device_is_its_first_reachable_phone(tmp_path):
+    with LoopbackAdbDaemon(tmp_path / "pb") as b:
+        with LoopbackAdbDaemon(tmp_path / "pa") as a:
+            devices = _devices(tmp_path, [a, b], a={"connect_timeout_s": 0.5})
+        # a is gone: b measures for the group, under the group's name (a LUT the group built is its)
+        device = open_device("pair", threads=1, devices_file=devices)
+        try:
+            assert device.name == "b" and device.conditions()["device"] == "pair"
+        finally:
+            device.close()
