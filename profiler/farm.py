@@ -62,9 +62,8 @@ class PhoneActor:
 
     def __init__(self, settings: AdbSettings, backend: str, threads: int | None, policy: MonitorPolicy | None,
                  reference: bytes):
-        from profiler.adb.device import AdbDevice
-
-        self._device = AdbDevice(settings, backend, threads)
+        self._open = (settings, backend, threads)
+        self._device: Any = None
         self._policy, self._reference = policy, reference
         self._monitor: ConditionsMonitor | None = None
         self._messages: list[str] = []
@@ -73,7 +72,12 @@ class PhoneActor:
         return os.getpid()
 
     def facts(self) -> tuple[dict[str, object], dict[str, object]]:
-        """The phone's conditions and fingerprint."""
+        """Reach the phone (here, not in the constructor: so that why it cannot be reached comes
+        back as the error itself); its conditions and fingerprint."""
+        from profiler.adb.device import AdbDevice
+
+        if self._device is None:
+            self._device = AdbDevice(*self._open)
         return self._device.conditions(), self._device.fingerprint()
 
     def reference_us(self) -> float:
@@ -104,7 +108,8 @@ class PhoneActor:
         return None if self._monitor is None else self._monitor.summary()
 
     def close(self) -> None:
-        self._device.close()
+        if self._device is not None:
+            self._device.close()
 
 
 @dataclasses.dataclass

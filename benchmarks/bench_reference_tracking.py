@@ -1,0 +1,63 @@
+"""Does the conditions monitor's reference model move with the ops a LUT measures?
+
+    python benchmarks/bench_reference_tracking.py [--rounds 40]
+
+Measures the reference model and three LUT-like single ops (a 3×3 convolution, a 1×1
+convolution of 1 MB of weights, a depthwise convolution) on this machine's CPU, interleaved
+round by round, and prints each one's spread (max / min) and its correlation with the
+reference: on a VM whose speed moves with its neighbours, the ops move with the reference,
+which is what lets the monitor keep only entries measured between two quiet looks. Then the
+reference measured right after a 1-op model and right after a 6 MB model: the same, so a big
+entry does not make the look after it slow.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from lut.spec import LayerSpec  # noqa: E402
+from profiler.context import _branch_model  # noqa: E402
+from profiler.host import HostDevice  # noqa: E402
+from profiler.monitor import reference_model  # noqa: E402
+from profiler.single_op import SingleOpFactory  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    factory, device = SingleOpFactory(), HostDevice()
+    models = {
+        "reference": reference_model(),
+        "conv 3x3": factory.build(LayerSpec("conv2d", 16, 16, 32, 32, kernel=(3, 3))),
+        "conv 1x1 1MB": factory.build(LayerSpec("conv2d", 4, 4, 512, 512)),
+        "depthwise": factory.build(LayerSpec("depthwise_conv2d", 32, 32, 64, 64, kernel=(3, 3))),
+    }
+    rows = [{name: r.median_us for name, r in device.measure(list(models.items()))} for _ in range(args.rounds)]
+    table = np.array([[row[name] for name in models] for row in rows])
+    correlation = np.corrcoef(table.T)[0]
+    print(f"{args.rounds} interleaved rounds on {device.fingerprint()['cpu_model']}")
+    for i, name in enumerate(models):
+        column = table[:, i]
+        print(f"  {name:13s} median {np.median(column):7.1f} µs, min {column.min():7.1f}, max {column.max():7.1f} "
+              f"(spread {column.max() / column.min():.2f}), correlation with the reference {correlation[i]:.2f}")
+    small, big = models["conv 3x3"], _branch_model(24)
+    after: dict[str, list[float]] = {"a 1-op model": [], "a 6 MB model": []}
+    for _ in range(args.rounds // 2):
+        for name, model in (("a 1-op model", small), ("a 6 MB model", big)):
+            results = dict(device.measure([("before", model), ("reference", models["reference"])]))
+            after[name].append(results["reference"].median_us)  # type: ignore[union-attr]
+    for name, values in after.items():
+        print(f"  the reference right after {name}: median {statistics.median(values):.1f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
