@@ -748,10 +748,11 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
     assert frame["reference_us"].notna().all() and float(meta["reference_us"]) > 0
     # Every LUT entry once, plus the trivial model alone and in a chain (build_lut's invocation overhead),
     # the conditions monitor's reference (its quiet value, then once a chunk), and the cache
-    # context's fetch sweep (each model measured alone, each with its reference).
+    # context's fetch sweep (each model measured alone, each with its reference, after one look
+    # at the reference: its monitor opens with the LUT's quiet value).
     monitor = json.loads(meta["monitor"])
     sweep = _REPEATS * len(FETCH_BRANCHES)
-    assert daemon.models_run == len(frame) + 2 * OVERHEAD_REPEATS + _START_REPEATS + monitor["checks"] + 2 * sweep
+    assert daemon.models_run == len(frame) + 2 * OVERHEAD_REPEATS + _START_REPEATS + monitor["checks"] + 1 + 2 * sweep
     assert json.loads(meta["cache_context"])["cache_bytes"] > 0
 
 
