@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ class ClusterConfig:
     address: str | None = None
     threads_per_worker: int | None = None
     gpus_per_task: float = 0.0
+    show_rates: bool = False  # say each worker's pace as its tasks finish
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -59,13 +61,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     add("--ray-address", help="train on the workers of an existing Ray cluster (e.g. ray://head:10001 or auto)")
     add("--threads-per-worker", type=positive_int, help="TensorFlow threads of each worker (default: the cores shared equally)")
     add("--gpus-per-task", type=number(float, 0, open_low=False), default=0.0, help="GPUs reserved for each worker (default: %(default)s)")
+    add("--rates", action="store_true", help="say each worker's tasks per minute as its tasks finish")
 
 
 def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
     """The parsed arguments' cluster, or None to train in this process."""
     if not args.workers and not args.ray_address:
         return None
-    return ClusterConfig(max(args.workers, 1), args.ray_address, args.threads_per_worker, args.gpus_per_task)
+    return ClusterConfig(max(args.workers, 1), args.ray_address, args.threads_per_worker, args.gpus_per_task, args.rates)
 
 
 class Cluster:
@@ -82,6 +85,7 @@ class Cluster:
         remote: Any = ray.remote(actor_class).options(**options)
         self.config = config
         self.actors = [remote.remote(*args, config.threads()) for _ in range(config.workers)]
+        self._work = [[0, 0.0] for _ in self.actors]  # per actor: tasks finished, seconds they took
 
     def map(self, method: str, items: Sequence[Any], *shared: Any,
             done: Callable[[int, Any], None] | None = None) -> list[Any]:
@@ -94,22 +98,28 @@ class Cluster:
         import ray
 
         boxes = [[ray.put(value)] for value in shared]
-        free = list(self.actors)
-        pending: dict[Any, tuple[int, Any]] = {}
+        free = list(range(len(self.actors)))
+        pending: dict[Any, tuple[int, int, float]] = {}
         results: list[Any] = [None] * len(items)
         queue = list(enumerate(items))
         while queue or pending:
             while queue and free:
                 index, item = queue.pop(0)
                 actor = free.pop()
-                pending[getattr(actor, method).remote(*boxes, item)] = (index, actor)
+                pending[getattr(self.actors[actor], method).remote(*boxes, item)] = (index, actor, time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1)
-            index, actor = pending.pop(ready[0])
+            index, actor, started = pending.pop(ready[0])
             results[index] = ray.get(ready[0])
+            self._work[actor][0] += 1
+            self._work[actor][1] += time.monotonic() - started
             free.append(actor)
             if done is not None:
                 done(index, results[index])
         return results
+
+    def rates(self) -> dict[str, float]:
+        """Tasks per minute of each worker that finished one, over the time its tasks took."""
+        return {f"worker {i}": 60 * tasks / seconds for i, (tasks, seconds) in enumerate(self._work) if seconds > 0}
 
     def pids(self) -> list[int]:
         """The actors' process ids (for fault tests and per-worker rates)."""

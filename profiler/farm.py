@@ -190,7 +190,12 @@ class PhoneFarm:
         """`models` measured on the lead phone (what one phone must measure for the whole LUT)."""
         import ray
 
-        yield from ray.get(self._lead().actor.measure.remote(list(models)))
+        lead = self._lead()
+        try:
+            results = ray.get(lead.actor.measure.remote(list(models)))
+        except ray.exceptions.RayError as e:
+            raise ProfilerError(f"{lead.name}, the lead phone of {self.name!r}, failed: {_cause(e)}") from e
+        yield from results
 
     def close(self) -> None:
         import ray

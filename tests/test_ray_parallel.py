@@ -7,6 +7,7 @@ every proposal's holdout accuracy and loss, and the chosen one, are the same in 
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,10 +102,11 @@ def test_cluster_settings_are_checked():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_adapt_on_two_workers_runs_the_search_and_reports(files, tmp_path, capsys):  # noqa: F811
-    argv = _argv(files, tmp_path, **{"--workers": "2", "--threads-per-worker": "1"})
+    argv = _argv(files, tmp_path, **{"--workers": "2", "--threads-per-worker": "1"}) + ["--rates"]
     assert run_cli(argv) in (0, 1)  # 1: the budget not met by the device's verdict, a figure of the host
     out = capsys.readouterr().out
     assert "fine-tuning proposals on 2 workers of a local Ray cluster, 1 threads each" in out
+    assert re.search(r"proposal \d+ done; proposals/min: worker \d [\d.]+", out)  # each worker's pace, on request
     history = netadapt.read_history(tmp_path / "out")
     assert len(history) >= 2 and (tmp_path / "out" / "report.md").is_file()
     import ray

@@ -62,6 +62,7 @@ class RayProposals:
 
     def __init__(self, config: NetAdaptConfig, cluster: ClusterConfig, log: Callable[[str], None]):
         self.pool = Cluster(cluster, ProposalWorker, config)
+        self._log = log
         self.done: Callable[[int, Any], None] | None = None  # called as each proposal finishes
         where = f"the Ray cluster at {cluster.address}" if cluster.address else "a local Ray cluster"
         log(f"fine-tuning proposals on {cluster.workers} workers of {where}, {cluster.threads()} threads each")
@@ -71,7 +72,12 @@ class RayProposals:
         with tqdm(total=len(keeps), desc=f"iteration {iteration} on {workers} workers", unit="proposal", leave=False,
                   disable=not sys.stderr.isatty()) as bar:
             def done(index: int, result: Any) -> None:
+                rates = self.pool.rates()
+                bar.set_postfix_str(" · ".join(f"{name} {rate:.1f}/min" for name, rate in rates.items()), refresh=False)
                 bar.update()
+                if self.pool.config.show_rates:
+                    self._log(f"proposal {index} done; proposals/min: "
+                              + ", ".join(f"{name} {rate:.2f}" for name, rate in rates.items()))
                 if self.done is not None:
                     self.done(index, result)
 
