@@ -121,6 +121,10 @@ class Cluster:
         """Tasks per minute of each worker that finished one, over the time its tasks took."""
         return {f"worker {i}": 60 * tasks / seconds for i, (tasks, seconds) in enumerate(self._work) if seconds > 0}
 
+    def describe_rates(self, unit: str) -> str:
+        """`rates()` in words: "proposals/min: worker 0 1.20, worker 1 1.18"."""
+        return f"{unit}/min: " + ", ".join(f"{name} {rate:.2f}" for name, rate in self.rates().items())
+
     def pids(self) -> list[int]:
         """The actors' process ids (for fault tests and per-worker rates)."""
         import ray

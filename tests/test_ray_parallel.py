@@ -123,7 +123,7 @@ def test_bad_cluster_options_exit_2_in_one_line(files, tmp_path, capsys, option,
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"python -m adapter.adapt: error: argument {option}")
 
 
-def _chamnet_rows(npz, out, cluster=None) -> list[tuple]:
+def _chamnet_rows(npz, out, cluster=None, lines=None) -> list[tuple]:
     """ChamNet's predictor build around a tiny MobileNetV2: its candidates, by candidate."""
     import keras
 
@@ -140,7 +140,7 @@ def _chamnet_rows(npz, out, cluster=None) -> list[tuple]:
     space = SearchSpace.around(candidate_of(base), step=8, grow=1.0)
     with open_store(out) as store:
         build_predictor(trainer, space, store, total=5, initial=3, held_out=2, per_round=2, pool=64,
-                        progress=lambda line: None, cluster=cluster)
+                        progress=(lines.append if lines is not None else lambda line: None), cluster=cluster)
         rows = store.rows("candidates")
     return sorted((r["role"], r["candidate"], r["holdout_accuracy"]) for r in rows)
 
@@ -153,6 +153,8 @@ def test_chamnet_candidates_on_ray_workers_are_the_serial_runs(small_data, tmp_p
     npz = small_npz(small_data, tmp_path / "small.npz")
     serial = _in_one_thread("_chamnet_rows", npz, tmp_path / "serial")
     assert [role for role, *_ in serial].count("bo1") == 2 and len(serial) == 7
+    lines: list[str] = []
     with open_cluster(ClusterConfig(2, threads_per_worker=1)):
-        two = _chamnet_rows(npz, tmp_path / "two", ClusterConfig(2, threads_per_worker=1))
+        two = _chamnet_rows(npz, tmp_path / "two", ClusterConfig(2, threads_per_worker=1, show_rates=True), lines)
     assert two == serial  # the same candidates (Bayesian optimization's picks included), the same accuracies
+    assert all(re.search(r"candidates/min: worker \d [\d.]+", line) for line in lines) and len(lines) == 7

@@ -180,7 +180,9 @@ def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunSto
             rows.append(row)
             done.add((role, candidate.text()))
             fitted = sum(r["role"] != "held_out" for r in rows)
-            progress(f"{role} {candidate.text()}: holdout {accuracy:.4f} in {seconds:.0f} s ({fitted}/{total} fitted on)")
+            rates = f"; {workers.describe_rates('candidates')}" if workers is not None and workers.config.show_rates else ""
+            progress(f"{role} {candidate.text()}: holdout {accuracy:.4f} in {seconds:.0f} s ({fitted}/{total} fitted "
+                     f"on){rates}")
 
         if workers is None:
             for index, candidate in enumerate(todo):

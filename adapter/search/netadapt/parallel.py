@@ -76,8 +76,7 @@ class RayProposals:
                 bar.set_postfix_str(" · ".join(f"{name} {rate:.1f}/min" for name, rate in rates.items()), refresh=False)
                 bar.update()
                 if self.pool.config.show_rates:
-                    self._log(f"proposal {index} done; proposals/min: "
-                              + ", ".join(f"{name} {rate:.2f}" for name, rate in rates.items()))
+                    self._log(f"proposal {index} done; {self.pool.describe_rates('proposals')}")
                 if self.done is not None:
                     self.done(index, result)
 
