@@ -63,6 +63,15 @@ def test_malformed_lut_exits_2(files, tmp_path, capsys):
     _one_line_error(capsys, _argv(files, tmp_path, **{"--lut": bad}), "is not a phonefit LUT")
 
 
+def test_a_lut_far_from_what_the_device_measures_exits_2_before_any_training(files, tmp_path, capsys):
+    model = keras.models.load_model(files["model"])
+    # a thousand times what this machine can take for these ops: no load or drift explains that
+    lut = write_synthetic_lut(tmp_path / "far.sqlite", [model], device="host", scale=1000.0)
+    line = _one_line_error(capsys, _argv(files, tmp_path, **{"--lut": lut}), "The LUT estimates the original at")
+    assert "tolerance ±15%, --lut-tolerance" in line and "Rebuild the LUT on this device" in line
+    assert not (tmp_path / "out" / "adapted.keras").exists()
+
+
 def test_bad_budget_exits_2(files, tmp_path, capsys):
     _one_line_error(capsys, _argv(files, tmp_path, **{"--budget": "half"}), "budget is a fraction")
     _one_line_error(capsys, _argv(files, tmp_path, **{"--budget": "1.5"}), "in (0, 1)")

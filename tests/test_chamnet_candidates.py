@@ -131,6 +131,9 @@ def test_the_stored_predictor_is_retargeted_its_winner_trained_measured_and_repo
     from adapter.search.chamnet.space import Candidate
     from tests.conftest import LENIENT_FLAGS
 
+    # the LUT is built with the monitor opened wide: how well it predicts this machine is not what is tested here
+    lenient = (*LENIENT_FLAGS, "--lut-tolerance", "1000")
+
     model, npz, cham, lut = tmp_path / "base.keras", small_npz(small_data, tmp_path / "small.npz"), tmp_path / "cham", \
         tmp_path / "space.sqlite"
     build(Candidate.parse("v2 r32 c16 | 16x1 32x2e6s2 32x2e6s2 64x2e6s2 | l128"), 10).save(model)  # on the step-16 grid
@@ -143,7 +146,7 @@ def test_the_stored_predictor_is_retargeted_its_winner_trained_measured_and_repo
     assert "entries for chamnet_mobilenet_v2_32" in made.stderr
 
     search = _chamnet("search", "--predictor", cham, "--lut", lut, "--budget", "0.6", "--out", tmp_path / "s60",
-                      "--epochs", "1", "--generations", "5", "--population", "16", "--lut-tolerance", "50", *LENIENT_FLAGS)
+                      "--epochs", "1", "--generations", "5", "--population", "16", *lenient)
     assert search.returncode in (0, 1), search.stderr[-2000:]
     assert "measuring" not in search.stdout.split("searched")[0]  # the space's LUT left nothing to measure
     report = json.loads((tmp_path / "s60" / "report.json").read_text())
@@ -168,7 +171,7 @@ def test_the_stored_predictor_is_retargeted_its_winner_trained_measured_and_repo
     with open(cham / "candidates.csv") as f:
         trained = list(csv.DictReader(f))
     again = _chamnet("search", "--predictor", cham, "--lut", lut, "--budget", "0.4", "--out", tmp_path / "s40",
-                     "--search-only", "--generations", "5", "--population", "16", "--lut-tolerance", "50", *LENIENT_FLAGS)
+                     "--search-only", "--generations", "5", "--population", "16", *lenient)
     assert again.returncode == 0, again.stderr[-2000:]
     with open(tmp_path / "s40" / "top.csv") as f:
         found = list(csv.DictReader(f))

@@ -46,7 +46,7 @@ def synthetic_us(spec) -> float:
     return 0.5 + work / 2000
 
 
-def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=(), dtype="float32"):
+def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=(), dtype="float32", scale=1.0):
     from profiler.plan import plan_specs
 
     meta = {"device": device, "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "step": step,
@@ -55,7 +55,7 @@ def write_synthetic_lut(path, models, *, device=FAKE_DEVICE, step=8, drop=(), dt
         rows = []
         for spec in plan_specs(models, step, dtype):
             if spec.key not in drop:
-                us = synthetic_us(spec)
+                us = scale * synthetic_us(spec)
                 rows.append((spec, Measurement(us, us, us, us, 0.0, 1)))
         table.record_many(rows)
     return Path(path)
