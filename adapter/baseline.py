@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from adapter.latency import Budget, ensure_estimable, estimate_ms, model_specs
+from adapter.latency import Budget, estimate_ms
 from adapter.search.netadapt import HOLDOUT_SIZE
 from adapter.search.width_multiplier import add_width_multiplier_arguments, alpha_grid, baseline_fields, recipe_of
 from adapter.session import (
@@ -31,7 +31,6 @@ from adapter.session import (
     open_session,
 )
 from lut.cli import ArgumentParser, check_output_folder, run_parsed
-from profiler.monitor import monitor_policy
 
 __all__ = ["main"]
 
@@ -51,7 +50,6 @@ def _baseline(args: argparse.Namespace) -> int:
         args, check_model=lambda model: alpha_grid(recipe_of(model, args.model).alpha, args.alpha_step)
     )
     out.mkdir(parents=True, exist_ok=True)
-    ensure_estimable(session.estimator, model_specs(session.estimator, session.model), session.lut_device, policy=monitor_policy(args))
     estimated = estimate_ms(session.estimator, session.model)
     measured = measure_original(session, model_checker(session, out))
     budget_ms = budget.lut_ms(estimated, measured)

@@ -19,7 +19,7 @@ from typing import Any
 from adapter.errors import AdapterError
 from adapter.export import Deployment, open_final_check_device
 from adapter.final_check import LUT_TOLERANCE, ModelChecker
-from adapter.latency import estimate_ms
+from adapter.latency import ensure_estimable, estimate_ms, model_specs
 from adapter.train import SPLIT_SEED, TrainingRecord, record_path
 from adapter.training.data import Dataset
 from adapter.training.sources import load_dataset
@@ -160,6 +160,9 @@ def open_session(args: argparse.Namespace, *, check_model: Any = None) -> Sessio
     monitor = None
     if lut_device is not None:
         monitor = open_monitor(lut_device, table, monitor_policy(args), log=lambda message: print(message, flush=True))
+    # the original is estimated before any search: what the LUT lacks of it is measured now
+    ensure_estimable(estimator, model_specs(estimator, model), lut_device, policy=monitor_policy(args),
+                     log=lambda line: print(line, flush=True))
     print(f"loading {args.data} at {model.input_shape[1]} px", flush=True)
     data = load_dataset(args.data, resolution=int(model.input_shape[1]), holdout=args.holdout, seed=SPLIT_SEED)
     deployment = Deployment.for_lut(table.dtype, data.train.take(min(_CALIBRATION_IMAGES, len(data.train))).arrays()[0])

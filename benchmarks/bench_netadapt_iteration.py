@@ -13,9 +13,10 @@ candidate), and building + `model.fit`-training each proposal as its own Keras m
 (measured on --naive-proposals proposals and scaled to all).
 
 With --workers N it then runs the same two iterations on a local Ray cluster, on 1 worker and on N
-workers of --threads-per-worker threads each, and prints the second iteration's wall time of
-each, the ratios to 1 worker and to the single-process run, and whether every proposal's holdout
-accuracy and the chosen proposal are the same.
+workers of --threads-per-worker threads each, --rounds times in ABBA order (this machine's speed
+drifts over minutes), and prints the second iteration's wall time of each, each round's ratio
+and their median, the ratio to the single-process run, and whether every proposal's holdout
+accuracy and the chosen proposal are the same in every run.
 
 Targets (issue 4): surgery + LUT estimation < 10% of the iteration; iteration < 60 s.
 Target (issue 13): N=2 workers ≥ 1.7× one worker at the same threads per worker, same results.
@@ -45,6 +46,7 @@ def _args():
     parser.add_argument("--naive-proposals", type=int, default=2, help="proposals trained the naive way (0: skip)")
     parser.add_argument("--workers", type=int, default=0, help="also run on 1 and on N Ray workers (0: skip)")
     parser.add_argument("--threads-per-worker", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of 1-worker and N-worker runs (ABBA order)")
     return parser.parse_args()
 
 
@@ -152,30 +154,43 @@ def _two_iterations(model, data, estimator, config, out, cluster=None, label="th
 
 
 def _on_workers(args, model, data, estimator, config, serial, serial_rows) -> None:
-    """The same two iterations on 1 and on N Ray workers; iteration 2 compared."""
+    """The same two iterations on 1 and on N Ray workers, --rounds times in ABBA order; iteration 2 compared.
+
+    This machine's speed drifts by tens of percent over minutes, so one measurement of each
+    setting says little: each round's ratio pairs two runs taken back to back, and the median
+    over the rounds is the figure.
+    """
+    import statistics
+
     from profiler.cluster import ClusterConfig, open_cluster
 
     def figures(rows):
         return [(r["group"], r["count"], r["holdout_accuracy"], r["chosen"]) for r in rows]
 
     threads = args.threads_per_worker
-    results = {}
+    seconds: dict[int, list[float]] = {1: [], args.workers: []}
+    found = set()
     with open_cluster(ClusterConfig(args.workers, threads_per_worker=threads)):
-        for workers in (1, args.workers):
-            with tempfile.TemporaryDirectory() as out:
-                label = f"{workers} worker{'s' if workers > 1 else ''} × {threads} thread{'s' if threads > 1 else ''}"
-                # the run (its pool of actors) is dropped here: the next pool gets every CPU
-                records, rows = _two_iterations(model, data, estimator, config, out,
-                                                ClusterConfig(workers, threads_per_worker=threads), label)[1:]
-                results[workers] = (records[1][0], figures(rows))
-    one, many = results[1], results[args.workers]
-    print(f"\niteration 2 wall: this process (TensorFlow on every core) {serial.seconds:.1f} s, 1 worker "
-          f"{one[0].seconds:.1f} s, {args.workers} workers {many[0].seconds:.1f} s")
-    print(f"  {args.workers} workers vs 1 worker (same threads per worker): {one[0].seconds / many[0].seconds:.2f}× "
-          f"(target ≥ 1.7×); vs this process: {serial.seconds / many[0].seconds:.2f}×")
-    print(f"  every proposal's holdout accuracy and the chosen one, {args.workers} workers vs 1: "
-          f"{'the same' if many[1] == one[1] else 'DIFFERENT'}; vs this process: "
-          f"{'the same' if many[1] == figures(serial_rows) else 'different (another thread count: another float order)'}")
+        for round_ in range(args.rounds):
+            for workers in ((1, args.workers) if round_ % 2 == 0 else (args.workers, 1)):
+                with tempfile.TemporaryDirectory() as out:
+                    label = (f"round {round_ + 1}, {workers} worker{'s' if workers > 1 else ''} × "
+                             f"{threads} thread{'s' if threads > 1 else ''}")
+                    # the run (its pool of actors) is dropped here: the next pool gets every CPU
+                    records, rows = _two_iterations(model, data, estimator, config, out,
+                                                    ClusterConfig(workers, threads_per_worker=threads), label)[1:]
+                    seconds[workers].append(records[1][0].seconds)
+                    found.add(tuple(figures(rows)))
+    one, many = seconds[1], seconds[args.workers]
+    ratios = [a / b for a, b in zip(one, many)]
+    print(f"\niteration 2 wall: this process (TensorFlow on every core) {serial.seconds:.1f} s; per round, 1 worker "
+          f"{', '.join(f'{s:.1f}' for s in one)} s; {args.workers} workers {', '.join(f'{s:.1f}' for s in many)} s")
+    print(f"  {args.workers} workers vs 1 worker (same threads per worker), per round: "
+          f"{', '.join(f'{r:.2f}×' for r in ratios)}; median {statistics.median(ratios):.2f}× (target ≥ 1.7×); "
+          f"vs this process: {serial.seconds / statistics.median(many):.2f}× (medians)")
+    print(f"  every proposal's holdout accuracy and the chosen one, over all {2 * args.rounds} worker runs: "
+          f"{'the same' if len(found) == 1 else 'DIFFERENT'}; vs this process: "
+          f"{'the same' if found == {tuple(figures(serial_rows))} else 'different (another thread count: another float order)'}")
 
 
 def _report(record, steps: int, batch_size: int) -> None:

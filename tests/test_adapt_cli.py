@@ -82,6 +82,23 @@ def test_budget_that_cannot_be_met_exits_2_before_any_training(files, tmp_path, 
     assert not (tmp_path / "out" / "history.csv").exists()
 
 
+def test_what_the_lut_lacks_of_the_original_is_measured_on_its_device_first(files, tmp_path, capsys):
+    from lut.table import LatencyTable
+    from profiler.plan import plan_specs
+
+    model = keras.models.load_model(files["model"])
+    stem = {s.key for s in plan_specs([model], 8) if s.op == "conv2d" and s.cin == 3}  # every width of the stem (RGB in)
+    lut = write_synthetic_lut(tmp_path / "gap.sqlite", [model], device="host", drop=stem)
+    argv = _argv(files, tmp_path, **{"--lut": lut, "--budget": "0.05"}) + ["--lut-tolerance", "100000"]
+    assert run_cli(argv) == 2  # the budget cannot be met: said after the original was estimated, before training
+    out, err = capsys.readouterr()
+    assert "cannot be met" in err.strip().splitlines()[-1]
+    assert "layer(s) missing from" in out and "on host" in out
+    with LatencyTable.open(lut) as table:
+        measured = {spec.key for spec in table.latencies_us()}
+    assert stem & measured and not (tmp_path / "out" / "history.csv").exists()
+
+
 def test_unknown_device_exits_2(files, tmp_path, capsys):
     _one_line_error(capsys, _argv(files, tmp_path, **{"--device": "nosuchphone"}), "Unknown device 'nosuchphone'")
 
