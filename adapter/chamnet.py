@@ -18,11 +18,11 @@ plus --extra-blocks), the expansion ratio (V2: --expansions), the stem's and the
 convolution's widths, and the input resolution (--resolutions, with the base's). The recipe,
 the same for every candidate: inherit the base's weights (the largest-norm filters and the
 first blocks of each stage) and fine-tune for --steps steps, or --from-scratch EPOCHS.
-Candidates: a held-out Sobol set (--held-out, never fitted on: the predictor's quality is
-told on it), a Sobol sample (--initial), then rounds of Bayesian optimization (--per-round by
-expected improvement among candidates of at most --region-macs of the base's MACs) up to
---total. Each candidate is committed to OUT/run.sqlite (and candidates.csv) as it finishes:
-run the same command again to go on.
+Candidates, all of --region-macs times the base's MACs: a held-out Sobol set (--held-out,
+never fitted on: the predictor's quality is told on it), a Sobol sample (--initial), then
+rounds of Bayesian optimization (--per-round by expected improvement) up to --total. Each
+candidate is committed to OUT/run.sqlite (and candidates.csv) as it finishes: run the same
+command again to go on.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from adapter.latency import OVER_BUDGET_TOLERANCE, Budget
 from adapter.search.chamnet.candidates import CandidateTrainer, Recipe, build_predictor, open_store
 from adapter.search.chamnet.space import SearchSpace
 from adapter.search.netadapt import NetAdaptConfig
+from adapter.training.data import DEFAULT_HOLDOUT
 from lut.cli import (
     EXIT_NOT_MET,
     EXIT_OK,
@@ -104,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=positive_int, default=Recipe.batch_size, help="(default: %(default)s)")
     recipe.add_argument("--from-scratch", type=positive_int, metavar="EPOCHS", default=0,
                         help="train every candidate from scratch for EPOCHS instead (ChamNet's protocol; for GPUs)")
-    recipe.add_argument("--holdout", type=positive_int, default=2000,
-                        help="training images kept out to measure each candidate's accuracy (default: %(default)s)")
+    recipe.add_argument("--holdout", type=positive_int, default=DEFAULT_HOLDOUT,
+                        help="training images the base was not trained on that measure each candidate's accuracy, "
+                             "at most the base's (adapter.train's --holdout) (default: %(default)s)")
     recipe.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
     sampling = build.add_argument_group("the candidates")
     sampling.add_argument("--total", type=positive_int, default=60, help="candidates fitted on (default: %(default)s)")
@@ -115,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--per-round", type=positive_int, default=6,
                           help="candidates per round of Bayesian optimization (default: %(default)s)")
     sampling.add_argument("--region-macs", type=_range, default=(0.1, 1.0), metavar="LOW,HIGH",
-                          help="Bayesian optimization picks among candidates of LOW..HIGH times the base's MACs, where "
-                               "the budgets that matter lie (default: 0.1,1.0)")
+                          help="every candidate (held-out, Sobol and Bayesian optimization's) has LOW..HIGH times the "
+                               "base's MACs, where the budgets that matter lie (default: 0.1,1.0)")
     from profiler.cluster import add_cluster_arguments
 
     add_cluster_arguments(build.add_argument_group("training in parallel (each set of candidates spread over Ray workers)"))
@@ -162,11 +164,13 @@ def _parser() -> argparse.ArgumentParser:
 def _build_predictor(args: argparse.Namespace) -> int:
     from adapter.search.chamnet.build import candidate_of
     from adapter.search.chamnet.predictor import macs
+    from adapter.session import check_holdout
     from adapter.training.sources import load_dataset
     from lut.models import load_model
     from profiler.cluster import cluster_config, open_cluster
 
     out = check_output_folder(args.out, "--out")
+    check_holdout(args.model, args.holdout)
     base_model = load_model(args.model)
     recipe = Recipe(steps=args.steps, lr=args.lr, batch_size=args.batch_size, from_scratch_epochs=args.from_scratch,
                     seed=args.seed)

@@ -39,6 +39,7 @@ __all__ = [
     "Session",
     "add_check_arguments",
     "add_session_arguments",
+    "check_holdout",
     "lut_fields",
     "measure_original",
     "model_checker",
@@ -133,12 +134,14 @@ def _open_devices(args: argparse.Namespace, meta: dict[str, str]) -> tuple[Devic
     return lut_device, check, name
 
 
-def _check_holdout(args: argparse.Namespace) -> None:
-    record = record_path(args.model)
-    if record.is_file() and args.holdout > TrainingRecord.load(record).holdout:
+def check_holdout(model: str, holdout: int) -> None:
+    """Refuse a holdout larger than the one the base model (`adapter.train`'s record beside it) was
+    not trained on: the splits nest, so the extra images would be ones it learned."""
+    record = record_path(model)
+    if record.is_file() and holdout > TrainingRecord.load(record).holdout:
         raise AdapterError(
-            f"--holdout {args.holdout} is larger than the {TrainingRecord.load(record).holdout} images the base model "
-            f"was not trained on ({record}); rank proposals on unseen images: use --holdout ≤ that."
+            f"--holdout {holdout} is larger than the {TrainingRecord.load(record).holdout} images the base model "
+            f"was not trained on ({record}); rank on unseen images: use --holdout ≤ that."
         )
 
 
@@ -155,7 +158,7 @@ def open_session(args: argparse.Namespace, *, check_model: Any = None) -> Sessio
     model = load_model(args.model)
     if check_model is not None:
         check_model(model)
-    _check_holdout(args)
+    check_holdout(args.model, args.holdout)
     lut_device, check_device, device_name = _open_devices(args, table.meta)
     monitor = None
     if lut_device is not None:

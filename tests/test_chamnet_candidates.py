@@ -118,6 +118,22 @@ def test_sigkill_during_the_predictor_build_then_the_same_command_finishes_it(ba
     assert "predictor: Kendall τ" in run.stdout
 
 
+def test_a_holdout_larger_than_the_one_the_base_never_trained_on_is_refused_before_any_training(
+        base, small_data, tmp_path):  # noqa: F811
+    from adapter.train import SPLIT_SEED, TrainingRecord, record_path
+
+    model, npz, out = tmp_path / "base.keras", small_npz(small_data, tmp_path / "small.npz"), tmp_path / "cham"
+    base.save(model)
+    TrainingRecord(model="mobilenet_v2", alpha=0.25, resolution=32, classes=10, weights=None, data=str(npz),
+                   holdout=50, split_seed=SPLIT_SEED, seed=0, epochs=1, batch_size=32, lr=1e-3, optimizer="adam",
+                   augment=False, train_images=len(small_data.train), test_images=len(small_data.test),
+                   test_accuracy=0.1, seconds=1.0, seconds_per_epoch=1.0).save(record_path(model))
+    refused = subprocess.run(_build_command(model, npz, out), capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).parents[1])  # --holdout 100: 50 of them the base trained on
+    assert refused.returncode == 2 and "--holdout 100 is larger than the 50 images" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (out / "run.sqlite").exists()
+
+
 def _chamnet(*args, timeout=900):
     return subprocess.run([sys.executable, "-m", "adapter.chamnet", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).parents[1])

@@ -104,6 +104,16 @@ def test_the_space_samples_distinct_candidates_spread_by_sobol_and_encodes_them_
         space.decode([0.5])
 
 
+def test_a_sample_kept_to_a_region_holds_only_candidates_of_it():
+    space = SearchSpace.around(Candidate.parse(V2_BASE), step=8)
+    small = lambda c: c.stages[-1].channels <= 64  # noqa: E731 (a region: the widest stage at most 64 of up to 240)
+    kept = space.sample(12, seed=3, keep=small)
+    assert len({c.text() for c in kept}) == 12 and all(small(c) for c in kept)
+    assert not all(small(c) for c in space.sample(12, seed=3))  # the whole space's sample is not
+    with pytest.raises(SpaceError, match="fewer than 5 distinct candidates in the region"):
+        space.sample(5, seed=3, keep=lambda c: False)
+
+
 def test_every_sampled_candidate_builds_a_model_the_lut_reads():
     base = build_model("mobilenet_v2", alpha=0.5, resolution=32, classes=10)
     space = SearchSpace.around(candidate_of(base), step=8, resolutions=(32, 48), extra_blocks=1)

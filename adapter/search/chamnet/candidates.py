@@ -9,9 +9,10 @@ Accuracy is measured on the holdout carved out of the training data, never the t
 `build_predictor` trains, in order, a held-out set (a Sobol sample of its own, never fitted
 on: the predictor's quality is told on it), a Sobol sample to start from, then rounds of
 Bayesian optimization (the candidates of highest expected improvement among a fresh Sobol
-pool, kept to `region`, e.g. the latencies around the budgets that matter) until `total`
-candidates are fitted on. Each candidate is committed to the run store as it finishes, so a
-run killed at any point goes on where it stopped: a candidate is trained once, none is lost.
+pool) until `total` candidates are fitted on. All three are kept to `region` (e.g. the MACs
+around the budgets that matter: ChamNet samples where the search will look, and the quality
+is told there too). Each candidate is committed to the run store as it finishes, so a run
+killed at any point goes on where it stopped: a candidate is trained once, none is lost.
 """
 from __future__ import annotations
 
@@ -190,8 +191,8 @@ def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunSto
         else:
             workers.map("train", [c.text() for c in todo], trainer, done=commit)
 
-    train(space.sample(held_out, seed=trainer.seed + 1), "held_out")
-    train(space.sample(min(initial, total), seed=trainer.seed), "sobol")
+    train(space.sample(held_out, seed=trainer.seed + 1, keep=region), "held_out")
+    train(space.sample(min(initial, total), seed=trainer.seed, keep=region), "sobol")
     predictor = AccuracyPredictor(space, seed=trainer.seed)
     bo_round = 0
     while (fitted := _in_order(r for r in rows if r["role"] != "held_out")) and len(fitted) < total:

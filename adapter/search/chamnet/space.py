@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -178,9 +178,10 @@ class SearchSpace:
         return candidate.family == self.base.family and len(candidate.stages) == len(self.base.stages) and all(
             values[name] in grid for name, grid in self.choices())
 
-    def sample(self, n: int, seed: int) -> list[Candidate]:
+    def sample(self, n: int, seed: int, keep: Callable[[Candidate], bool] | None = None) -> list[Candidate]:
         """`n` distinct candidates spread over the space by a scrambled Sobol sequence
-        (quasi-Monte-Carlo: ChamNet's initial sample), the base's resolution first."""
+        (quasi-Monte-Carlo: ChamNet's initial sample); with `keep`, over the part of it that
+        `keep` accepts (the region the budgets lie in), in the sequence's order."""
         from scipy.stats import qmc
 
         sampler = qmc.Sobol(d=len(self.choices()), scramble=True, seed=seed)
@@ -188,10 +189,12 @@ class SearchSpace:
         for _ in range(64):
             for point in sampler.random(max(2, 2 ** math.ceil(math.log2(max(n, 2))))):
                 candidate = self.decode(point)
-                out.setdefault(candidate.text(), candidate)
+                if keep is None or keep(candidate):
+                    out.setdefault(candidate.text(), candidate)
                 if len(out) == n:
                     return list(out.values())
-        raise SpaceError(f"The space holds fewer than {n} distinct candidates ({len(out)} found); widen it.")
+        where = "distinct candidates" if keep is None else "distinct candidates in the region"
+        raise SpaceError(f"The space holds fewer than {n} {where} ({len(out)} found); widen it.")
 
     # ------------------------------------------------------------ plumbing
     def _values(self, candidate: Candidate) -> dict[str, int]:
