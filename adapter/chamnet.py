@@ -38,7 +38,7 @@ from typing import Any
 
 from adapter.errors import AdapterError
 from adapter.latency import OVER_BUDGET_TOLERANCE, Budget
-from adapter.search.chamnet.candidates import CandidateTrainer, Recipe, build_predictor, open_store
+from adapter.search.chamnet.candidates import CandidateTrainer, MacsRegion, Recipe, build_predictor, open_store
 from adapter.search.chamnet.space import SearchSpace
 from adapter.search.netadapt import NetAdaptConfig
 from adapter.training.data import DEFAULT_HOLDOUT
@@ -163,7 +163,6 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- build-predictor
 def _build_predictor(args: argparse.Namespace) -> int:
     from adapter.search.chamnet.build import candidate_of
-    from adapter.search.chamnet.predictor import macs
     from adapter.session import check_holdout
     from adapter.training.sources import load_dataset
     from lut.models import load_model
@@ -178,14 +177,12 @@ def _build_predictor(args: argparse.Namespace) -> int:
                                expansions=args.expansions, resolutions=args.resolutions)
     trainer = CandidateTrainer(base_model, args.data, holdout=args.holdout, seed=args.seed, recipe=recipe,
                                load_dataset=load_dataset)
-    classes, (low, high) = trainer.classes, args.region_macs
-    base_macs = macs(space.base, classes)
     print(f"space around {space.base.text()}: {space.size:.3g} candidates; recipe: {recipe.describe()}", flush=True)
     cluster = cluster_config(args)
     with open_store(out) as store, open_cluster(cluster) if cluster else contextlib.nullcontext():
         built = build_predictor(trainer, space, store, total=args.total, initial=args.initial,
                                 held_out=args.held_out, per_round=args.per_round,
-                                region=lambda c: low * base_macs <= macs(c, classes) <= high * base_macs,
+                                region=MacsRegion(*args.region_macs),
                                 model_path=str(Path(args.model).resolve()),
                                 progress=lambda line: print(line, flush=True), cluster=cluster)
     print(f"predictor: {built.quality}; FLOPs only: {built.flops_quality} ({out})")

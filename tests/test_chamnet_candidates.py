@@ -15,7 +15,13 @@ from lut.quiet_tf import import_tensorflow_quietly
 import_tensorflow_quietly()
 
 from adapter.search.chamnet.build import candidate_of  # noqa: E402
-from adapter.search.chamnet.candidates import CandidateTrainer, Recipe, build_predictor, open_store  # noqa: E402
+from adapter.search.chamnet.candidates import (  # noqa: E402
+    CandidateTrainer,
+    MacsRegion,
+    Recipe,
+    build_predictor,
+    open_store,
+)
 from adapter.search.chamnet.space import SearchSpace, SpaceError  # noqa: E402
 from adapter.training.sources import load_dataset  # noqa: E402
 from tests.test_netadapt import small_data, small_npz  # noqa: E402, F401 (small_data is a fixture)
@@ -81,6 +87,8 @@ def test_the_predictor_build_commits_every_candidate_and_resumes_without_trainin
 
     with open_store(tmp_path / "cham") as store, pytest.raises(SpaceError, match="built for another recipe"):
         build_predictor(_trainer(base, npz, recipe=Recipe(steps=3, batch_size=32)), space, store, **sizes)
+    with open_store(tmp_path / "cham") as store, pytest.raises(SpaceError, match="built for another region"):
+        build_predictor(_trainer(base, npz), space, store, region=MacsRegion(0.2, 0.9), **sizes)
 
 
 def _build_command(model, npz, out):

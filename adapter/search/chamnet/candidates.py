@@ -38,8 +38,8 @@ from adapter.search.chamnet.space import Candidate, SearchSpace, SpaceError
 from adapter.search.run_store import RunStore
 from profiler.cluster import Cluster, ClusterConfig, set_worker_threads
 
-__all__ = ["CANDIDATE_FIELDS", "CandidateTrainer", "CandidateWorker", "PredictorBuild", "Recipe", "build_predictor",
-           "open_store"]
+__all__ = ["CANDIDATE_FIELDS", "CandidateTrainer", "CandidateWorker", "MacsRegion", "PredictorBuild", "Recipe",
+           "build_predictor", "open_store"]
 
 CANDIDATE_FIELDS = ("step", "role", "candidate", "holdout_accuracy", "macs", "seconds")
 
@@ -58,6 +58,19 @@ class Recipe:
         if self.from_scratch_epochs:
             return f"from scratch for {self.from_scratch_epochs} epochs (batch {self.batch_size})"
         return f"inherit the base's weights, fine-tune {self.steps} steps of {self.batch_size} at lr {self.lr:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MacsRegion:
+    """The candidates of `low`..`high` times the base's MACs, where the budgets lie (part of the
+    predictor's identity: another region, other candidates)."""
+
+    low: float = 0.1
+    high: float = 1.0
+
+    def keeper(self, base: Candidate, classes: int) -> Callable[[Candidate], bool]:
+        base_macs = macs(base, classes)
+        return lambda c: self.low * base_macs <= macs(c, classes) <= self.high * base_macs
 
 
 class CandidateTrainer:
@@ -143,27 +156,29 @@ def _in_order(rows) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["candidate"])
 
 
-def _identity(trainer: CandidateTrainer, space: SearchSpace) -> dict[str, Any]:
+def _identity(trainer: CandidateTrainer, space: SearchSpace, region: MacsRegion | None) -> dict[str, Any]:
     return {"base": trainer.base.text(), "classes": trainer.classes, "data": str(trainer.source),
             "holdout": trainer.holdout, "seed": trainer.seed, "recipe": dataclasses.asdict(trainer.recipe),
             "space": {"step": space.step, "grow": space.grow, "extra_blocks": space.extra_blocks,
-                      "expansions": list(space.expansions), "resolutions": list(space.resolutions)}}
+                      "expansions": list(space.expansions), "resolutions": list(space.resolutions)},
+            "region": None if region is None else dataclasses.asdict(region)}
 
 
 def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunStore, *, total: int = 60,
                     initial: int = 24, held_out: int = 12, per_round: int = 6, pool: int = 2048,
-                    region: Callable[[Candidate], bool] | None = None, model_path: str | None = None,
+                    region: MacsRegion | None = None, model_path: str | None = None,
                     progress: Callable[[str], None] = print, cluster: ClusterConfig | None = None) -> PredictorBuild:
     """Train candidates into `store` until `total` are fitted on (see the module doc); resumes.
     `model_path` (the base model's file) is kept in the store's state for the search to load.
     `cluster` (Ray started by the caller) trains each set's candidates in parallel on its workers,
     each committed as it arrives; the figures are the serial run's at the same threads per worker."""
-    identity = _identity(trainer, space)
+    identity = _identity(trainer, space, region)
+    keep = None if region is None else region.keeper(space.base, trainer.classes)
     state = store.state()
     if state is not None and state.get("identity") != identity:
         changed = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
         raise SpaceError(f"{store.out} holds a predictor built for another {', '.join(changed)}; expected the same "
-                         "base model, data, recipe and space. Use another --out for a new predictor.")
+                         "base model, data, recipe, space and region. Use another --out for a new predictor.")
     store.set_state({"identity": identity, "model": model_path or (state or {}).get("model")})
     rows = store.rows("candidates")
     done = {(r["role"], r["candidate"]) for r in rows}
@@ -191,15 +206,15 @@ def build_predictor(trainer: CandidateTrainer, space: SearchSpace, store: RunSto
         else:
             workers.map("train", [c.text() for c in todo], trainer, done=commit)
 
-    train(space.sample(held_out, seed=trainer.seed + 1, keep=region), "held_out")
-    train(space.sample(min(initial, total), seed=trainer.seed, keep=region), "sobol")
+    train(space.sample(held_out, seed=trainer.seed + 1, keep=keep), "held_out")
+    train(space.sample(min(initial, total), seed=trainer.seed, keep=keep), "sobol")
     predictor = AccuracyPredictor(space, seed=trainer.seed)
     bo_round = 0
     while (fitted := _in_order(r for r in rows if r["role"] != "held_out")) and len(fitted) < total:
         predictor.fit([Candidate.parse(r["candidate"]) for r in fitted], [r["holdout_accuracy"] for r in fitted])
         taken = {r["candidate"] for r in rows}
         options = [c for c in space.sample(pool, seed=trainer.seed + 100 + bo_round)
-                   if c.text() not in taken and (region is None or region(c))]
+                   if c.text() not in taken and (keep is None or keep(c))]
         if not options:
             raise SpaceError("No untrained candidate of the space lies in the region the predictor is built for; "
                              "widen the space or the region.")
