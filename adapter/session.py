@@ -138,9 +138,10 @@ def check_holdout(model: str, holdout: int) -> None:
     """Refuse a holdout larger than the one the base model (`adapter.train`'s record beside it) was
     not trained on: the splits nest, so the extra images would be ones it learned."""
     record = record_path(model)
-    if record.is_file() and holdout > TrainingRecord.load(record).holdout:
+    unseen = TrainingRecord.load(record).holdout if record.is_file() else None
+    if unseen is not None and holdout > unseen:
         raise AdapterError(
-            f"--holdout {holdout} is larger than the {TrainingRecord.load(record).holdout} images the base model "
+            f"--holdout {holdout} is larger than the {unseen} images the base model "
             f"was not trained on ({record}); rank on unseen images: use --holdout ≤ that."
         )
 
