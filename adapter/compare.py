@@ -112,18 +112,19 @@ def _measure(args: argparse.Namespace, reports: Sequence[dict[str, Any]], runs: 
         device.close()
 
 
-def _table(rows: Sequence[dict[str, Any]], original: dict[str, Any]) -> list[str]:
-    def pct(v: Any) -> str:
-        return "—" if v is None else f"{100 * v:.1f}%"
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
 
+
+def _table(rows: Sequence[dict[str, Any]], original: dict[str, Any]) -> list[str]:
     lines = ["| model | budget | measured / original | measured | test accuracy | .tflite test accuracy | training |",
              "|---|---|---|---|---|---|---|",
-             f"| original | — | 100% | {original['measured_ms']:.4g} ms | {pct(original['test_accuracy'])} | "
-             f"{pct(original.get('tflite_test_accuracy'))} | base |"]
+             f"| original | — | 100% | {original['measured_ms']:.4g} ms | {_pct(original['test_accuracy'])} | "
+             f"{_pct(original.get('tflite_test_accuracy'))} | base |"]
     for r in rows:
         ms = "—" if r["measured_ms"] is None else f"{r['measured_ms']:.4g} ms"
-        lines.append(f"| {r['method']} | {r['budget']} | {pct(r['measured_fraction'])} | {ms} | "
-                     f"{pct(r['figures']['test_accuracy'])} | {pct(r['figures'].get('tflite_test_accuracy'))} | "
+        lines.append(f"| {r['method']} | {r['budget']} | {_pct(r['measured_fraction'])} | {ms} | "
+                     f"{_pct(r['figures']['test_accuracy'])} | {_pct(r['figures'].get('tflite_test_accuracy'))} | "
                      f"{r['training']} |")
     return lines
 
@@ -183,8 +184,8 @@ def _compare(args: argparse.Namespace) -> int:
     (out / "compare.json").write_text(json.dumps({"device": device, "original": original, "models": shown,
                                                   "families": families, "conditions": conditions}, indent=1) + "\n")
     for row in rows:
-        print(f"{row['method']:>28} {row['budget']:>18}: {100 * row['measured_fraction']:.1f}% of the original, "
-              f"test accuracy {row['figures']['test_accuracy']:.4f}")
+        print(f"{row['method']:>28} {row['budget']:>18}: {_pct(row['measured_fraction'])} of the original, "
+              f"test accuracy {_pct(row['figures']['test_accuracy'])}")
     print(f"compare: {out / 'compare.md'}")
     return 0
 

@@ -28,9 +28,15 @@ and some of the activation traffic too: measured on this project's development C
 L2), whole MobileNets at 32 px ran up to 2.2× their entries' sum. `CacheContext` adds that
 cost: the bytes fetched (W and a share of A) times the device's fetch cost per byte (both
 the cost and the cache's effective size are measured by `profiler.context` when the LUT is
-built), and each op's own state (its code, packed-weight and indirection tables: `op_miss`
-invocation overheads an op), scaled by the fraction that misses: 0 while what is touched is
-below `ramp_start` times the cache, rising linearly to `plateau` at `ramp_end` times it.
+built), and each op's own state (its code, packed-weight and indirection tables: fetched like
+`op_state_bytes` of weights), scaled by the fraction that misses: 0 while what is touched is
+below `ramp_start` times the cache, rising linearly to `plateau` at `ramp_end` times it. The
+op's state is priced at the device's fetch cost, not at its invocation overhead (0.72 of
+them, as it was): the two are the same on the CPU the shape was fitted on (10.9 KB at its
+0.028 ns a byte and 0.42 µs), but on one whose next level is fast a missing op costs little
+(an AMD EPYC VM, 0.0037 ns a byte: MobileNetV2 α=0.5 at 32 px and 30 prunings of it measured
++26% and +28% on average by the LUT with the op priced in overheads, +6% and +14% by bytes,
+docs/profiler-figures.md).
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ class CacheContext:
 
     `fetch_ns_per_byte` and `cache_bytes` (the effective size: where half the fetch cost
     shows) are the device's, measured; the shape (`ramp_start`, `ramp_end` in units of that
-    size, `plateau`, the activations' shares and `op_miss`) was fitted (scipy's robust least
+    size, `plateau`, the activations' shares and `op_state_bytes`) was fitted (scipy's robust least
     squares on relative error) on 120 random prunings of MobileNetV1 and V2 α=0.5 at 32 and
     128 px, measured whole and interleaved on this project's development CPU
     (`adapter.validate_lut`, seed 0) and checked on fresh LUTs and other prunings (seed 1);
@@ -73,7 +79,7 @@ class CacheContext:
     plateau: float = 0.62
     activation_reach: float = 0.44  # the share of activation bytes counted in what an invocation touches
     activation_miss: float = 0.1  # the share of activation bytes fetched like missed weights
-    op_miss: float = 0.72  # what each op pays again when it misses, in invocation overheads (its code and tables)
+    op_state_bytes: float = 10_900.0  # what each op fetches again when it misses (its code and tables), as weight bytes
 
     def __post_init__(self) -> None:
         values = dataclasses.astuple(self)
@@ -87,12 +93,11 @@ class CacheContext:
         touched = sum(s.weight_bytes + self.activation_reach * s.activation_bytes for s in specs) / self.cache_bytes
         return self.plateau * min(1.0, max(0.0, (touched - self.ramp_start) / (self.ramp_end - self.ramp_start)))
 
-    def weight_cost_us(self, specs: Sequence[LayerSpec], invoke_overhead_us: float = 0.0) -> float:
+    def weight_cost_us(self, specs: Sequence[LayerSpec]) -> float:
         """The time fetching what misses the cache costs, in microseconds: the bytes, and each
-        op's own state (`op_miss` times the device's `invoke_overhead_us` per op)."""
-        fetched = sum(s.weight_bytes + self.activation_miss * s.activation_bytes for s in specs)
-        per_op = self.op_miss * invoke_overhead_us * len(specs)
-        return self.miss_fraction(specs) * (self.fetch_ns_per_byte * fetched / 1000 + per_op)
+        op's own state (`op_state_bytes` an op)."""
+        fetched = sum(s.weight_bytes + self.activation_miss * s.activation_bytes + self.op_state_bytes for s in specs)
+        return self.miss_fraction(specs) * self.fetch_ns_per_byte * fetched / 1000
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> CacheContext | None:
@@ -151,7 +156,7 @@ class LatencyEstimator:
         """Latency of a model running `specs`: their entries less all but one invocation
         overhead, plus (with a cache context) what fetching its weights costs."""
         specs = list(specs)
-        missed = self.context.weight_cost_us(specs, self.invoke_overhead_us) if self.context else 0.0
+        missed = self.context.weight_cost_us(specs) if self.context else 0.0
         return self.entries_us(specs) + missed
 
     def entries_us(self, specs: Sequence[LayerSpec]) -> float:

@@ -235,6 +235,13 @@ class LatencyTable:
         sql = "SELECT key FROM entries" + ("" if include_failed else " WHERE status = 'ok'")
         return {k for (k,) in self._db.execute(sql)}
 
+    def drifted(self, limit_us: float) -> set[str]:
+        """Keys of the 'ok' entries measured while the reference model ran slower than `limit_us`
+        (the monitor's quiet value and tolerance when the LUT was checked; entries without a
+        reference are not among them)."""
+        sql = "SELECT key FROM entries WHERE status = 'ok' AND reference_us > ?"
+        return {k for (k,) in self._db.execute(sql, (limit_us,))}
+
     def __len__(self) -> int:
         count: int = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         return count

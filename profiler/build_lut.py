@@ -59,6 +59,7 @@ OVERHEAD_REPEATS = 5
 CHAIN_OPS = 64  # trivial ops in the chain whose slope is one op's own cost inside a model
 RATE_META_KEY = "seconds_per_entry"  # the last build's pace, for the expected time of the next one
 RATE_SAMPLE = 20  # entries a build must measure for its pace to count
+DRIFT_PASSES = 3  # passes over the entries whose reference drifted off a quiet value lowered during the build
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class BuildSummary:
     planned: int = 0
     reused: int = 0
     measured: int = 0
+    remeasured: int = 0  # entries measured again: their reference drifted off the quiet value lowered since
     failed: int = 0
     generate_s: float = 0.0
     measure_s: float = 0.0
@@ -82,8 +84,9 @@ class BuildSummary:
             others = "" if m.get("max_others_cores") is None else f", other processes up to {m['max_others_cores']:.1f} cores"
             conditions = (f"; reference within {m['max_abs_drift_pct']:.1f}% of its quiet {m['quiet_us']:.1f} µs over "
                           f"{m['checks']} checks, {m['disturbed']} disturbed chunks measured again{others}")
+        again = f" ({self.remeasured} of them again)" if self.remeasured else ""
         return (
-            f"{self.planned} entries planned: {self.measured} measured, {self.reused} reused, "
+            f"{self.planned} entries planned: {self.measured} measured{again}, {self.reused} reused, "
             f"{self.failed} failed in {self.total_s:.1f} s ({rate:.0f} entries/min; "
             f"generating {self.generate_s:.1f} s, measuring {self.measure_s:.1f} s){conditions}"
         )
@@ -208,33 +211,18 @@ def build_lut(
     if "invoke_overhead_us" not in table.meta:
         table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
-    done = table.keys(include_failed=not retry_failed)
+    done = table.keys(include_failed=not retry_failed) - _drifted(table, monitor)
     todo = [spec for spec in specs if spec.key not in done]
     summary = BuildSummary(planned=len(specs), reused=len(specs) - len(todo))
     rate = table.meta.get(RATE_META_KEY)
     if todo and rate is not None:
         say(f"{len(todo)} entries to measure: about {_duration(len(todo) * float(rate))} at this LUT's last rate "
             f"({60 / float(rate):.0f} entries/min)")
-    by_key = {spec.key: spec for spec in todo}
     bar = tqdm(total=len(todo), unit="entry", desc=f"measuring on {device.name}", disable=not progress, smoothing=0.05)
     try:
-        results = _entries_measured(device, monitor, _timed_models(todo, summary))
-        while True:
-            measure_start, generate_before = time.perf_counter(), summary.generate_s
-            try:
-                key, result, reference_us, measured_by = next(results)
-            except StopIteration:
-                break
-            summary.measure_s += time.perf_counter() - measure_start - (summary.generate_s - generate_before)
-            table.record(by_key[key], result, reference_us, measured_by)
-            summary.failed += isinstance(result, MeasurementFailure)
-            summary.measured += not isinstance(result, MeasurementFailure)
-            if isinstance(device, PhoneFarm):
-                bar.set_postfix_str(" · ".join(f"{name} {rate:.0f}/min" for name, rate in device.rates().items()),
-                                    refresh=False)
-            elif monitor is not None and monitor.checks:
-                bar.set_postfix_str(monitor.checks[-1].describe().replace(" of its quiet", ""), refresh=False)
-            bar.update()
+        _measure_into(table, device, monitor, todo, summary, bar)
+        if monitor is not None:
+            _measure_drifted_again(table, device, monitor, specs, summary, bar, say)
         if monitor is not None and todo:
             monitor.check()  # the session's end
     finally:
@@ -250,6 +238,59 @@ def build_lut(
     if summary.measured >= RATE_SAMPLE:
         table.set_meta({RATE_META_KEY: summary.total_s / summary.measured})
     return summary
+
+
+def _drifted(table: LatencyTable, monitor: ConditionsMonitor | None) -> set[str]:
+    """Entries kept while the reference ran over the monitor's tolerance of its quiet value now."""
+    if monitor is None:
+        return set()
+    return table.drifted(monitor.quiet_us * (1 + monitor.policy.tolerance_pct / 100))
+
+
+def _measure_drifted_again(table: LatencyTable, device: Device, monitor: ConditionsMonitor, specs: Sequence[LayerSpec],
+                           summary: BuildSummary, bar: tqdm, say: Callable[[str], None]) -> None:
+    """Measure again the entries of `specs` kept while the reference ran over the tolerance of
+    the quiet value as it is now: the monitor lowers that value when the device turns out faster
+    than it was (`ConditionsMonitor._lower_quiet`), and what it kept before was then measured on
+    a slower device. At most `DRIFT_PASSES` passes; what is left a rerun measures."""
+    for _ in range(DRIFT_PASSES):
+        drifted = _drifted(table, monitor)
+        again = [spec for spec in specs if spec.key in drifted]
+        if not again:
+            return
+        limit = monitor.quiet_us * (1 + monitor.policy.tolerance_pct / 100)
+        say(f"measuring again what was kept while the reference ran over {limit:.1f} µs (+{monitor.policy.tolerance_pct:g}% "
+            f"of its quiet value, lowered to {monitor.quiet_us:.1f} µs since): {len(again)} of {len(specs)} entries")
+        summary.remeasured += len(again)
+        bar.total += len(again)
+        bar.refresh()
+        _measure_into(table, device, monitor, again, summary, bar)
+    if left := [spec for spec in specs if spec.key in _drifted(table, monitor)]:
+        say(f"{len(left)} of {len(specs)} entries still measured over the tolerance after {DRIFT_PASSES} passes: "
+            "the same command measures them again")
+
+
+def _measure_into(table: LatencyTable, device: Device, monitor: ConditionsMonitor | None,
+                  specs: Sequence[LayerSpec], summary: BuildSummary, bar: tqdm) -> None:
+    """Measure `specs` on `device` (through `monitor`), committing each result as it arrives."""
+    by_key = {spec.key: spec for spec in specs}
+    results = _entries_measured(device, monitor, _timed_models(specs, summary))
+    while True:
+        measure_start, generate_before = time.perf_counter(), summary.generate_s
+        try:
+            key, result, reference_us, measured_by = next(results)
+        except StopIteration:
+            break
+        summary.measure_s += time.perf_counter() - measure_start - (summary.generate_s - generate_before)
+        table.record(by_key[key], result, reference_us, measured_by)
+        summary.failed += isinstance(result, MeasurementFailure)
+        summary.measured += not isinstance(result, MeasurementFailure)
+        if isinstance(device, PhoneFarm):
+            bar.set_postfix_str(" · ".join(f"{name} {rate:.0f}/min" for name, rate in device.rates().items()),
+                                refresh=False)
+        elif monitor is not None and monitor.checks:
+            bar.set_postfix_str(monitor.checks[-1].describe().replace(" of its quiet", ""), refresh=False)
+        bar.update()
 
 
 def _duration(seconds: float) -> str:

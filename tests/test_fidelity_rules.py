@@ -85,13 +85,14 @@ def test_a_model_that_fits_the_cache_pays_no_fetch_cost_and_one_far_beyond_pays_
     context = CacheContext(fetch_ns_per_byte=0.03, cache_bytes=2e6)
     small = [LayerSpec("conv2d", 1, 1, 64, 64)]  # 16 KB
     big = [LayerSpec("fully_connected", 1, 1, 1024, 1024)]  # 4 MB
-    assert context.miss_fraction(small) == 0 and context.weight_cost_us(small, 0.4) == 0
+    assert context.miss_fraction(small) == 0 and context.weight_cost_us(small) == 0
     assert context.miss_fraction(big) == context.plateau
-    fetched = big[0].weight_bytes + context.activation_miss * big[0].activation_bytes
+    # the weights, a share of the activations and the op's own state, at the device's cost per byte
+    fetched = big[0].weight_bytes + context.activation_miss * big[0].activation_bytes + context.op_state_bytes
     assert context.weight_cost_us(big) == pytest.approx(context.plateau * 0.03 * fetched / 1000)
-    # each op that misses also fetches its own state again: op_miss invocation overheads
-    assert context.weight_cost_us(big, 0.4) - context.weight_cost_us(big) == pytest.approx(
-        context.plateau * context.op_miss * 0.4)
+    # a device whose next level is ten times faster pays a tenth for the same miss, the op's state too
+    fast = CacheContext(fetch_ns_per_byte=0.003, cache_bytes=2e6)
+    assert fast.weight_cost_us(big) == pytest.approx(context.weight_cost_us(big) / 10)
 
 
 # --------------------------------------------------------------------------- verdicts

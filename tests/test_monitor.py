@@ -167,3 +167,46 @@ def test_a_device_that_never_stays_quiet_through_a_chunk_stops():
     with pytest.raises(DriftError, match=r"scripted never stayed quiet through a chunk of 1 entry: measured 8 times"):
         list(monitor.measure([("m0", b"")]))
     assert len(monitor.events) == 8
+
+
+class _PhasedDevice:
+    """A device slow (reference 280 µs, every op 12 µs) for its first `slow_references` looks at
+    the reference, then fast (250 µs, 10 µs): a VM whose neighbour went quiet mid-build."""
+
+    name = "phased"
+    monitor_every = 4
+
+    def __init__(self, slow_references):
+        self.slow_references, self.references = slow_references, 0
+
+    def measure(self, models):
+        for model_id, _ in models:
+            fast = self.references >= self.slow_references
+            if model_id == "reference":
+                self.references += 1
+            us = (250.0 if fast else 280.0) if model_id == "reference" else (10.0 if fast else 12.0)
+            yield model_id, Measurement(us, us, us, us, 0.0, 10)
+
+    def fingerprint(self):
+        return {"device": self.name}
+
+
+@pytest.mark.timeout(120)
+def test_entries_kept_before_the_quiet_value_came_down_are_measured_again(tmp_path):
+    # five looks make the quiet value (280), then two chunks of 4 entries are kept at 280 µs;
+    # from then on the device is fast: three looks at 250 µs lower the quiet value to 250, and
+    # the 8 entries kept at 280 (+12%, over the 8% tolerance) are measured again, fast
+    device, messages = _PhasedDevice(slow_references=7), []
+    with LatencyTable.create(tmp_path / "lut.sqlite", {"device": "phased", "invoke_overhead_us": 0.4}) as table:
+        summary = build_lut(device, SPECS, table, progress=False, log=messages.append,
+                            policy=MonitorPolicy(tolerance_pct=8.0, wait_s=0.0, max_tries=2))
+        frame = table.to_dataframe()
+        assert float(table.meta["reference_us"]) == 250.0
+    assert summary.remeasured == 8 and summary.measured == len(SPECS) + 8
+    assert (frame["median_us"] == 10.0).all() and (frame["reference_us"] == 250.0).all()
+    assert any("measuring again what was kept while the reference ran over 270.0 µs (+8% of its quiet value, "
+               "lowered to 250.0 µs since): 8 of 16 entries" in m for m in messages)
+    # a rerun finds nothing to measure: every entry is within the tolerance of the quiet value
+    with LatencyTable.create(tmp_path / "lut.sqlite", {"device": "phased"}) as table:
+        again = build_lut(_PhasedDevice(slow_references=0), SPECS, table, progress=False, log=messages.append)
+    assert again.reused == len(SPECS) and again.measured == 0
