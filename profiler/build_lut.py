@@ -223,8 +223,8 @@ def build_lut(
         _measure_into(table, device, monitor, todo, summary, bar)
         if monitor is not None:
             _measure_drifted_again(table, device, monitor, specs, summary, bar, say)
-        if monitor is not None and todo:
-            monitor.check()  # the session's end
+            if todo:
+                monitor.check()  # the session's end
     finally:
         bar.close()
         summary.total_s = time.perf_counter() - start
@@ -240,11 +240,14 @@ def build_lut(
     return summary
 
 
+def _drift_limit_us(monitor: ConditionsMonitor) -> float:
+    """The slowest reference the monitor trusts now: its quiet value plus the tolerance."""
+    return monitor.quiet_us * (1 + monitor.policy.tolerance_pct / 100)
+
+
 def _drifted(table: LatencyTable, monitor: ConditionsMonitor | None) -> set[str]:
-    """Entries kept while the reference ran over the monitor's tolerance of its quiet value now."""
-    if monitor is None:
-        return set()
-    return table.drifted(monitor.quiet_us * (1 + monitor.policy.tolerance_pct / 100))
+    """Entries kept while the reference ran slower than the monitor trusts now."""
+    return set() if monitor is None else table.drifted(_drift_limit_us(monitor))
 
 
 def _measure_drifted_again(table: LatencyTable, device: Device, monitor: ConditionsMonitor, specs: Sequence[LayerSpec],
@@ -258,8 +261,8 @@ def _measure_drifted_again(table: LatencyTable, device: Device, monitor: Conditi
         again = [spec for spec in specs if spec.key in drifted]
         if not again:
             return
-        limit = monitor.quiet_us * (1 + monitor.policy.tolerance_pct / 100)
-        say(f"measuring again what was kept while the reference ran over {limit:.1f} µs (+{monitor.policy.tolerance_pct:g}% "
+        say(f"measuring again what was kept while the reference ran over {_drift_limit_us(monitor):.1f} µs "
+            f"(+{monitor.policy.tolerance_pct:g}% "
             f"of its quiet value, lowered to {monitor.quiet_us:.1f} µs since): {len(again)} of {len(specs)} entries")
         summary.remeasured += len(again)
         bar.total += len(again)
