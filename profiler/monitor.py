@@ -242,7 +242,13 @@ class ConditionsMonitor:
         a few measurements (disturbance only ever adds time to this op, but one run in a few
         comes out fast: 246 µs among 268–283 on this project's VM, which as the quiet value
         made every later check "disturbed")."""
-        self.wait_quiet()
+        waited = self.wait_quiet()
+        if self.load is not None and (others := self.load.others_cores()) > self.policy.busy_cores:
+            raise DriftError(
+                f"{self.device.name} stayed busy: other processes used {others:.1f} cores after {waited:.0f} s of "
+                f"waiting (at most {self.policy.busy_cores:g}), so the reference's quiet value cannot be measured now; "
+                "nothing was kept. Stop what else runs, or raise --wait-quiet, and run the same command again."
+            )
         values = [v for v in (self._reference_us() for _ in range(_START_REPEATS)) if v is not None]
         if not values:
             raise ProfilerError(f"{self.device.name} could not run the reference model ({REFERENCE_NAME}).")

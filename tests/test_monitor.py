@@ -89,6 +89,20 @@ def test_chunks_measured_while_another_process_competes_are_measured_again_once_
     assert summary["disturbed"] == len(monitor.events) and summary["checks"] >= len(SPECS) // 4 + summary["disturbed"]
 
 
+@pytest.mark.timeout(120)
+def test_a_quiet_value_is_not_measured_while_another_process_competes(tmp_path):
+    device = HostDevice(policy=FAST)
+    policy = MonitorPolicy(busy_cores=_background_load() + 0.25, wait_s=0.5, poll_s=0.2)
+    processes = _competitor()
+    try:
+        time.sleep(0.3)
+        with pytest.raises(DriftError, match=r"host stayed busy: other processes used .* cores after .* quiet value "
+                                             r"cannot be measured now"):
+            ConditionsMonitor(device, policy, load=device.load_probe())
+    finally:
+        _stop(processes)
+
+
 @pytest.mark.timeout(300)
 def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tmp_path):
     device = HostDevice(policy=FAST)
