@@ -39,7 +39,7 @@ from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import DTYPES, LayerSpec, LutError
 from lut.summary import summarize
-from lut.table import LatencyTable, MeasurementFailure
+from lut.table import LatencyTable, MeasurementFailure, on_quiet_scale
 from profiler.build_lut import open_monitor
 from profiler.convert import convert_for
 from profiler.devices import Device, open_device
@@ -94,7 +94,10 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
     this project's shared VM, by up to ±15% for a 30 µs model between two runs), and
     interleaving spreads that drift over every variant instead of putting it on a few.
     With `monitor` (a `profiler.monitor.ConditionsMonitor`), every chunk of measurements is
-    kept only when the device was quiet around it. The original's largest LUT entries are
+    kept only when the device was quiet around it, and each measurement counts on the
+    reference's quiet scale, as the LUT's entries do (`lut.table.on_quiet_scale`: times the
+    LUT's quiet value over the reference measured with it; `rounds_us` holds those figures,
+    `references_us` the references). The original's largest LUT entries are
     measured again in every round (`Validation.sentinels`): a device that has moved since the
     LUT was built (this VM's neighbours moved single ops by 11% between two builds, unseen by
     the reference model) shows there, apart from the LUT's own error.
@@ -117,17 +120,23 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
     sentinels = _sentinels(model, table)
     items = [(name, tflite) for name, _, _, tflite in variants] + [(name, tflite) for name, _, _, tflite in sentinels]
     medians: dict[str, list[float]] = {name: [] for name, _ in items}
+    raw: dict[str, list[float]] = {name: [] for name, _ in items}
+    references: dict[str, list[float | None]] = {name: [] for name, _ in items}
+    quiet = table.quiet_us
     bar = tqdm(total=len(items) * repeats, desc="measuring", unit="model", disable=not progress)
     for _ in range(repeats):
         results = monitor.measure(items) if monitor is not None else ((n, r, None) for n, r in device.measure(items))
-        for name, result, _ in results:
+        for name, result, reference in results:
             if isinstance(result, MeasurementFailure):
                 raise LutError(f"{name} could not be measured on {device.name}: {result.error}")
-            medians[name].append(result.median_us)
+            medians[name].append(on_quiet_scale(result.median_us, reference, quiet))
+            raw[name].append(result.median_us)
+            references[name].append(reference)
             bar.update()
     bar.close()
     rows = [{"variant": i, "predicted_us": predicted, "measured_us": float(np.median(medians[name])),
-             "rounds_us": medians[name], "channels": counts}
+             "rounds_us": medians[name], "references_us": references[name],
+             "as_measured_us": float(np.median(raw[name])), "channels": counts}
             for i, (name, counts, predicted, _) in enumerate(variants)]
     return Validation(rows, [{"key": spec.key, "stored_us": stored, "measured_us": float(np.median(medians[name]))}
                              for name, spec, stored, _ in sentinels])
@@ -187,7 +196,7 @@ def _main(args: argparse.Namespace) -> int:
     quiet_litert_notice()
 
     with LatencyTable.open(args.lut) as table:
-        meta = table.meta
+        meta, quiet = table.meta, table.quiet_us
         if args.dtype is not None and args.dtype != table.dtype:
             raise LutError(f"{args.lut} holds {table.dtype} ops, not {args.dtype}. Build a LUT with "
                            f"`python -m profiler.build_lut --dtype {args.dtype}` and validate that one.")
@@ -216,6 +225,14 @@ def _main(args: argparse.Namespace) -> int:
         f"{summary['n']} variants: {100 * summary['within_5pct']:.0f}% within ±5%, {100 * summary['within_10pct']:.0f}% within ±10%, "
         f"RMSPE {summary['rmspe']:.1f}%, mean |error| {summary['mean_abs_pct_err']:.1f}%, mean error {summary['mean_pct_err']:+.1f}%"
     )
+    references = [r for row in rows for r in row["references_us"] if r is not None]
+    as_measured = None
+    if references and quiet is not None:
+        as_measured = summarize([r["predicted_us"] for r in rows], [r["as_measured_us"] for r in rows])
+        print(f"measured on the reference's quiet scale (times the LUT's quiet {quiet:.1f} µs over the reference "
+              f"measured with each, which ran {min(references):.1f}–{max(references):.1f} µs); as measured: "
+              f"{100 * as_measured['within_5pct']:.0f}% within ±5%, {100 * as_measured['within_10pct']:.0f}% within ±10%, "
+              f"mean error {as_measured['mean_pct_err']:+.1f}%")
     moved_out = None
     if move is not None:
         moved_out = summarize([r["predicted_us"] * (1 + move) for r in rows], [r["measured_us"] for r in rows])
@@ -227,7 +244,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({**summary, "device_move": move, "moved_out": moved_out, "sentinels": validation.sentinels,
+            json.dump({**summary, "as_measured": as_measured, "device_move": move, "moved_out": moved_out,
+                       "sentinels": validation.sentinels,
                        "lut": args.lut, "device": args.device, "model": args.model,
                        "monitor": monitor.summary() if monitor is not None else None, "variants": rows}, f, indent=1)
         plot = os.path.splitext(args.json)[0] + ".png"

@@ -11,7 +11,8 @@ Layout (schema version 1)::
 
 `reference_us` is the conditions monitor's reference model measured right after the entry
 (NULL where none was: LUTs made before the monitor, or without it); `meta.reference_us` is
-its quiet value. `measured_by` names the device that measured the entry: the LUT's device,
+its quiet value. Entries are stored as measured and read on that quiet scale
+(`on_quiet_scale`). `measured_by` names the device that measured the entry: the LUT's device,
 or one phone of a phone farm (`profiler.farm`; NULL in LUTs of before it). A LUT of before
 those columns gets them when it is opened.
 
@@ -31,7 +32,7 @@ from typing import Any
 
 from lut.spec import LayerSpec, LutError
 
-__all__ = ["LatencyTable", "Measurement", "MeasurementFailure", "SCHEMA_VERSION"]
+__all__ = ["LatencyTable", "Measurement", "MeasurementFailure", "SCHEMA_VERSION", "on_quiet_scale"]
 
 SCHEMA_VERSION = 1
 _FORMAT = "phonefit-lut"
@@ -83,6 +84,21 @@ class MeasurementFailure:
     """A model that could not be measured, with the reason (kept in the LUT, never a latency)."""
 
     error: str
+
+
+def on_quiet_scale(us: float, reference_us: float | None, quiet_us: float | None) -> float:
+    """A latency measured while the reference model ran at `reference_us`, as it would measure
+    with the reference at its quiet value: scaled by quiet / reference (as measured where either
+    is unknown).
+
+    The monitor keeps what was measured within its tolerance of the quiet value (+8% on the
+    host), and within it a device's speed still moves every op with the reference: on this
+    project's AMD VM the reference ran 83–90 µs (quiet 84) while a MobileNetV2 LUT's entries
+    were kept, and scaling them so took the LUT's mean error on 30 whole prunings from +14% to
+    +6% (V1: from 43% to 80% of them within ±5%; docs/profiler-figures.md)."""
+    if reference_us is None or quiet_us is None or reference_us <= 0:
+        return us
+    return us * quiet_us / reference_us
 
 
 def _now() -> str:
@@ -223,13 +239,24 @@ class LatencyTable:
         return Measurement(*row[2:])
 
     def latencies_us(self, **where: object) -> dict[LayerSpec, float]:
-        """Median latency of every 'ok' entry whose spec columns equal `where` (e.g. op='conv2d')."""
+        """Median latency of every 'ok' entry whose spec columns equal `where` (e.g. op='conv2d'),
+        on the reference's quiet scale: an entry measured while the reference ran at r µs counts
+        as median · quiet / r (`on_quiet_scale`); entries without a reference count as measured."""
         clauses = " AND ".join(f"{column} = ?" for column in where)
         for column in where:
             if column not in _SPEC_COLUMNS:
                 raise LutError(f"Cannot select entries by {column!r}; columns: {', '.join(_SPEC_COLUMNS)}.")
-        sql = "SELECT key, median_us FROM entries WHERE status = 'ok'" + (f" AND {clauses}" if clauses else "")
-        return {LayerSpec.from_key(k): v for k, v in self._db.execute(sql, [_column_value(v) for v in where.values()])}
+        sql = "SELECT key, median_us, reference_us FROM entries WHERE status = 'ok'" + (f" AND {clauses}" if clauses else "")
+        quiet = self.quiet_us
+        return {LayerSpec.from_key(k): on_quiet_scale(us, reference, quiet)
+                for k, us, reference in self._db.execute(sql, [_column_value(v) for v in where.values()])}
+
+    @property
+    def quiet_us(self) -> float | None:
+        """The reference model's quiet value on the LUT's device (None in LUTs made without the
+        conditions monitor)."""
+        quiet = self.meta.get("reference_us")
+        return None if quiet is None else float(quiet)
 
     def keys(self, include_failed: bool = True) -> set[str]:
         sql = "SELECT key FROM entries" + ("" if include_failed else " WHERE status = 'ok'")

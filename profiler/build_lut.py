@@ -26,7 +26,7 @@ from lut.latency import CONTEXT_META_KEY, CacheContext, LatencyEstimator
 from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import DTYPES, LayerSpec
-from lut.table import LatencyTable, Measurement, MeasurementFailure
+from lut.table import LatencyTable, Measurement, MeasurementFailure, on_quiet_scale
 from profiler.cluster import ClusterConfig, open_cluster
 from profiler.context import measure_cache_context
 from profiler.convert import keras_to_tflite
@@ -56,6 +56,7 @@ __all__ = [
 # by the LUT than measured).
 OVERHEAD_SPEC = LayerSpec("conv2d", 1, 1, 1, 1)
 OVERHEAD_REPEATS = 5
+OVERHEAD_REFERENCE_KEY = "invoke_overhead_reference_us"  # the slowest reference measured with the overhead
 CHAIN_OPS = 64  # trivial ops in the chain whose slope is one op's own cost inside a model
 RATE_META_KEY = "seconds_per_entry"  # the last build's pace, for the expected time of the next one
 RATE_SAMPLE = 20  # entries a build must measure for its pace to count
@@ -124,22 +125,30 @@ def _trivial_chain(ops: int) -> bytes:
     return keras_to_tflite(keras.Model(inputs, x))
 
 
-def measure_invoke_overhead_us(device: Device, repeats: int = OVERHEAD_REPEATS) -> float:
-    """What one invocation costs on `device` beyond its ops: the intercept of a line through the
-    trivial op alone (T1) and `CHAIN_OPS` of it in one model (TN), T1 − (TN − T1) / (N − 1),
-    each the median of `repeats` interleaved measurements. (The trivial op alone is not the
-    overhead: it holds its own cost inside a model too, 0.034 µs of 0.46 here, which over
-    the 67 ops of a MobileNetV2 made the LUT 10% too fast at 32 px.)"""
+def measure_invoke_overhead_us(device: Device, monitor: ConditionsMonitor | None = None,
+                               repeats: int = OVERHEAD_REPEATS) -> tuple[float, float | None]:
+    """What one invocation costs on `device` beyond its ops, and the slowest reference measured
+    with it (None without `monitor`): the intercept of a line through the trivial op alone (T1)
+    and `CHAIN_OPS` of it in one model (TN), T1 − (TN − T1) / (N − 1), each the median of
+    `repeats` interleaved measurements, taken through `monitor` and on its quiet scale as the
+    entries are. (The trivial op alone is not the overhead: it holds its own cost inside a
+    model too, 0.034 µs of 0.46 here, which over the 67 ops of a MobileNetV2 made the LUT 10%
+    too fast at 32 px. Measured unmonitored at the start of a build on a slow VM it came out
+    0.74 µs against 0.41, and the LUT missed 30 prunings of MobileNetV1 at 32 px by −35%.)"""
     single, chain = SingleOpFactory().build(OVERHEAD_SPEC), _trivial_chain(CHAIN_OPS)
     items = [item for i in range(repeats) for item in ((f"single{i}", single), (f"chain{i}", chain))]
-    results = list(device.measure(items))
-    failure = next((r.error for _, r in results if isinstance(r, MeasurementFailure)), None)
+    results = list(_measured(device, monitor, items))
+    failure = next((r.error for _, r, _ in results if isinstance(r, MeasurementFailure)), None)
     if failure is not None:
         raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key} (alone or "
                             f"{CHAIN_OPS} in a row): {failure}")
-    alone = statistics.median(r.median_us for name, r in results if name.startswith("single"))  # type: ignore[union-attr]
-    chained = statistics.median(r.median_us for name, r in results if name.startswith("chain"))  # type: ignore[union-attr]
-    return max(alone - max(chained - alone, 0.0) / (CHAIN_OPS - 1), 0.0)
+    quiet = None if monitor is None else monitor.quiet_us
+    scaled = {name: on_quiet_scale(r.median_us, reference, quiet)  # type: ignore[union-attr]
+              for name, r, reference in results}
+    alone = statistics.median(us for name, us in scaled.items() if name.startswith("single"))
+    chained = statistics.median(us for name, us in scaled.items() if name.startswith("chain"))
+    references = [reference for _, _, reference in results if reference is not None]
+    return max(alone - max(chained - alone, 0.0) / (CHAIN_OPS - 1), 0.0), max(references, default=None)
 
 
 def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | None,
@@ -149,8 +158,8 @@ def open_monitor(device: Device, table: LatencyTable, policy: MonitorPolicy | No
     if policy is None:
         return None
     load = device.load_probe() if hasattr(device, "load_probe") else None
-    quiet = table.meta.get("reference_us")
-    monitor = ConditionsMonitor(device, policy, quiet_us=None if quiet is None else float(quiet), load=load, log=log)
+    quiet = table.quiet_us
+    monitor = ConditionsMonitor(device, policy, quiet_us=quiet, load=load, log=log)
     if quiet is None:
         table.set_meta({"reference_us": monitor.quiet_us, "reference_model": REFERENCE_NAME})
     return monitor
@@ -201,15 +210,12 @@ def build_lut(
     start = time.perf_counter()
     say = log or (lambda message: tqdm.write(message, file=sys.stderr))
     if isinstance(device, PhoneFarm):  # each phone's own monitor, judged against the group's reference
-        stored = table.meta.get("reference_us")
-        quiet = device.start(None if stored is None else float(stored))
+        quiet = device.start(table.quiet_us)
         if quiet is not None:
             table.set_meta({"reference_us": quiet, "reference_model": REFERENCE_NAME})
         monitor = None
     else:
         monitor = open_monitor(device, table, policy, say)
-    if "invoke_overhead_us" not in table.meta:
-        table.set_meta({"invoke_overhead_us": measure_invoke_overhead_us(device)})
     specs = list(dict.fromkeys(specs))
     done = table.keys(include_failed=not retry_failed) - _drifted(table, monitor)
     todo = [spec for spec in specs if spec.key not in done]
@@ -223,8 +229,9 @@ def build_lut(
         _measure_into(table, device, monitor, todo, summary, bar)
         if monitor is not None:
             _measure_drifted_again(table, device, monitor, specs, summary, bar, say)
-            if todo:
-                monitor.check()  # the session's end
+        _measure_overhead(table, device, monitor)
+        if monitor is not None and todo:
+            monitor.check()  # the session's end
     finally:
         bar.close()
         summary.total_s = time.perf_counter() - start
@@ -248,6 +255,18 @@ def _drift_limit_us(monitor: ConditionsMonitor) -> float:
 def _drifted(table: LatencyTable, monitor: ConditionsMonitor | None) -> set[str]:
     """Entries kept while the reference ran slower than the monitor trusts now."""
     return set() if monitor is None else table.drifted(_drift_limit_us(monitor))
+
+
+def _measure_overhead(table: LatencyTable, device: Device, monitor: ConditionsMonitor | None) -> None:
+    """The LUT's invocation overhead, measured once its entries are (the quiet value has then
+    seen the whole session), and again when it was measured over the tolerance of that value."""
+    meta = table.meta
+    stored = meta.get(OVERHEAD_REFERENCE_KEY)
+    drifted = monitor is not None and stored is not None and float(stored) > _drift_limit_us(monitor)
+    if "invoke_overhead_us" in meta and not drifted:
+        return
+    overhead, reference = measure_invoke_overhead_us(device, monitor)
+    table.set_meta({"invoke_overhead_us": overhead, **({OVERHEAD_REFERENCE_KEY: reference} if reference else {})})
 
 
 def _measure_drifted_again(table: LatencyTable, device: Device, monitor: ConditionsMonitor, specs: Sequence[LayerSpec],

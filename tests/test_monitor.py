@@ -206,6 +206,25 @@ class _PhasedDevice:
 
 
 @pytest.mark.timeout(120)
+def test_the_invocation_overhead_is_measured_through_the_monitor_once_the_quiet_value_has_settled(tmp_path):
+    # slow for the quiet value's five looks and two chunks: an overhead measured before the
+    # entries, unmonitored (the rule before), came out of the slow phase at 12 µs
+    policy = MonitorPolicy(tolerance_pct=8.0, wait_s=0.0, max_tries=2)
+    with LatencyTable.create(tmp_path / "lut.sqlite", {"device": "phased"}) as table:
+        build_lut(_PhasedDevice(slow_references=7), SPECS, table, progress=False, policy=policy)
+        meta = table.meta
+    assert float(meta["invoke_overhead_us"]) == 10.0 and float(meta["invoke_overhead_reference_us"]) == 250.0
+    # one measured over the tolerance of the quiet value is measured again, with nothing else
+    with LatencyTable.open(tmp_path / "lut.sqlite") as table:
+        table.set_meta({"invoke_overhead_us": 12.0, "invoke_overhead_reference_us": 280.0})
+    with LatencyTable.create(tmp_path / "lut.sqlite", {"device": "phased"}) as table:
+        again = build_lut(_PhasedDevice(slow_references=0), SPECS, table, progress=False, policy=policy)
+        meta = table.meta
+    assert again.measured == 0 and float(meta["invoke_overhead_us"]) == 10.0
+    assert float(meta["invoke_overhead_reference_us"]) == 250.0
+
+
+@pytest.mark.timeout(120)
 def test_entries_kept_before_the_quiet_value_came_down_are_measured_again(tmp_path):
     # five looks make the quiet value (280), then two chunks of 4 entries are kept at 280 µs;
     # from then on the device is fast: three looks at 250 µs lower the quiet value to 250, and

@@ -30,6 +30,22 @@ def test_records_are_committed_and_read_back_after_reopening(tmp_path):
         assert len(table) == 2
 
 
+def test_entries_are_read_on_the_references_quiet_scale(tmp_path):
+    """An entry kept while the reference ran 5% slow (within the monitor's tolerance) counts 5%
+    lower; one measured with no reference, or in a LUT with no quiet value, counts as measured."""
+    with LatencyTable.create(tmp_path / "lut.sqlite", {**META, "reference_us": 80.0}) as table:
+        table.record(SPEC, _measurement(105.0), reference_us=84.0)
+        table.record(SPEC.replace(cout=24), _measurement(60.0), reference_us=76.0)
+        table.record(SPEC.replace(cout=8), _measurement(30.0))
+        assert table.quiet_us == 80.0
+        assert table.latencies_us() == pytest.approx({SPEC: 100.0, SPEC.replace(cout=24): 60.0 * 80 / 76,
+                                                      SPEC.replace(cout=8): 30.0})
+        assert table.lookup(SPEC).median_us == 105.0  # the stored figure stays as measured
+    with LatencyTable.create(tmp_path / "no-quiet.sqlite", META) as table:
+        table.record(SPEC, _measurement(105.0), reference_us=84.0)
+        assert table.quiet_us is None and table.latencies_us() == {SPEC: 105.0}
+
+
 def test_dataframe_and_csv_have_one_row_per_spec(tmp_path):
     with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
         for cout in (8, 16, 24):
