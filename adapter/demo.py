@@ -15,6 +15,7 @@ baseline to the report (a few minutes more).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -98,7 +99,8 @@ def _adapt(out: Path, base: Path, lut: Path, s: DemoSettings, baseline: bool) ->
 
 
 class _BudgetNotMet(Exception):
-    """The adaptation ran but its model is over the budget (the report says by how much)."""
+    """The adaptation ran but the device's verdict is not "met": over the budget, or not taken
+    (the report says which, and why)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,7 +125,10 @@ def _run(out: Path, settings: DemoSettings, baseline: bool) -> int:
     try:
         report = _adapt(out, base, lut, settings, baseline)
     except _BudgetNotMet as e:
-        print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min, over the budget; the report is {e}")
+        report = Path(str(e))
+        budget = json.loads(report.with_suffix(".json").read_text())["budget"]
+        print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; the budget's verdict: {budget['status']} "
+              f"({budget['reason']}); the report is {report}")
         return EXIT_NOT_MET
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; the report is {report}")
     return 0

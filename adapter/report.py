@@ -65,9 +65,11 @@ def _budget_lines(budget: Mapping, device: str | None) -> list[str]:
                      f"of the original: the budget in the LUT's terms went to {_ms(r['budget_ms'])} and the search went on.")
     walk = budget.get("handed_back")
     if walk:
+        checked = ", ".join(f"{c['iteration']}: {_fraction(c['measured_fraction'])}" for c in walk["checked"])
+        handed = (f"handed back iteration {walk['to_iteration']}'s instead" if walk["to_iteration"] != walk["from_iteration"]
+                  else "kept it: no earlier iteration measured within the budget")
         lines.append(f"- Iteration {walk['from_iteration']}'s model measured {_fraction(walk['from_fraction'])} of the "
-                     f"original (over-pruned); handed back iteration {walk['to_iteration']}'s instead (checked: "
-                     + ", ".join(f"{c['iteration']}: {_fraction(c['measured_fraction'])}" for c in walk["checked"]) + ").")
+                     f"original (over-pruned); {handed} (checked: {checked or 'none'}; — : could not be measured).")
     return lines
 
 

@@ -342,8 +342,10 @@ def _least_pruned_within(run: NetAdaptRun, history: list[IterationRecord], model
         if fraction >= target * (1 - OVER_PRUNED):
             break
     walk["to_iteration"] = chosen_iteration
+    handed = (f"handing back iteration {chosen_iteration}'s model" if chosen_iteration != history[-1].iteration else
+              "keeping it: no earlier iteration measured within the budget")
     run.log(f"iteration {history[-1].iteration}'s model measures {measured_fraction:.1%} of the original, far under the "
-            f"budget {target:.1%} (over-pruned); handing back iteration {chosen_iteration}'s model")
+            f"budget {target:.1%} (over-pruned); {handed}")
     return chosen, walk
 
 
