@@ -53,7 +53,7 @@ def test_ctrl_c_during_a_phone_batch_commits_the_finished_entries_and_the_rerun_
         command = [sys.executable, "-m", "profiler.build_lut", "--device", "loop", "--devices", str(devices),
                    "--model", str(model), "--out", str(out), "--no-progress", *LENIENT_FLAGS]
         process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        finished_before_ctrl_c = _START_REPEATS + 2 * OVERHEAD_REPEATS + 3  # the quiet reference, the overhead (alone, chained)
+        finished_before_ctrl_c = _START_REPEATS + 3  # the quiet reference's looks, then 3 entries (the overhead comes after them)
         _wait_for(lambda: daemon.models_run >= finished_before_ctrl_c or process.poll() is not None, 200, "3 entries")
         assert process.poll() is None, process.communicate()
         process.send_signal(signal.SIGINT)
@@ -78,7 +78,9 @@ def test_ctrl_c_during_a_phone_batch_commits_the_finished_entries_and_the_rerun_
         measured_again = daemon.models_run - run_before
     assert len(saved) < planned  # the interrupt came in the middle of the batch
     # only what was missing, nothing twice; besides: the monitor's reference once a chunk and
-    # at the end, and the cache context's sweep (each model with its reference, after one look:
-    # its monitor opens with the LUT's quiet value)
-    assert measured_again == planned - len(saved) + checks + 1 + 2 * _REPEATS * len(FETCH_BRANCHES)
+    # at the end, the invocation overhead (alone, chained: measured after the entries, so not
+    # before the interrupt), and the cache context's sweep (each model with its reference,
+    # after one look: its monitor opens with the LUT's quiet value)
+    assert measured_again == (planned - len(saved) + checks + 1 + 2 * OVERHEAD_REPEATS
+                              + 2 * _REPEATS * len(FETCH_BRANCHES))
     assert f"{planned - len(saved)} measured, {len(saved)} reused" in rerun.stdout
