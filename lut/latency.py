@@ -29,9 +29,16 @@ L2), whole MobileNets at 32 px ran up to 2.2× their entries' sum. `CacheContext
 cost: the bytes fetched (W and a share of A) times the device's fetch cost per byte (both
 the cost and the cache's effective size are measured by `profiler.context` when the LUT is
 built), and each op's own state (its code, packed-weight and indirection tables: fetched like
-`op_state_bytes` of weights), scaled by the fraction that misses: 0 while what is touched is
-below `ramp_start` times the cache, rising linearly to `plateau` at `ramp_end` times it. The
-op's state is priced at the device's fetch cost, not at its invocation overhead (0.72 of
+`op_state_bytes` of weights), scaled by the fraction that misses: `plateau` times the share of
+the cache sweep's cold cost that the device showed at that many bytes touched (the sweep's
+`ramp`, measured when the LUT is built), or, for a LUT built before the ramp was measured, 0
+while what is touched is below `ramp_start` times the cache, rising linearly to `plateau` at
+`ramp_end` times it. The ramp is the device's own: on an Intel Ice Lake VM (1.25 MiB L2) the
+sweep's share rose from 0 at 0.75 MiB to 0.94 at 2 MiB, against the 1.25–3 MiB the fitted
+linear ramp put there from the development CPU's 2.36 MiB effective cache, and the LUT with
+the linear ramp was +11%/+7% over 30 prunings of MobileNetV1/V2 α=0.5 at 32 px on average
+(17% of them within ±5%), with the measured ramp +7%/+1% (43%/77%; docs/profiler-figures.md).
+The op's state is priced at the device's fetch cost, not at its invocation overhead (0.72 of
 them, as it was): the two are the same on the CPU the shape was fitted on (10.9 KB at its
 0.028 ns a byte and 0.42 µs), but on one whose next level is fast a missing op costs little
 (an AMD EPYC VM, 0.0037 ns a byte: MobileNetV2 α=0.5 at 32 px and 30 prunings of it measured
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -63,9 +71,11 @@ CONTEXT_META_KEY = "cache_context"
 class CacheContext:
     """What a whole model pays for weights its ops cannot keep in the cache (see the module doc).
 
-    `fetch_ns_per_byte` and `cache_bytes` (the effective size: where half the fetch cost
-    shows) are the device's, measured; the shape (`ramp_start`, `ramp_end` in units of that
-    size, `plateau`, the activations' shares and `op_state_bytes`) was fitted (scipy's robust least
+    `fetch_ns_per_byte`, `cache_bytes` (the effective size: where half the fetch cost shows)
+    and `ramp` (the share of the cold cost shown at each size the sweep measured) are the
+    device's, measured; the rest of the shape (`plateau`, the activations' shares,
+    `op_state_bytes`, and the linear ramp of `ramp_start` and `ramp_end`, in units of
+    `cache_bytes`, that stands in for a `ramp` not measured) was fitted (scipy's robust least
     squares on relative error) on 120 random prunings of MobileNetV1 and V2 α=0.5 at 32 and
     128 px, measured whole and interleaved on this project's development CPU
     (`adapter.validate_lut`, seed 0) and checked on fresh LUTs and other prunings (seed 1);
@@ -74,6 +84,9 @@ class CacheContext:
 
     fetch_ns_per_byte: float
     cache_bytes: float
+    # (bytes touched, share of the cold cost paid) as the fetch sweep measured them, rising; empty
+    # in a LUT built before it was measured, whose ramp is the linear one of ramp_start and ramp_end
+    ramp: tuple[tuple[float, float], ...] = ()
     ramp_start: float = 0.53
     ramp_end: float = 1.29
     plateau: float = 0.62
@@ -82,16 +95,22 @@ class CacheContext:
     op_state_bytes: float = 10_900.0  # what each op fetches again when it misses (its code and tables), as weight bytes
 
     def __post_init__(self) -> None:
-        values = dataclasses.astuple(self)
+        object.__setattr__(self, "ramp", tuple((float(x), float(y)) for x, y in self.ramp))
+        values = [v for v in dataclasses.astuple(self) if not isinstance(v, tuple)]
+        xs, shares = [x for x, _ in self.ramp], [y for _, y in self.ramp]
         if not all(isinstance(v, (int, float)) and v == v and v >= 0 for v in values) or self.cache_bytes <= 0 \
-                or self.ramp_end <= self.ramp_start:
-            raise LutError(f"A cache context needs non-negative figures, a positive cache and ramp_start < ramp_end. "
-                           f"Received: {self!r}.")
+                or self.ramp_end <= self.ramp_start or not all(0 <= y <= 1 for y in shares) \
+                or any(b <= a for a, b in itertools.pairwise(xs)) or any(b < a for a, b in itertools.pairwise(shares)):
+            raise LutError(f"A cache context needs non-negative figures, a positive cache, ramp_start < ramp_end and a "
+                           f"ramp of rising bytes and shares within 0..1. Received: {self!r}.")
 
     def miss_fraction(self, specs: Sequence[LayerSpec]) -> float:
         """The fraction of the weights a model running `specs` fetches from beyond the cache."""
-        touched = sum(s.weight_bytes + self.activation_reach * s.activation_bytes for s in specs) / self.cache_bytes
-        return self.plateau * min(1.0, max(0.0, (touched - self.ramp_start) / (self.ramp_end - self.ramp_start)))
+        touched = sum(s.weight_bytes + self.activation_reach * s.activation_bytes for s in specs)
+        if self.ramp:
+            return self.plateau * _piecewise_linear(touched, self.ramp)
+        relative = touched / self.cache_bytes
+        return self.plateau * min(1.0, max(0.0, (relative - self.ramp_start) / (self.ramp_end - self.ramp_start)))
 
     def weight_cost_us(self, specs: Sequence[LayerSpec]) -> float:
         """The time fetching what misses the cache costs, in microseconds: the bytes, and each
@@ -108,6 +127,18 @@ class CacheContext:
             return cls(**json.loads(text))
         except (TypeError, ValueError) as e:
             raise LutError(f"The LUT's {CONTEXT_META_KEY} is malformed ({e}). Received: {text!r}.") from e
+
+
+def _piecewise_linear(x: float, points: Sequence[tuple[float, float]]) -> float:
+    """The line through `points` (rising x) at x; their first and last y beyond them."""
+    xs = [px for px, _ in points]
+    i = bisect.bisect_right(xs, x)
+    if i == 0:
+        return points[0][1]
+    if i == len(points):
+        return points[-1][1]
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return _lerp(x, x0, x1, y0, y1)
 
 
 def _family(spec: LayerSpec) -> LayerSpec:
@@ -185,7 +216,7 @@ def _bracket(values: Sequence[int], x: int) -> tuple[int, int] | None:
     return values[i - 1], values[i]
 
 
-def _lerp(x: int, x0: int, x1: int, y0: float, y1: float) -> float:
+def _lerp(x: float, x0: float, x1: float, y0: float, y1: float) -> float:
     return y0 if x0 == x1 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 

@@ -7,14 +7,16 @@ Layout (schema version 1)::
                                                   -- fingerprint (JSON), created_at
     entries(key TEXT PRIMARY KEY, op, dtype, h, w, cin, cout, kernel, stride, padding,
             activation, status 'ok'|'failed', median_us, mean_us, min_us, max_us,
-            std_us, count, error, measured_at, reference_us, measured_by)
+            std_us, count, error, measured_at, reference_us, measured_by, passes)
 
 `reference_us` is the conditions monitor's reference model measured right after the entry
 (NULL where none was: LUTs made before the monitor, or without it); `meta.reference_us` is
 its quiet value. Entries are stored as measured and read on that quiet scale
 (`on_quiet_scale`). `measured_by` names the device that measured the entry: the LUT's device,
-or one phone of a phone farm (`profiler.farm`; NULL in LUTs of before it). A LUT of before
-those columns gets them when it is opened.
+or one phone of a phone farm (`profiler.farm`; NULL in LUTs of before it). `passes` counts the
+measurements, taken in separate passes over the LUT, whose lowest the row holds (NULL, one, in
+LUTs of before it; `LatencyTable.record_pass`). A LUT of before those columns gets them when it
+is opened.
 
 Each measurement is committed as soon as it arrives, so an interrupted `build_lut` loses
 nothing and a rerun measures only what is missing.
@@ -55,7 +57,8 @@ CREATE TABLE IF NOT EXISTS entries (
     median_us REAL, mean_us REAL, min_us REAL, max_us REAL, std_us REAL, count INTEGER,
     error TEXT, measured_at TEXT NOT NULL,
     reference_us REAL,
-    measured_by TEXT
+    measured_by TEXT,
+    passes INTEGER
 );
 """
 
@@ -120,7 +123,7 @@ class LatencyTable:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-        for column, kind in (("reference_us", "REAL"), ("measured_by", "TEXT")):
+        for column, kind in (("reference_us", "REAL"), ("measured_by", "TEXT"), ("passes", "INTEGER")):
             if column not in columns:
                 try:
                     with self._db:
@@ -270,6 +273,11 @@ class LatencyTable:
         sql = "SELECT key FROM entries WHERE status = 'ok' AND reference_us > ?"
         return {k for (k,) in self._db.execute(sql, (limit_us,))}
 
+    def unconfirmed(self, passes: int) -> set[str]:
+        """Keys of the 'ok' entries measured in fewer than `passes` passes (`record_pass`)."""
+        sql = "SELECT key FROM entries WHERE status = 'ok' AND COALESCE(passes, 1) < ?"
+        return {k for (k,) in self._db.execute(sql, (passes,))}
+
     def __len__(self) -> int:
         count: int = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         return count
@@ -305,6 +313,26 @@ class LatencyTable:
         `reference_us`: the conditions monitor's reference measured with it; `measured_by`: the
         device (a farm's phone) that measured it."""
         self.record_many([(spec, result, reference_us, measured_by)])
+
+    def record_pass(self, spec: LayerSpec, result: Measurement | MeasurementFailure, reference_us: float | None = None,
+                    measured_by: str | None = None) -> None:
+        """Store another pass's measurement of an entry: the row keeps the lower of it and the
+        stored one, on the reference's quiet scale (load only ever adds time), and counts one pass
+        more. A failure leaves a measured entry as it is (a later pass measures it again); an
+        entry with no measurement yet is stored as `record` does."""
+        self._check_writable()
+        row = self._db.execute("SELECT median_us, reference_us, COALESCE(passes, 1) FROM entries "
+                               "WHERE key = ? AND status = 'ok'", (spec.key,)).fetchone()
+        if row is None or not isinstance(result, Measurement):
+            if row is None:
+                self.record(spec, result, reference_us, measured_by)
+            return
+        stored_us, stored_reference, passes = row
+        quiet = self.quiet_us
+        if on_quiet_scale(result.median_us, reference_us, quiet) < on_quiet_scale(stored_us, stored_reference, quiet):
+            self.record(spec, result, reference_us, measured_by)
+        with self._db:
+            self._db.execute("UPDATE entries SET passes = ? WHERE key = ?", (passes + 1, spec.key))
 
     def record_many(self, results: Iterable[tuple[Any, ...]]) -> None:
         """Store `(spec, result)`, `(spec, result, reference_us)` or `(spec, result, reference_us,

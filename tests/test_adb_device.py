@@ -739,20 +739,21 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
     assert run.returncode == 0, run.stderr[-3000:]
     with LatencyTable.open(out) as table:
         meta, frame = table.meta, table.to_dataframe()
-        fingerprint = table.fingerprint
+        fingerprint, table_unconfirmed = table.fingerprint, table.unconfirmed(2)
     assert (meta["device"], meta["backend"], meta["delegate"]) == ("loop", "cpu", "xnnpack")
     assert fingerprint["model"] == "Pixel 7" and fingerprint["soc"] == "GS201"
     assert len(frame) >= 3 and (frame["status"] == "ok").all(), frame[["key", "status", "error"]]
     assert (frame["median_us"] > 0).all() and frame["key"].is_unique
     assert float(meta["invoke_overhead_us"]) > 0
     assert frame["reference_us"].notna().all() and float(meta["reference_us"]) > 0
-    # Every LUT entry once, plus the trivial model alone and in a chain (build_lut's invocation overhead),
+    # Every LUT entry twice (two passes), plus the trivial model alone and in a chain (build_lut's invocation overhead),
     # the conditions monitor's reference (its quiet value, then once a chunk), and the cache
     # context's fetch sweep (each model measured alone, each with its reference, after one look
     # at the reference: its monitor opens with the LUT's quiet value).
     monitor = json.loads(meta["monitor"])
     sweep = _REPEATS * len(FETCH_BRANCHES)
-    assert daemon.models_run == len(frame) + 2 * OVERHEAD_REPEATS + _START_REPEATS + monitor["checks"] + 1 + 2 * sweep
+    assert daemon.models_run == 2 * len(frame) + 2 * OVERHEAD_REPEATS + _START_REPEATS + monitor["checks"] + 1 + 2 * sweep
+    assert not table_unconfirmed
     assert json.loads(meta["cache_context"])["cache_bytes"] > 0
 
 

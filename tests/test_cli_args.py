@@ -158,3 +158,20 @@ def test_output_checks_name_the_option_and_what_is_in_the_way(tmp_path):
         check_output_file(tmp_path, "--json")
     assert check_output_file(tmp_path / "new" / "deeper" / "l.sqlite") == tmp_path / "new" / "deeper" / "l.sqlite"
     assert not (tmp_path / "new").exists()  # a check creates nothing
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_takes_the_measuring_conditions_its_refusals_name_and_hands_them_to_adapt():
+    import argparse
+
+    from adapter.demo import _monitor_argv
+    from profiler.monitor import add_monitor_arguments, monitor_policy
+
+    parser = argparse.ArgumentParser()
+    add_monitor_arguments(parser)
+    given = parser.parse_args(["--wait-quiet", "120", "--tries", "6", "--tolerance", "12.5"])
+    assert monitor_policy(parser.parse_args(_monitor_argv(given))) == monitor_policy(given)
+    assert _monitor_argv(parser.parse_args([])) == []  # adapt's own defaults, as the demo's LUT build
+    assert monitor_policy(parser.parse_args(_monitor_argv(parser.parse_args(["--no-monitor"])))) is None
+    run = _cli("-m", "adapter.demo", "--wait-quiet", "-1")
+    assert run.returncode == 2 and "argument --wait-quiet" in run.stderr, run.stderr

@@ -46,6 +46,27 @@ def test_entries_are_read_on_the_references_quiet_scale(tmp_path):
         assert table.quiet_us is None and table.latencies_us() == {SPEC: 105.0}
 
 
+def test_another_pass_keeps_the_lower_measurement_on_the_quiet_scale_and_counts_itself(tmp_path):
+    with LatencyTable.create(tmp_path / "lut.sqlite", {**META, "reference_us": 80.0}) as table:
+        table.record(SPEC, _measurement(20.0), reference_us=80.0)
+        table.record(SPEC.replace(cout=24), _measurement(10.0), reference_us=80.0)
+        assert table.unconfirmed(2) == {SPEC.key, SPEC.replace(cout=24).key}
+        table.record_pass(SPEC, _measurement(10.0), reference_us=80.0)  # the first pass was slowed
+        table.record_pass(SPEC.replace(cout=24), _measurement(11.0), reference_us=80.0)  # this one was not
+        assert table.latencies_us() == {SPEC: 10.0, SPEC.replace(cout=24): 10.0} and not table.unconfirmed(2)
+        # lower on the quiet scale, not as measured: 10.5 µs with the reference 10% slow counts 9.5
+        table.record_pass(SPEC, _measurement(10.5), reference_us=88.0)
+        assert table.latencies_us()[SPEC] == pytest.approx(10.5 * 80 / 88) and table.unconfirmed(3) == {SPEC.replace(cout=24).key}
+        # a failed pass leaves the measurement; a new measurement starts the count again
+        table.record_pass(SPEC.replace(cout=24), MeasurementFailure("killed"))
+        assert table.lookup(SPEC.replace(cout=24)) == _measurement(10.0) and table.unconfirmed(3) == {SPEC.replace(cout=24).key}
+        table.record(SPEC, _measurement(12.0), reference_us=80.0)
+        assert SPEC.key in table.unconfirmed(2)
+        # a pass over an entry with no measurement yet is its first
+        table.record_pass(SPEC.replace(cout=8), _measurement(7.0), reference_us=80.0)
+        assert table.latencies_us()[SPEC.replace(cout=8)] == 7.0 and SPEC.replace(cout=8).key in table.unconfirmed(2)
+
+
 def test_dataframe_and_csv_have_one_row_per_spec(tmp_path):
     with LatencyTable.create(tmp_path / "lut.sqlite", META) as table:
         for cout in (8, 16, 24):
