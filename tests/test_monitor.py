@@ -131,19 +131,31 @@ def test_a_device_that_stays_busy_stops_with_drift_error_and_a_rerun_finishes(tm
     assert float(LatencyTable.open(path).meta["reference_us"]) > 0
 
 
-class _ScriptedReference:
-    """A device whose reference model measures the given values in turn (everything else: 10 µs)."""
+class _ScriptedDevice:
+    """A device whose every figure the test scripts: `_us(model_id)`, one call a model measured."""
 
     name = "scripted"
+    monitor_every = 4
+
+    def measure(self, models):
+        for model_id, _ in models:
+            us = self._us(model_id)
+            yield model_id, Measurement(us, us, us, us, 0.0, 10)
+
+    def fingerprint(self):
+        return {"device": self.name}
+
+
+class _ScriptedReference(_ScriptedDevice):
+    """A device whose reference model measures the given values in turn (everything else: 10 µs)."""
+
     monitor_every = 1
 
     def __init__(self, values):
         self._values = iter(values)
 
-    def measure(self, models):
-        for model_id, _ in models:
-            us = next(self._values) if model_id == "reference" else 10.0
-            yield model_id, Measurement(us, us, us, us, 0.0, 10)
+    def _us(self, model_id):
+        return next(self._values) if model_id == "reference" else 10.0
 
 
 def test_one_fast_reference_does_not_become_the_quiet_value_but_a_confirmed_speed_up_does():
@@ -183,26 +195,20 @@ def test_a_device_that_never_stays_quiet_through_a_chunk_stops():
     assert len(monitor.events) == 8
 
 
-class _PhasedDevice:
+class _PhasedDevice(_ScriptedDevice):
     """A device slow (reference 280 µs, every op 12 µs) for its first `slow_references` looks at
     the reference, then fast (250 µs, 10 µs): a VM whose neighbour went quiet mid-build."""
 
     name = "phased"
-    monitor_every = 4
 
     def __init__(self, slow_references):
         self.slow_references, self.references = slow_references, 0
 
-    def measure(self, models):
-        for model_id, _ in models:
-            fast = self.references >= self.slow_references
-            if model_id == "reference":
-                self.references += 1
-            us = (250.0 if fast else 280.0) if model_id == "reference" else (10.0 if fast else 12.0)
-            yield model_id, Measurement(us, us, us, us, 0.0, 10)
-
-    def fingerprint(self):
-        return {"device": self.name}
+    def _us(self, model_id):
+        fast = self.references >= self.slow_references
+        if model_id == "reference":
+            self.references += 1
+        return (250.0 if fast else 280.0) if model_id == "reference" else (10.0 if fast else 12.0)
 
 
 @pytest.mark.timeout(120)
@@ -245,27 +251,21 @@ def test_entries_kept_before_the_quiet_value_came_down_are_measured_again(tmp_pa
     assert again.reused == len(SPECS) and again.measured == 0
 
 
-class _TransientDevice:
+class _TransientDevice(_ScriptedDevice):
     """A device whose reference never moves (250 µs) and whose ops take 10 µs, but a third of
     them twice that the first time they are measured: a slowdown the reference does not see
     (the Ice Lake VM's 1.3-2.1x entries, each back at its value when measured again)."""
 
     name = "transient"
-    monitor_every = 4
     slow = {spec.key for spec in SPECS[::3]}
 
     def __init__(self):
         self.measured = set()
 
-    def measure(self, models):
-        for model_id, _ in models:
-            first = model_id not in self.measured
-            self.measured.add(model_id)
-            us = 250.0 if model_id == "reference" else 20.0 if first and model_id in self.slow else 10.0
-            yield model_id, Measurement(us, us, us, us, 0.0, 10)
-
-    def fingerprint(self):
-        return {"device": self.name}
+    def _us(self, model_id):
+        first = model_id not in self.measured
+        self.measured.add(model_id)
+        return 250.0 if model_id == "reference" else 20.0 if first and model_id in self.slow else 10.0
 
 
 @pytest.mark.timeout(120)
