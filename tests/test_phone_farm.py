@@ -46,11 +46,13 @@ def _devices(tmp_path, daemons, **overrides) -> str:
     return str(path)
 
 
-def _build(tmp_path, devices: str, policy: MonitorPolicy = LENIENT, messages: list[str] | None = None):
+def _build(tmp_path, devices: str, policy: MonitorPolicy = LENIENT, messages: list[str] | None = None, passes: int = 1):
+    """One pass unless asked: these tests count what each phone measured (the second pass is
+    build_lut's, the same for a farm as for one device: tests/test_monitor.py)."""
     log = (messages if messages is not None else []).append
     farm = PhoneFarm("pair", load_device_groups(devices)["pair"], threads=1, devices_file=devices, policy=policy, log=log)
     with farm, open_lut(tmp_path / "farm.sqlite", farm, 8) as table:
-        summary = build_lut(farm, SPECS, table, progress=False, policy=policy, log=log)
+        summary = build_lut(farm, SPECS, table, progress=False, policy=policy, log=log, passes=passes)
         rows = table.to_dataframe()
         meta = table.meta
     return farm, summary, rows, meta
@@ -79,7 +81,7 @@ def test_a_group_needs_known_phones_and_a_name_of_its_own(tmp_path):
 def test_two_phones_build_the_lut_one_phone_builds_every_row_naming_its_phone(tmp_path, ray_cluster):
     with LoopbackAdbDaemon(tmp_path / "pa") as a, LoopbackAdbDaemon(tmp_path / "pb") as b:
         devices = _devices(tmp_path, [a, b])
-        farm, summary, rows, meta = _build(tmp_path, devices)
+        farm, summary, rows, meta = _build(tmp_path, devices, passes=2)
         # one phone alone, as `build_lut --device a` measures it
         single = open_device("a", threads=1, devices_file=devices)
         try:
@@ -89,7 +91,8 @@ def test_two_phones_build_the_lut_one_phone_builds_every_row_naming_its_phone(tm
         finally:
             single.close()
     assert set(rows["key"]) == set(one["key"]) == {spec.key for spec in SPECS}
-    assert len(rows) == len(SPECS) and summary.measured == len(SPECS)  # every entry once
+    assert len(rows) == len(SPECS) and summary.measured == summary.confirmed == len(SPECS)  # every entry once a pass
+    assert (rows["passes"] == 2).all()
     assert set(rows["measured_by"]) == {"a", "b"}  # both phones worked, and each row says which
     assert set(one["measured_by"]) == {"a"}
     assert (rows["status"] == "ok").all() and rows["reference_us"].notna().all()
@@ -98,7 +101,7 @@ def test_two_phones_build_the_lut_one_phone_builds_every_row_naming_its_phone(tm
     fingerprint = json.loads(meta["fingerprint"])
     assert fingerprint["group"] == "pair" and set(fingerprint["phones"]) == {"a", "b"}
     assert all(p["reference_us"] > 0 and p["taken_out"] is None for p in fingerprint["phones"].values())
-    assert sum(p["entries"] for p in fingerprint["phones"].values()) == len(SPECS)
+    assert sum(p["entries"] for p in fingerprint["phones"].values()) == 2 * len(SPECS)  # both passes
     assert json.loads(meta["monitor"])["checks"] >= len(SPECS) // 3
     assert meta["device"] == "pair"
 
