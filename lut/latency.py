@@ -4,7 +4,7 @@ Every entry is the latency of one op run alone, so each includes the cost of one
 interpreter invocation; a model pays that once.  `build_lut` measures it into the LUT's
 `invoke_overhead_us`, and the estimate of n ops is Σ entries − (n − 1) · overhead. The
 overhead is what an invocation costs beyond its ops: the intercept of a chain of trivial
-ops (`profiler.build_lut.measure_invoke_overhead_us`), not the latency of one trivial op,
+ops (`profiler.build_lut.InvokeOverhead`), not the latency of one trivial op,
 which also holds that op's own cost inside a model (measured here: 0.46 µs alone, 0.42 µs
 of it the invocation; subtracting all 0.46 per op had the LUT miss MobileNetV2 α=0.5 at
 32 px, 67 ops of about 0.5 µs, by −10%).
