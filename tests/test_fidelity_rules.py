@@ -15,6 +15,7 @@ reads them, and so are the whole models.
 """
 import csv
 import dataclasses
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -37,17 +38,25 @@ def _recorded_lut(path, name) -> LatencyTable:
     return table
 
 
-def _errors(tmp_path, name, family, overhead_us=None, op_in_overheads=None, linear_ramp=False):
-    """Each recorded variant's relative error: with the cache context, by the entries alone.
-    `op_in_overheads`: price a missing op's own state at that many invocation overheads (the
-    rule before `CacheContext.op_state_bytes`) instead of in bytes at the device's fetch cost.
-    `linear_ramp`: the fitted linear ramp instead of the one the device's sweep measured."""
+@functools.cache
+def _recorded_variants(name, family) -> tuple[tuple[list, float], ...]:
+    """Each recorded variant of `name`'s wholes: its ops (pruned as recorded) and its measured µs.
+    Pruning 30 Keras models is most of these tests' time; every rule is estimated on the same ones."""
     from adapter.pruning.surgery import prune_to_counts
     from lut.latency import specs_of
     from lut.models import build_model
 
     wholes = json.loads((DATA / f"host_{name}_wholes.json").read_text())
     model = build_model(family, alpha=0.5, resolution=32, classes=10)
+    return tuple((specs_of(prune_to_counts(model, v["channels"]) if v["channels"] else model), v["measured_us"])
+                 for v in wholes["variants"])
+
+
+def _errors(tmp_path, name, family, overhead_us=None, op_in_overheads=None, linear_ramp=False):
+    """Each recorded variant's relative error: with the cache context, by the entries alone.
+    `op_in_overheads`: price a missing op's own state at that many invocation overheads (the
+    rule before `CacheContext.op_state_bytes`) instead of in bytes at the device's fetch cost.
+    `linear_ramp`: the fitted linear ramp instead of the one the device's sweep measured."""
     with _recorded_lut(tmp_path / f"{name}-{overhead_us}-{op_in_overheads}-{linear_ramp}.sqlite", name) as table:
         estimator = LatencyEstimator(table)
         assert isinstance(estimator.context, CacheContext)
@@ -60,9 +69,7 @@ def _errors(tmp_path, name, family, overhead_us=None, op_in_overheads=None, line
         if linear_ramp:
             estimator.context = dataclasses.replace(estimator.context, ramp=())
         with_context, entries_only = [], []
-        for variant in wholes["variants"]:
-            specs = specs_of(prune_to_counts(model, variant["channels"]) if variant["channels"] else model)
-            measured = variant["measured_us"]
+        for specs, measured in _recorded_variants(name, family):
             with_context.append(estimator.total_us(specs) / measured - 1)
             entries_only.append(estimator.entries_us(specs) / measured - 1)
     return with_context, entries_only
