@@ -151,7 +151,7 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
                                                    else 0.6 * original_estimate, rel=1e-6)
     assert all(r["measured_fraction"] > 0.6 * 1.03 for r in recalibrations)
     assert adapted["measured_ms"] > 0 and adapted["int8"]["measured_ms"] > 0
-    fraction = budget["measured_fraction"]  # interleaved: ratio of the medians over the rounds
+    fraction = budget["measured_fraction"]  # interleaved: the median of the rounds' ratios
     assert budget["conditions"]["rounds"] == 5 and budget["conditions"]["after"]["reference_us"] > 0
     expected = "over budget" if fraction > 0.6 * 1.03 else "over-pruned" if fraction < 0.6 * 0.9 else "met"
     assert budget["status"] == expected
@@ -231,5 +231,5 @@ def test_an_int8_lut_adapts_for_int8_measuring_the_int8_models_with_the_float_on
     assert adapted["measured_ms"] > 0 and adapted["float32"]["measured_ms"] > 0
     assert 0 < adapted["tflite_test_accuracy"] <= 1 and 0 < adapted["float32"]["tflite_test_accuracy"] <= 1
     assert budget["measured_fraction"] == pytest.approx(adapted["measured_ms"] / report["original"]["measured_ms"],
-                                                        rel=0.25)  # a ratio of medians over rounds, not of medians
+                                                        rel=0.25)  # the median of the rounds' ratios, not of medians
     assert "float32 export beside the int8 one" in (out / "report.md").read_text()

@@ -213,7 +213,7 @@ def _interleaved(original_us, adapted_us):
     ((63, 64, 63, 62, 63), "over budget"),  # 63% of the original against 60% (+3%)
     ((14, 14, 15, 14, 14), "over-pruned"),  # the issue's demo: 14% reported as met
 ])
-def test_a_relative_budget_is_judged_by_the_ratio_of_interleaved_medians(adapted, status):
+def test_a_relative_budget_is_judged_by_the_median_of_the_rounds_ratios(adapted, status):
     from adapter.final_check import budget_verdict
     from adapter.latency import Budget
 
@@ -223,8 +223,28 @@ def test_a_relative_budget_is_judged_by_the_ratio_of_interleaved_medians(adapted
     verdict = budget_verdict(Budget(0.6, relative=True), _interleaved(original, adapted), measured_original_ms=None,
                              over_budget=0.03, over_pruned=0.10)
     assert verdict.status == status and verdict.requested_fraction == 0.6
-    assert verdict.measured_fraction == pytest.approx(sorted(adapted)[2] / 100)
+    assert verdict.measured_fraction == pytest.approx(sorted(a / o for a, o in zip(adapted, original))[2])
     assert verdict.met is (status != "over budget")
+    assert verdict.conditions["rounds_us"] == {"original": list(original), "adapted": list(adapted)}  # to audit
+
+
+def test_a_device_that_changes_speed_mid_check_does_not_move_the_verdict():
+    """The Ice Lake VM (2026-12-07, nothing else running) ran the demo's original at 260.3 µs and
+    its adapted model at 153.0 (the median of 7 interleaved rounds), then at 1.8x that speed:
+    145.0 and 81.8 µs (`/work/notes27/remeasure_final.py`); its final check had reported 78.9%
+    for a model measured at 57.1% during the search. Here the switch comes between the two
+    models of round 3: the ratio of the two medians takes them from different speeds (31%,
+    "over-pruned"), the median of the rounds' ratios does not."""
+    from adapter.final_check import budget_verdict
+    from adapter.latency import Budget
+
+    slow, fast = (260.3, 153.0), (145.0, 81.8)
+    original = (slow[0], slow[0], slow[0], fast[0], fast[0])
+    adapted = (slow[1], slow[1], fast[1], fast[1], fast[1])
+    verdict = budget_verdict(Budget(0.6, relative=True), _interleaved(original, adapted), measured_original_ms=None,
+                             over_budget=0.03, over_pruned=0.10)
+    assert sorted(adapted)[2] / sorted(original)[2] < 0.6 * 0.9  # the ratio of medians: "over-pruned"
+    assert verdict.status == "met" and verdict.measured_fraction == pytest.approx(fast[1] / fast[0])
 
 
 def test_no_verdict_is_taken_when_the_device_stayed_disturbed():
