@@ -61,11 +61,6 @@ OVERHEAD_SPEC = LayerSpec("conv2d", 1, 1, 1, 1)
 OVERHEAD_REPEATS = 5
 OVERHEAD_REFERENCE_KEY = "invoke_overhead_reference_us"  # the slowest reference measured with the overhead
 OVERHEAD_PARTS_KEY = "invoke_overhead_parts"  # its InvokeOverhead: the trivial op alone and chained, and the passes
-# How far over the LUT's cheapest entry (which holds one invocation and an op) the overhead may come out before
-# it counts as disturbed and is measured in another pass: a RESHAPE, the cheapest entry, measured 2-5% under the
-# overhead on three CPUs (the op runs outside the delegate). On the Ice Lake VM, under CI's load, a build's
-# overhead came out at 1.24 µs against a cheapest entry of 0.60 (a slowdown the reference did not see).
-OVERHEAD_SLACK = 0.10
 CHAIN_OPS = 64  # trivial ops in the chain whose slope is one op's own cost inside a model
 RATE_META_KEY = "seconds_per_entry"  # the last build's pace, for the expected time of the next one
 RATE_SAMPLE = 20  # entries a build must measure for its pace to count
@@ -236,9 +231,8 @@ def build_lut(
     """Measure on `device` every spec of `specs` that `table` lacks, committing each result.
 
     Also measures the device's per-invocation overhead into the LUT's metadata, in as many
-    passes as the entries, and in more while it comes out over the cheapest entry
-    (`_check_overhead`): a resumed or extended LUT keeps the value its first entries were
-    measured with, so its estimates stay comparable. With a monitor `policy`, entries are kept only when the
+    passes as the entries (`InvokeOverhead.lower`): a resumed or extended LUT keeps the value
+    its first entries were measured with, so its estimates stay comparable. With a monitor `policy`, entries are kept only when the
     conditions monitor finds the device quiet around them (`profiler.monitor`; a device
     that stays disturbed raises `DriftError`, what was measured before stays), and each
     stores the reference's value. Records the device fingerprint and what the monitor saw.
@@ -273,7 +267,6 @@ def build_lut(
             _measure_drifted_again(table, device, monitor, specs, summary, bar, say)
         _measure_overhead(table, device, monitor, 1)
         _measure_in_more_passes(table, device, monitor, specs, passes, summary, bar, say)
-        _check_overhead(table, device, monitor, say)
         if monitor is not None and todo:
             monitor.check()  # the session's end
     finally:
@@ -312,42 +305,11 @@ def _measure_overhead(table: LatencyTable, device: Device, monitor: ConditionsMo
     parts = None if drifted or OVERHEAD_PARTS_KEY not in meta else InvokeOverhead(**json.loads(meta[OVERHEAD_PARTS_KEY]))
     if not drifted and "invoke_overhead_us" in meta and (parts is None or parts.passes >= passes):
         return
-    _measure_overhead_pass(table, device, monitor, None if drifted else parts, None if drifted else stored)
-
-
-def _measure_overhead_pass(table: LatencyTable, device: Device, monitor: ConditionsMonitor | None,
-                           parts: InvokeOverhead | None, stored_reference: str | None) -> InvokeOverhead:
-    """One more pass of the invocation overhead, kept with `parts` (those of the passes before)."""
     measured, reference = measure_invoke_overhead(device, monitor)
     parts = measured if parts is None else parts.lower(measured)
-    references = [float(r) for r in (stored_reference, reference) if r is not None]
+    references = [float(r) for r in (None if drifted else stored, reference) if r is not None]
     table.set_meta({"invoke_overhead_us": parts.us, OVERHEAD_PARTS_KEY: dataclasses.asdict(parts),
                     **({OVERHEAD_REFERENCE_KEY: max(references)} if references else {})})
-    return parts
-
-
-def _check_overhead(table: LatencyTable, device: Device, monitor: ConditionsMonitor | None,
-                    say: Callable[[str], None]) -> None:
-    """Measure the invocation overhead in more passes (at most `DRIFT_PASSES`) while it comes out
-    over the LUT's cheapest entry, which holds one invocation and an op, by more than
-    `OVERHEAD_SLACK`: a slowdown the reference does not see. Raises `ProfilerError` when it stays
-    over (the entries are kept; a rerun measures it again)."""
-    meta, entries = table.meta, table.latencies_us()
-    if OVERHEAD_PARTS_KEY not in meta or not entries:
-        return
-    parts = InvokeOverhead(**json.loads(meta[OVERHEAD_PARTS_KEY]))
-    cheapest = min(entries.values())
-    for _ in range(DRIFT_PASSES):
-        if parts.us <= cheapest * (1 + OVERHEAD_SLACK):
-            return
-        say(f"the invocation overhead came out at {parts.us:.2f} µs in {parts.passes} passes, over the cheapest "
-            f"entry ({cheapest:.2f} µs, one invocation and an op): measuring it in another pass")
-        parts = _measure_overhead_pass(table, device, monitor, parts, table.meta.get(OVERHEAD_REFERENCE_KEY))
-    if parts.us > cheapest * (1 + OVERHEAD_SLACK):
-        raise ProfilerError(
-            f"{device.name}'s invocation overhead came out at {parts.us:.2f} µs in {parts.passes} passes, over the "
-            f"LUT's cheapest entry ({cheapest:.2f} µs, one invocation and an op): the device slowed down in a way "
-            "the reference model does not see. The entries are saved; run the same command again when it is quiet.")
 
 
 def _measure_drifted_again(table: LatencyTable, device: Device, monitor: ConditionsMonitor, specs: Sequence[LayerSpec],

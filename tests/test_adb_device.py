@@ -747,7 +747,7 @@ def test_build_lut_on_loopback_phone(tmp_path, daemon):
     assert float(meta["invoke_overhead_us"]) > 0
     assert frame["reference_us"].notna().all() and float(meta["reference_us"]) > 0
     # Every LUT entry twice (two passes), plus the trivial model alone and in a chain (build_lut's invocation overhead,
-    # in a pass after each of the entries' passes, and more while it comes out over the cheapest entry),
+    # in a pass after each of the entries' passes),
     # the conditions monitor's reference (its quiet value, then once a chunk), and the cache
     # context's fetch sweep (each model measured alone, each with its reference, after one look
     # at the reference: its monitor opens with the LUT's quiet value).

@@ -81,7 +81,7 @@ def test_ctrl_c_during_a_phone_batch_commits_the_finished_entries_and_the_rerun_
     # only what was missing, nothing twice in one pass; then every entry in the second pass (the
     # interrupt came in the first); besides: the monitor's reference once a chunk and at the end,
     # the invocation overhead (alone, chained: after each pass's entries, so not before the
-    # interrupt, and in more passes while over the cheapest entry), and the cache context's sweep
+    # interrupt), and the cache context's sweep
     # (each model with its reference, after one look: its monitor opens with the LUT's quiet value)
     assert overhead_passes >= 2
     assert measured_again == (planned - len(saved) + planned + checks + 1 + 2 * OVERHEAD_REPEATS * overhead_passes
