@@ -37,6 +37,15 @@ class Interleaved:
     before: Check | None
     after: Check | None
 
+    def __len__(self) -> int:
+        """The rounds measured."""
+        return len(next(iter(self.rounds_us.values()), ()))
+
+    def then(self, more: Interleaved) -> Interleaved:
+        """These rounds and `more`'s (the same models, measured after), as one measurement."""
+        return Interleaved({name: values + more.rounds_us[name] for name, values in self.rounds_us.items()},
+                           self.before, more.after)
+
     def median_ms(self, name: str) -> float:
         return statistics.median(self.rounds_us[name]) / 1000
 
@@ -52,6 +61,15 @@ class Interleaved:
         ratios = self._ratios(name, to)
         return (max(ratios) - min(ratios)) / statistics.median(ratios)
 
+    def quartile_spread(self, name: str, to: str) -> float:
+        """The interquartile range of the per-round ratios, relative to their median: what can
+        move the median (one odd round in five does not)."""
+        ratios = self._ratios(name, to)
+        if len(ratios) < 2:
+            return 0.0
+        low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        return (high - low) / statistics.median(ratios)
+
     def conditions(self) -> dict[str, object]:
         """What the measurement was taken under, for reports."""
         def look(check: Check | None) -> dict[str, float | None] | None:
@@ -61,7 +79,7 @@ class Interleaved:
                     "drift_pct": None if check.drift_pct is None else round(check.drift_pct, 2),
                     "others_cores": None if check.others_cores is None else round(check.others_cores, 2)}
 
-        return {"rounds": len(next(iter(self.rounds_us.values()))), "before": look(self.before), "after": look(self.after),
+        return {"rounds": len(self), "before": look(self.before), "after": look(self.after),
                 "rounds_us": {name: [round(us, 2) for us in values] for name, values in self.rounds_us.items()}}
 
 

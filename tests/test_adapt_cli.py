@@ -152,7 +152,9 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
     assert all(r["measured_fraction"] > 0.6 * 1.03 for r in recalibrations)
     assert adapted["measured_ms"] > 0 and adapted["int8"]["measured_ms"] > 0
     fraction = budget["measured_fraction"]  # interleaved: the median of the rounds' ratios
-    assert budget["conditions"]["rounds"] == 5 and budget["conditions"]["after"]["reference_us"] > 0
+    # 5 rounds, and 5 more while their ratios spread enough to move the median (up to 15)
+    assert budget["conditions"]["rounds"] in (5, 10, 15) and budget["conditions"]["after"]["reference_us"] > 0
+    assert len(budget["conditions"]["rounds_us"]["adapted"]) == budget["conditions"]["rounds"]
     expected = "over budget" if fraction > 0.6 * 1.03 else "over-pruned" if fraction < 0.6 * 0.9 else "met"
     assert budget["status"] == expected
     assert result.returncode == (1 if expected == "over budget" else 0)  # scripts can trust the exit code

@@ -247,6 +247,41 @@ def test_a_device_that_changes_speed_mid_check_does_not_move_the_verdict():
     assert verdict.status == "met" and verdict.measured_fraction == pytest.approx(fast[1] / fast[0])
 
 
+class _Switching:
+    """A device at the Ice Lake VM's two recorded speeds (the original 260.3 / 145.0 µs, the
+    adapted model 153.0 / 81.8), fast in the measurements numbered in `fast` (from 0, one a model)."""
+
+    name = "switching"
+    SPEEDS = {"original": (260.3, 145.0), "adapted": (153.0, 81.8)}
+
+    def __init__(self, fast):
+        self.fast, self.calls = fast, 0
+
+    def measure(self, models):
+        from lut.table import Measurement
+
+        for name, _ in models:
+            us = self.SPEEDS[name][self.fast(self.calls)]
+            self.calls += 1
+            yield name, Measurement(us, us, us, us, 0.0, 10)
+
+
+@pytest.mark.parametrize("fast, rounds", [
+    (lambda call: call >= 5, 5),  # one switch, inside round 3: one odd round of five leaves the median alone
+    (lambda call: call in (3, 5) or call >= 10, 10),  # fast for the adapted model of rounds 2 and 3: five more
+    (lambda call: call % 4 in (1, 2), 15),  # flickering every round: more rounds, at most MAX_ROUNDS
+])
+def test_rounds_whose_ratios_spread_enough_to_move_the_median_are_followed_by_more(tmp_path, fast, rounds):
+    from adapter.final_check import MAX_ROUNDS, ModelChecker
+
+    checker = ModelChecker(_Switching(fast), None, b"original", tmp_path, rounds=5)
+    result = checker.measure({"adapted": b"adapted"})
+    assert len(result) == rounds <= MAX_ROUNDS and checker.last is result
+    assert result.conditions()["rounds"] == rounds
+    if rounds < MAX_ROUNDS:  # settled: the median round is one at a single speed
+        assert result.ratio("adapted", "original") in (pytest.approx(153.0 / 260.3), pytest.approx(81.8 / 145.0))
+
+
 def test_no_verdict_is_taken_when_the_device_stayed_disturbed():
     from adapter.final_check import budget_verdict
     from adapter.latency import Budget
