@@ -10,10 +10,12 @@ finds the device disturbed (the reference off its quiet value, or, on the host, 
 processes busy) is measured again after waiting for quiet; if it stays disturbed, no
 verdict is taken, and the report says why. A relative budget's verdict is the median of the
 rounds' ratios, adapted / original; an absolute budget's is the adapted model's median, taken
-only under conditions matching the LUT's (its reference's quiet value). Rounds whose ratios'
-interquartile range passes `SPREAD_LIMIT` of their median are followed by more (up to
-`MAX_ROUNDS`): a device that changes speed within rounds (the Ice Lake VM switched between
-speeds 1.8x apart) has then swayed enough of them to move the median.
+only under conditions matching the LUT's (its reference's quiet value). A verdict's rounds
+whose ratios' interquartile range passes `SPREAD_LIMIT` of their median are followed by as
+many more (`MAX_ROUNDS` in all): a device that changes speed within rounds (the Ice Lake VM
+switched between speeds 1.8x apart) has then swayed enough of them to move the median. (Not
+the search's own measurements: under a competing process most rounds spread that wide, and
+taking more for each tripled a search's measuring time.)
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ __all__ = [
 
 LUT_TOLERANCE = 0.15  # the LUT's estimate of the original and its measurement agree this well
 ROUNDS = 5
-SPREAD_LIMIT = 0.10  # rounds whose ratios to the original have a wider interquartile range are followed by more
-MAX_ROUNDS = 3 * ROUNDS
+SPREAD_LIMIT = 0.10  # a verdict's rounds whose ratios to the original have a wider interquartile range are followed by more
+MAX_ROUNDS = 2 * ROUNDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +82,9 @@ class ModelChecker:
         self.original, self.out = original_tflite, Path(out_dir)
         self.last: Interleaved | None = None  # the latest interleaved measurement
 
-    def _measure(self, models: Mapping[str, bytes]) -> Interleaved | None:
-        """An interleaved measurement taken while the device was quiet, or None when it stayed
-        disturbed for the monitor's tries; followed by more rounds while the ratios to the
-        original spread over `SPREAD_LIMIT` (and the device stays quiet), up to `MAX_ROUNDS`."""
-        result = self._measure_quiet(models)
-        while result is not None and len(result) < MAX_ROUNDS and _unsettled(result):
-            more = self._measure_quiet(models, tries=1)
-            if more is None:
-                break
-            result = self.last = result.then(more)
-        return result
-
-    def _measure_quiet(self, models: Mapping[str, bytes], tries: int | None = None) -> Interleaved | None:
-        """`self.rounds` interleaved rounds with the device quiet before and after, in at most
-        `tries` (the monitor's by default) tries."""
+    def _measure(self, models: Mapping[str, bytes], tries: int | None = None) -> Interleaved | None:
+        """`self.rounds` interleaved rounds taken while the device was quiet before and after, or
+        None when it stayed disturbed for `tries` tries (the monitor's by default)."""
         monitor = self.monitor
         for attempt in range(tries or (monitor.policy.max_tries if monitor else 1)):
             if attempt and monitor is not None:
@@ -137,9 +127,18 @@ class ModelChecker:
         result = self._measure({"original": self.original, name: tflite})
         return None if result is None else result.ratio(name, "original")
 
-    def measure(self, models: Mapping[str, bytes]):
-        """The final measurement: the original and `models`, interleaved (None if disturbed)."""
-        return self._measure({"original": self.original, **models})
+    def measure(self, models: Mapping[str, bytes]) -> Interleaved | None:
+        """The final measurement: the original and `models`, interleaved (None if disturbed);
+        followed by as many rounds again while the ratios to the original spread over
+        `SPREAD_LIMIT` (and the device stays quiet), up to `MAX_ROUNDS`."""
+        models = {"original": self.original, **models}
+        result = self._measure(models)
+        while result is not None and len(result) < MAX_ROUNDS and _unsettled(result):
+            more = self._measure(models, tries=1)
+            if more is None:
+                break
+            result = self.last = result.then(more)
+        return result
 
 
 def _unsettled(result: Interleaved) -> bool:

@@ -135,7 +135,7 @@ def test_adapt_writes_models_history_report_and_baseline_measured_on_the_host(fi
     argv = _argv(files, tmp_path, **{"--lut": lut}) + ["--int8", "--baseline", "--baseline-epochs", "1",
                                                        "--lut-tolerance", "100000"]
     result = subprocess.run([sys.executable, "-m", "adapter.adapt", *argv], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            text=True, timeout=840, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: ran, but over the budget when measured
     out = tmp_path / "out"
     for name in ("adapted.keras", "adapted.tflite", "adapted_int8.tflite", "history.csv", "proposals.csv",

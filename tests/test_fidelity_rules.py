@@ -266,20 +266,24 @@ class _Switching:
             yield name, Measurement(us, us, us, us, 0.0, 10)
 
 
-@pytest.mark.parametrize("fast, rounds", [
-    (lambda call: call >= 5, 5),  # one switch, inside round 3: one odd round of five leaves the median alone
-    (lambda call: call in (3, 5) or call >= 10, 10),  # fast for the adapted model of rounds 2 and 3: five more
-    (lambda call: call % 4 in (1, 2), 15),  # flickering every round: more rounds, at most MAX_ROUNDS
+@pytest.mark.parametrize("fast, rounds, settled", [
+    (lambda call: call >= 5, 5, True),  # one switch, inside round 3: one odd round of five leaves the median alone
+    (lambda call: call in (3, 5) or call >= 10, 10, True),  # fast for the adapted model of rounds 2 and 3: 5 more
+    (lambda call: call % 4 in (1, 2), 10, False),  # flickering every round: more rounds, at most MAX_ROUNDS
 ])
-def test_rounds_whose_ratios_spread_enough_to_move_the_median_are_followed_by_more(tmp_path, fast, rounds):
+def test_a_verdicts_rounds_whose_ratios_spread_enough_to_move_the_median_are_followed_by_more(tmp_path, fast, rounds,
+                                                                                              settled):
     from adapter.final_check import MAX_ROUNDS, ModelChecker
 
     checker = ModelChecker(_Switching(fast), None, b"original", tmp_path, rounds=5)
     result = checker.measure({"adapted": b"adapted"})
     assert len(result) == rounds <= MAX_ROUNDS and checker.last is result
     assert result.conditions()["rounds"] == rounds
-    if rounds < MAX_ROUNDS:  # settled: the median round is one at a single speed
+    if settled:  # the median round is one at a single speed
         assert result.ratio("adapted", "original") in (pytest.approx(153.0 / 260.3), pytest.approx(81.8 / 145.0))
+    # the search's own measurements take no more rounds
+    assert len(ModelChecker(_Switching(fast), None, b"original", tmp_path, rounds=5)._measure(
+        {"original": b"original", "adapted": b"adapted"})) == 5
 
 
 def test_no_verdict_is_taken_when_the_device_stayed_disturbed():
