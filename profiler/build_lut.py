@@ -232,8 +232,8 @@ def build_lut(
 
     Also measures the device's per-invocation overhead into the LUT's metadata, in as many
     passes as the entries (`InvokeOverhead.lower`): a resumed or extended LUT keeps the value
-    its first entries were measured with, so its estimates stay comparable. With a monitor `policy`, entries are kept only when the
-    conditions monitor finds the device quiet around them (`profiler.monitor`; a device
+    its first entries were measured with, so its estimates stay comparable. With a monitor
+    `policy`, entries are kept only when the conditions monitor finds the device quiet around them (`profiler.monitor`; a device
     that stays disturbed raises `DriftError`, what was measured before stays), and each
     stores the reference's value. Records the device fingerprint and what the monitor saw.
     Each entry is the lower of `passes` measurements taken in separate passes over the specs
