@@ -8,11 +8,14 @@ Layout (schema version 1)::
     entries(key TEXT PRIMARY KEY, op, dtype, h, w, cin, cout, kernel, stride, padding,
             activation, status 'ok'|'failed', median_us, mean_us, min_us, max_us,
             std_us, count, error, measured_at, reference_us, measured_by, passes)
+    measurements(key, median_us, reference_us, measured_at)  -- every 'ok' measurement
 
 `reference_us` is the conditions monitor's reference model measured right after the entry
 (NULL where none was: LUTs made before the monitor, or without it); `meta.reference_us` is
 its quiet value. Entries are stored as measured and read on that quiet scale
-(`on_quiet_scale`). `measured_by` names the device that measured the entry: the LUT's device,
+(`on_quiet_scale`), at the slope the LUT's own measurements show (`reference_slope`: each
+entry is measured in several passes, and `measurements` keeps every one with its reference).
+`measured_by` names the device that measured the entry: the LUT's device,
 or one phone of a phone farm (`profiler.farm`; NULL in LUTs of before it). `passes` counts the
 measurements, taken in separate passes over the LUT, whose lowest the row holds (NULL, one, in
 LUTs of before it; `LatencyTable.record_pass`). A LUT of before those columns gets them when it
@@ -29,12 +32,12 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lut.spec import LayerSpec, LutError
 
-__all__ = ["LatencyTable", "Measurement", "MeasurementFailure", "SCHEMA_VERSION", "on_quiet_scale"]
+__all__ = ["LatencyTable", "Measurement", "MeasurementFailure", "SCHEMA_VERSION", "on_quiet_scale", "reference_slope"]
 
 SCHEMA_VERSION = 1
 _FORMAT = "phonefit-lut"
@@ -59,6 +62,9 @@ CREATE TABLE IF NOT EXISTS entries (
     reference_us REAL,
     measured_by TEXT,
     passes INTEGER
+);
+CREATE TABLE IF NOT EXISTS measurements (
+    key TEXT NOT NULL, median_us REAL NOT NULL, reference_us REAL, measured_at TEXT NOT NULL
 );
 """
 
@@ -89,20 +95,44 @@ class MeasurementFailure:
     error: str
 
 
-def on_quiet_scale(us: float, reference_us: float | None, quiet_us: float | None) -> float:
+def on_quiet_scale(us: float, reference_us: float | None, quiet_us: float | None, slope: float = 1.0) -> float:
     """A latency measured while the reference model ran at `reference_us`, as it would measure
-    with the reference at its quiet value: scaled by quiet / reference (as measured where either
-    is unknown).
+    with the reference at its quiet value: times (quiet / reference) ** `slope` (as measured
+    where either is unknown). `slope` is how far what is scaled moves, relatively, with the
+    reference (`reference_slope`, measured on the same data); 1 where that is unknown.
 
-    The monitor keeps what was measured within its tolerance of the quiet value (+8% on the
-    host), and within it a device's speed still moves the ops with the reference: on this
-    project's AMD VM, measured with the reference just before and after each, single ops moved
-    at 0.9–1.8× its relative change (log–log slopes over 150 interleaved rounds, correlation
-    0.83–0.91), whole MobileNets at 0.7×. Whole models measured against a LUT
-    (`adapter.validate_lut`) count on the same scale (docs/profiler-figures.md)."""
+    Why a measured slope: within the monitor's tolerance (+8% on the host) single ops moved
+    0.0–0.35× the reference's relative change on this project's AMD VM, 0.8–1.5× on its Intel
+    VMs, whole MobileNets 0.7× (`benchmarks/bench_reference_tracking.py`,
+    docs/profiler-figures.md): a fixed slope of 1 put a LUT built in a slow phase 3.6% off one
+    built in a fast phase whose entries, as measured, agreed within 0.1%."""
     if reference_us is None or quiet_us is None or reference_us <= 0:
         return us
-    return us * quiet_us / reference_us
+    return us * float((quiet_us / reference_us) ** slope)
+
+
+MIN_SLOPE_SPREAD = 0.01  # the references' spread (log, root mean square within groups) a slope is fitted on
+
+
+def reference_slope(groups: Iterable[Sequence[tuple[float, float]]]) -> float | None:
+    """How far latencies move, relatively, per relative move of the reference: the pooled
+    log–log slope over `groups` of `(reference_us, us)` measurements of one model each, within
+    each group (its means taken out), clipped to [0, 1]. None where the references moved too
+    little to tell (less than `MIN_SLOPE_SPREAD`, root mean square) or fewer than 2 groups of 2."""
+    dx: list[float] = []
+    dy: list[float] = []
+    for group in groups:
+        if len(group) < 2:
+            continue
+        x = [math.log(r) for r, _ in group]
+        y = [math.log(u) for _, u in group]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        dx += [v - mx for v in x]
+        dy += [v - my for v in y]
+    sxx = sum(v * v for v in dx)
+    if len(dx) < 4 or sxx / len(dx) < MIN_SLOPE_SPREAD ** 2:
+        return None
+    return min(max(sum(a * b for a, b in zip(dx, dy)) / sxx, 0.0), 1.0)
 
 
 def _now() -> str:
@@ -130,6 +160,8 @@ class LatencyTable:
                         self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
                 except sqlite3.OperationalError:
                     pass  # a read-only LUT of before the column: readable as it is
+        with self._db:
+            self._db.executescript(_SCHEMA)  # the tables a LUT of before them lacks
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -242,17 +274,18 @@ class LatencyTable:
             return MeasurementFailure(row[1])
         return Measurement(*row[2:])
 
-    def latencies_us(self, **where: object) -> dict[LayerSpec, float]:
+    def latencies_us(self, *, as_measured: bool = False, **where: object) -> dict[LayerSpec, float]:
         """Median latency of every 'ok' entry whose spec columns equal `where` (e.g. op='conv2d'),
         on the reference's quiet scale: an entry measured while the reference ran at r µs counts
-        as median · quiet / r (`on_quiet_scale`); entries without a reference count as measured."""
+        as median · (quiet / r) ** slope (`on_quiet_scale`, `reference_slope`); entries without a
+        reference, and all of them `as_measured`, count as measured."""
         clauses = " AND ".join(f"{column} = ?" for column in where)
         for column in where:
             if column not in _SPEC_COLUMNS:
                 raise LutError(f"Cannot select entries by {column!r}; columns: {', '.join(_SPEC_COLUMNS)}.")
         sql = "SELECT key, median_us, reference_us FROM entries WHERE status = 'ok'" + (f" AND {clauses}" if clauses else "")
-        quiet = self.quiet_us
-        return {LayerSpec.from_key(k): on_quiet_scale(us, reference, quiet)
+        quiet, slope = (None, 1.0) if as_measured else (self.quiet_us, self.reference_slope)
+        return {LayerSpec.from_key(k): on_quiet_scale(us, reference, quiet, slope)
                 for k, us, reference in self._db.execute(sql, [_column_value(v) for v in where.values()])}
 
     @property
@@ -261,6 +294,21 @@ class LatencyTable:
         conditions monitor)."""
         quiet = self.meta.get("reference_us")
         return None if quiet is None else float(quiet)
+
+    @property
+    def reference_slope(self) -> float:
+        """How far this LUT's entries move with the reference model (`reference_slope` over the
+        passes of each entry, in `measurements`): 1 where the passes cannot tell, as in LUTs of
+        before them."""
+        rows: dict[str, list[tuple[float, float]]] = {}
+        try:
+            for key, us, reference in self._db.execute(
+                    "SELECT key, median_us, reference_us FROM measurements WHERE reference_us > 0"):
+                rows.setdefault(key, []).append((reference, us))
+        except sqlite3.OperationalError:  # a read-only LUT of before the table
+            pass
+        slope = reference_slope(rows.values())
+        return 1.0 if slope is None else slope
 
     def keys(self, include_failed: bool = True) -> set[str]:
         sql = "SELECT key FROM entries" + ("" if include_failed else " WHERE status = 'ok'")
@@ -317,43 +365,51 @@ class LatencyTable:
     def record_pass(self, spec: LayerSpec, result: Measurement | MeasurementFailure, reference_us: float | None = None,
                     measured_by: str | None = None) -> None:
         """Store another pass's measurement of an entry: the row keeps the lower of it and the
-        stored one, on the reference's quiet scale (load only ever adds time), and counts one pass
-        more. A failure leaves a measured entry as it is (a later pass measures it again); an
-        entry with no measurement yet is stored as `record` does."""
+        stored one, as measured (load only ever adds time; how far the reference tells what a
+        slower pass lost is `reference_slope`'s to say), and counts one pass more; `measurements`
+        keeps both. A failure leaves a measured entry as it is (a later pass measures it again);
+        an entry with no measurement yet is stored as `record` does."""
         self._check_writable()
-        row = self._db.execute("SELECT median_us, reference_us, COALESCE(passes, 1) FROM entries "
+        row = self._db.execute("SELECT median_us, COALESCE(passes, 1) FROM entries "
                                "WHERE key = ? AND status = 'ok'", (spec.key,)).fetchone()
         if row is None or not isinstance(result, Measurement):
             if row is None:
                 self.record(spec, result, reference_us, measured_by)
             return
-        stored_us, stored_reference, passes = row
-        quiet = self.quiet_us
-        if on_quiet_scale(result.median_us, reference_us, quiet) < on_quiet_scale(stored_us, stored_reference, quiet):
+        stored_us, passes = row
+        if result.median_us < stored_us:
             self.record(spec, result, reference_us, measured_by)
         with self._db:
+            if result.median_us >= stored_us:
+                self._keep_measurements([(spec.key, result.median_us, reference_us, _now())])
             self._db.execute("UPDATE entries SET passes = ? WHERE key = ?", (passes + 1, spec.key))
 
     def record_many(self, results: Iterable[tuple[Any, ...]]) -> None:
         """Store `(spec, result)`, `(spec, result, reference_us)` or `(spec, result, reference_us,
         measured_by)` items in one commit."""
         self._check_writable()
-        rows = []
+        rows, kept = [], []
         for spec, result, *extra in results:
+            reference_us, measured_by = (*extra, None, None)[:2]
             if isinstance(result, Measurement):
                 stats, status, error = [getattr(result, f) for f in _STAT_FIELDS], "ok", None
+                kept.append((spec.key, result.median_us, reference_us, _now()))
             elif isinstance(result, MeasurementFailure):
                 stats, status, error = [None] * len(_STAT_FIELDS), "failed", result.error
             else:
                 raise TypeError(f"Expected a Measurement or MeasurementFailure. Received: {result!r}.")
             spec_values = [_column_value(getattr(spec, c)) for c in _SPEC_COLUMNS]
-            reference_us, measured_by = (*extra, None, None)[:2]
             rows.append([spec.key, *spec_values, status, *stats, error, _now(), reference_us, measured_by])
         columns = ("key", *_SPEC_COLUMNS, "status", *_STAT_FIELDS, "error", "measured_at", "reference_us", "measured_by")
         with self._db:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO entries ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows
             )
+            self._keep_measurements(kept)
+
+    def _keep_measurements(self, rows: Sequence[tuple[str, float, float | None, str]]) -> None:
+        """`(key, median_us, reference_us, measured_at)` of 'ok' measurements, into `measurements`."""
+        self._db.executemany("INSERT INTO measurements VALUES (?, ?, ?, ?)", rows)
 
 
 def _check_latencies(path: str, db: sqlite3.Connection, meta: Mapping[str, str]) -> None:

@@ -83,6 +83,7 @@ class BuildSummary:
     remeasured: int = 0  # entries measured again: their reference drifted off the quiet value lowered since
     confirmed: int = 0  # entries measured in another pass (`PASSES`), of which `lowered` came out lower
     lowered: int = 0
+    slope: float | None = None  # how far the entries moved with the reference (`LatencyTable.reference_slope`)
     failed: int = 0
     generate_s: float = 0.0
     measure_s: float = 0.0
@@ -100,6 +101,8 @@ class BuildSummary:
         again = f" ({self.remeasured} of them again)" if self.remeasured else ""
         confirmed = (f", {self.confirmed} measured in a second pass ({self.lowered} of them lower)" if self.confirmed
                      else "")
+        if self.slope is not None and self.monitor:
+            conditions += f"; entries moved {self.slope:.2f}× the reference's drift between passes"
         return (
             f"{self.planned} entries planned: {self.measured} measured{again}, {self.reused} reused, "
             f"{self.failed} failed{confirmed} in {self.total_s:.1f} s ({rate:.0f} entries/min; "
@@ -164,10 +167,11 @@ class InvokeOverhead:
 
 
 def measure_invoke_overhead(device: Device, monitor: ConditionsMonitor | None = None,
-                            repeats: int = OVERHEAD_REPEATS) -> tuple[InvokeOverhead, float | None]:
+                            repeats: int = OVERHEAD_REPEATS, slope: float = 1.0) -> tuple[InvokeOverhead, float | None]:
     """One pass of `device`'s invocation overhead, and the slowest reference measured with it
     (None without `monitor`): the trivial op alone and chained, each the median of `repeats`
-    interleaved measurements taken through `monitor` and on its quiet scale, as the entries are."""
+    interleaved measurements taken through `monitor` and on its quiet scale at `slope` (the
+    LUT's `reference_slope`), as the entries are."""
     single, chain = SingleOpFactory().build(OVERHEAD_SPEC), _trivial_chain(CHAIN_OPS)
     items = [item for i in range(repeats) for item in ((f"single{i}", single), (f"chain{i}", chain))]
     results = list(_measured(device, monitor, items))
@@ -176,7 +180,7 @@ def measure_invoke_overhead(device: Device, monitor: ConditionsMonitor | None = 
         raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key} (alone or "
                             f"{CHAIN_OPS} in a row): {failure}")
     quiet = None if monitor is None else monitor.quiet_us
-    scaled = {name: on_quiet_scale(r.median_us, reference, quiet)  # type: ignore[union-attr]
+    scaled = {name: on_quiet_scale(r.median_us, reference, quiet, slope)  # type: ignore[union-attr]
               for name, r, reference in results}
     alone = statistics.median(us for name, us in scaled.items() if name.startswith("single"))
     chained = statistics.median(us for name, us in scaled.items() if name.startswith("chain"))
@@ -279,6 +283,7 @@ def build_lut(
             summary.monitor = device.monitor_summary()
             table.set_meta({"monitor": summary.monitor})
     table.set_meta({"fingerprint": device.fingerprint()})
+    summary.slope = table.reference_slope
     if summary.measured >= RATE_SAMPLE:
         table.set_meta({RATE_META_KEY: summary.total_s / summary.measured})
     return summary
@@ -305,7 +310,7 @@ def _measure_overhead(table: LatencyTable, device: Device, monitor: ConditionsMo
     parts = None if drifted or OVERHEAD_PARTS_KEY not in meta else InvokeOverhead(**json.loads(meta[OVERHEAD_PARTS_KEY]))
     if not drifted and "invoke_overhead_us" in meta and (parts is None or parts.passes >= passes):
         return
-    measured, reference = measure_invoke_overhead(device, monitor)
+    measured, reference = measure_invoke_overhead(device, monitor, slope=table.reference_slope)
     parts = measured if parts is None else parts.lower(measured)
     references = [float(r) for r in (None if drifted else stored, reference) if r is not None]
     table.set_meta({"invoke_overhead_us": parts.us, OVERHEAD_PARTS_KEY: dataclasses.asdict(parts),
@@ -345,11 +350,11 @@ def _measure_in_more_passes(table: LatencyTable, device: Device, monitor: Condit
         if again := [spec for spec in reversed(specs) if spec.key in fewer]:
             say(f"measuring {len(again)} of {len(specs)} entries in pass {done + 1} of {passes}: each keeps the "
                 "lower measurement (a slowdown the reference does not see is in one pass, not in all)")
-            before = table.latencies_us()
+            before = table.latencies_us(as_measured=True)
             bar.total += len(again)
             bar.refresh()
             _measure_into(table, device, monitor, again, summary, bar, another_pass=True)
-            after = table.latencies_us()
+            after = table.latencies_us(as_measured=True)
             summary.confirmed += len(again)
             summary.lowered += sum(after.get(spec, 0.0) < before.get(spec, 0.0) for spec in again)
         _measure_overhead(table, device, monitor, done + 1)

@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from lut.spec import LayerSpec, LutError
-from lut.table import LatencyTable, Measurement, MeasurementFailure
+from lut.table import LatencyTable, Measurement, MeasurementFailure, on_quiet_scale, reference_slope
 
 META = {"device": "host", "backend": "cpu", "threads": 1, "delegate": "xnnpack", "flags": "", "fingerprint": {"cpu_model": "test"}}
 SPEC = LayerSpec("conv2d", 8, 8, 16, 32, activation="relu6")
@@ -46,7 +46,7 @@ def test_entries_are_read_on_the_references_quiet_scale(tmp_path):
         assert table.quiet_us is None and table.latencies_us() == {SPEC: 105.0}
 
 
-def test_another_pass_keeps_the_lower_measurement_on_the_quiet_scale_and_counts_itself(tmp_path):
+def test_another_pass_keeps_the_lower_measurement_as_measured_and_counts_itself(tmp_path):
     with LatencyTable.create(tmp_path / "lut.sqlite", {**META, "reference_us": 80.0}) as table:
         table.record(SPEC, _measurement(20.0), reference_us=80.0)
         table.record(SPEC.replace(cout=24), _measurement(10.0), reference_us=80.0)
@@ -54,9 +54,9 @@ def test_another_pass_keeps_the_lower_measurement_on_the_quiet_scale_and_counts_
         table.record_pass(SPEC, _measurement(10.0), reference_us=80.0)  # the first pass was slowed
         table.record_pass(SPEC.replace(cout=24), _measurement(11.0), reference_us=80.0)  # this one was not
         assert table.latencies_us() == {SPEC: 10.0, SPEC.replace(cout=24): 10.0} and not table.unconfirmed(2)
-        # lower on the quiet scale, not as measured: 10.5 µs with the reference 10% slow counts 9.5
+        # lower as measured, whatever the reference did: 10.5 µs with the reference 10% slow is not below 10
         table.record_pass(SPEC, _measurement(10.5), reference_us=88.0)
-        assert table.latencies_us()[SPEC] == pytest.approx(10.5 * 80 / 88) and table.unconfirmed(3) == {SPEC.replace(cout=24).key}
+        assert table.lookup(SPEC).median_us == 10.0 and table.unconfirmed(3) == {SPEC.replace(cout=24).key}
         # a failed pass leaves the measurement; a new measurement starts the count again
         table.record_pass(SPEC.replace(cout=24), MeasurementFailure("killed"))
         assert table.lookup(SPEC.replace(cout=24)) == _measurement(10.0) and table.unconfirmed(3) == {SPEC.replace(cout=24).key}
@@ -65,6 +65,32 @@ def test_another_pass_keeps_the_lower_measurement_on_the_quiet_scale_and_counts_
         # a pass over an entry with no measurement yet is its first
         table.record_pass(SPEC.replace(cout=8), _measurement(7.0), reference_us=80.0)
         assert table.latencies_us()[SPEC.replace(cout=8)] == 7.0 and SPEC.replace(cout=8).key in table.unconfirmed(2)
+
+
+def test_entries_count_on_the_quiet_scale_at_the_slope_their_passes_show(tmp_path):
+    """Entries whose second pass ran with the reference 10% slower came out 5% slower: the LUT's
+    slope is 0.5, and an entry measured at a reference 21% over quiet counts ×(1/1.21)**0.5 = ×1/1.1."""
+    with LatencyTable.create(tmp_path / "lut.sqlite", {**META, "reference_us": 80.0}) as table:
+        assert table.reference_slope == 1.0  # no passes yet: the scale of LUTs of before them
+        for cout in (8, 16, 24, 32):
+            table.record(SPEC.replace(cout=cout), _measurement(100.0), reference_us=80.0 * 1.21)
+            table.record_pass(SPEC.replace(cout=cout), _measurement(100.0 * 1.1 ** 0.5), reference_us=80.0 * 1.21 * 1.1)
+        assert table.reference_slope == pytest.approx(0.5)
+        assert table.lookup(SPEC).median_us == 100.0  # the lower pass, as measured
+        assert table.latencies_us()[SPEC] == pytest.approx(100.0 / 1.1)
+        assert table.latencies_us(as_measured=True)[SPEC] == 100.0
+
+
+def test_reference_slope_is_pooled_within_models_clipped_and_unknown_without_spread():
+    # two models at different speeds, each moving 0.3× the reference: the offset between them does not count
+    groups = [[(100.0, 10.0), (110.0, 10.0 * 1.1 ** 0.3)], [(105.0, 50.0), (95.0, 50.0 * (95 / 105) ** 0.3)]]
+    assert reference_slope(groups) == pytest.approx(0.3)
+    assert reference_slope([[(100.0, 10.0), (110.0, 9.0)], [(100.0, 5.0), (110.0, 4.0)]]) == 0.0  # faster when slower: clipped
+    assert reference_slope([[(100.0, 10.0), (110.0, 14.0)], [(100.0, 5.0), (110.0, 7.0)]]) == 1.0
+    assert reference_slope([[(100.0, 10.0), (100.5, 11.0)], [(100.0, 5.0), (100.2, 6.0)]]) is None  # the reference barely moved
+    assert reference_slope([[(100.0, 10.0)], [(120.0, 12.0)]]) is None  # one measurement a model tells nothing
+    assert on_quiet_scale(110.0, 121.0, 100.0, 0.5) == pytest.approx(100.0)
+    assert on_quiet_scale(110.0, 121.0, 100.0, 0.0) == 110.0
 
 
 def test_dataframe_and_csv_have_one_row_per_spec(tmp_path):
