@@ -297,9 +297,14 @@ class LatencyTable:
 
     @property
     def reference_slope(self) -> float:
-        """How far this LUT's entries move with the reference model (`reference_slope` over the
-        passes of each entry, in `measurements`): 1 where the passes cannot tell, as in LUTs of
-        before them."""
+        """How far this LUT's entries move with the reference model (`fitted_slope`), 1 where
+        their passes cannot tell, as in LUTs of before them."""
+        slope = self.fitted_slope()
+        return 1.0 if slope is None else slope
+
+    def fitted_slope(self) -> float | None:
+        """`reference_slope` over the passes of each entry (`measurements`), None where the
+        references moved too little between them to tell."""
         rows: dict[str, list[tuple[float, float]]] = {}
         try:
             for key, us, reference in self._db.execute(
@@ -307,8 +312,7 @@ class LatencyTable:
                 rows.setdefault(key, []).append((reference, us))
         except sqlite3.OperationalError:  # a read-only LUT of before the table
             pass
-        slope = reference_slope(rows.values())
-        return 1.0 if slope is None else slope
+        return reference_slope(rows.values())
 
     def keys(self, include_failed: bool = True) -> set[str]:
         sql = "SELECT key FROM entries" + ("" if include_failed else " WHERE status = 'ok'")

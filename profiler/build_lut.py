@@ -83,7 +83,7 @@ class BuildSummary:
     remeasured: int = 0  # entries measured again: their reference drifted off the quiet value lowered since
     confirmed: int = 0  # entries measured in another pass (`PASSES`), of which `lowered` came out lower
     lowered: int = 0
-    slope: float | None = None  # how far the entries moved with the reference (`LatencyTable.reference_slope`)
+    slope: float | None = None  # how far the entries moved with the reference (`LatencyTable.fitted_slope`)
     failed: int = 0
     generate_s: float = 0.0
     measure_s: float = 0.0
@@ -101,8 +101,9 @@ class BuildSummary:
         again = f" ({self.remeasured} of them again)" if self.remeasured else ""
         confirmed = (f", {self.confirmed} measured in a second pass ({self.lowered} of them lower)" if self.confirmed
                      else "")
-        if self.slope is not None and self.monitor:
-            conditions += f"; entries moved {self.slope:.2f}× the reference's drift between passes"
+        if self.monitor:
+            conditions += ("; the reference moved too little between passes to tell how far entries move with it (1×)"
+                           if self.slope is None else f"; entries moved {self.slope:.2f}× the reference between passes")
         return (
             f"{self.planned} entries planned: {self.measured} measured{again}, {self.reused} reused, "
             f"{self.failed} failed{confirmed} in {self.total_s:.1f} s ({rate:.0f} entries/min; "
@@ -283,7 +284,7 @@ def build_lut(
             summary.monitor = device.monitor_summary()
             table.set_meta({"monitor": summary.monitor})
     table.set_meta({"fingerprint": device.fingerprint()})
-    summary.slope = table.reference_slope
+    summary.slope = table.fitted_slope()
     if summary.measured >= RATE_SAMPLE:
         table.set_meta({RATE_META_KEY: summary.total_s / summary.measured})
     return summary
