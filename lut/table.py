@@ -102,10 +102,11 @@ def on_quiet_scale(us: float, reference_us: float | None, quiet_us: float | None
     reference (`reference_slope`, measured on the same data); 1 where that is unknown.
 
     Why a measured slope: within the monitor's tolerance (+8% on the host) single ops moved
-    0.0–0.35× the reference's relative change on this project's AMD VM, 0.8–1.5× on its Intel
-    VMs, whole MobileNets 0.7× (`benchmarks/bench_reference_tracking.py`,
-    docs/profiler-figures.md): a fixed slope of 1 put a LUT built in a slow phase 3.6% off one
-    built in a fast phase whose entries, as measured, agreed within 0.1%."""
+    0.0–0.35× the reference's relative change on this project's AMD VM (whole MobileNets 0.7×
+    over all its moves); on its Intel Xeon VM, over all moves, 0.5–1.5×
+    (`benchmarks/bench_reference_tracking.py`, docs/profiler-figures.md). A fixed slope of 1
+    put a LUT built in an AMD slow phase 3.6% off one built in a fast phase whose entries, as
+    measured, agreed within 0.1%."""
     if reference_us is None or quiet_us is None or reference_us <= 0:
         return us
     return us * float((quiet_us / reference_us) ** slope)
