@@ -39,7 +39,7 @@ from lut.models import load_model
 from lut.quiet_tf import import_tensorflow_quietly
 from lut.spec import DTYPES, LayerSpec, LutError
 from lut.summary import summarize
-from lut.table import LatencyTable, MeasurementFailure, on_quiet_scale, reference_slope
+from lut.table import LatencyTable, MeasurementFailure, on_quiet_scale
 from profiler.build_lut import open_monitor
 from profiler.convert import convert_for
 from profiler.devices import Device, open_device
@@ -63,7 +63,6 @@ class Validation:
 
     rows: list[dict[str, Any]]
     sentinels: list[dict[str, Any]]  # {"key", "stored_us", "measured_us"} per entry measured again
-    slope: float = 1.0  # the variants' rounds on the quiet scale at this slope (`lut.table.reference_slope`)
 
     @property
     def device_move(self) -> float | None:
@@ -97,8 +96,7 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
     With `monitor` (a `profiler.monitor.ConditionsMonitor`), every chunk of measurements is
     kept only when the device was quiet around it, and each measurement counts on the
     reference's quiet scale, as the LUT's entries do (`lut.table.on_quiet_scale`: times the
-    LUT's quiet value over the reference measured with it, to the power of the slope the
-    variants' own rounds show, `lut.table.reference_slope`; `rounds_us` holds those figures,
+    LUT's quiet value over the reference measured with it; `rounds_us` holds those figures,
     `references_us` the references, `as_measured_us` the median as measured). Measured on this
     project's AMD VM (fresh 32 px LUTs, 30 prunings): MobileNetV1 100% within ±5% with both
     sides on the quiet scale or both as measured; MobileNetV2 33% against 13%. (Scaling only
@@ -125,35 +123,27 @@ def validate(model: Any, table: LatencyTable, device: Device, *, samples: int, s
         variants.append((f"variant{i}", counts, estimate_us, convert_for(variant, table.dtype)))
     sentinels = _sentinels(model, table)
     items = [(name, tflite) for name, _, _, tflite in variants] + [(name, tflite) for name, _, _, tflite in sentinels]
+    medians: dict[str, list[float]] = {name: [] for name, _ in items}
     raw: dict[str, list[float]] = {name: [] for name, _ in items}
     references: dict[str, list[float | None]] = {name: [] for name, _ in items}
+    quiet = table.quiet_us
     bar = tqdm(total=len(items) * repeats, desc="measuring", unit="model", disable=not progress)
     for _ in range(repeats):
         results = monitor.measure(items) if monitor is not None else ((n, r, None) for n, r in device.measure(items))
         for name, result, reference in results:
             if isinstance(result, MeasurementFailure):
                 raise LutError(f"{name} could not be measured on {device.name}: {result.error}")
+            medians[name].append(on_quiet_scale(result.median_us, reference, quiet))
             raw[name].append(result.median_us)
             references[name].append(reference)
             bar.update()
     bar.close()
-    variant_rounds, slope = _on_quiet_scale([name for name, *_ in variants], raw, references, table.quiet_us)
-    sentinel_rounds, _ = _on_quiet_scale([name for name, *_ in sentinels], raw, references, table.quiet_us)
-    rows = [{"variant": i, "predicted_us": predicted, "measured_us": float(np.median(variant_rounds[name])),
-             "rounds_us": variant_rounds[name], "references_us": references[name],
+    rows = [{"variant": i, "predicted_us": predicted, "measured_us": float(np.median(medians[name])),
+             "rounds_us": medians[name], "references_us": references[name],
              "as_measured_us": float(np.median(raw[name])), "channels": counts}
             for i, (name, counts, predicted, _) in enumerate(variants)]
-    return Validation(rows, [{"key": spec.key, "stored_us": stored, "measured_us": float(np.median(sentinel_rounds[name]))}
-                             for name, spec, stored, _ in sentinels], slope)
-
-
-def _on_quiet_scale(names: Sequence[str], raw: dict[str, list[float]], references: dict[str, list[float | None]],
-                    quiet: float | None) -> tuple[dict[str, list[float]], float]:
-    """The rounds of the models `names` on the reference's quiet scale, and the slope they are at:
-    the one their own rounds show (`lut.table.reference_slope`; 1 where they cannot tell)."""
-    fitted = reference_slope([[(r, us) for r, us in zip(references[n], raw[n]) if r] for n in names])
-    slope = 1.0 if fitted is None else fitted
-    return {n: [on_quiet_scale(us, r, quiet, slope) for us, r in zip(raw[n], references[n])] for n in names}, slope
+    return Validation(rows, [{"key": spec.key, "stored_us": stored, "measured_us": float(np.median(medians[name]))}
+                             for name, spec, stored, _ in sentinels])
 
 
 def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
@@ -210,7 +200,7 @@ def _main(args: argparse.Namespace) -> int:
     quiet_litert_notice()
 
     with LatencyTable.open(args.lut) as table:
-        meta, quiet, lut_slope = table.meta, table.quiet_us, table.reference_slope
+        meta, quiet = table.meta, table.quiet_us
         if args.dtype is not None and args.dtype != table.dtype:
             raise LutError(f"{args.lut} holds {table.dtype} ops, not {args.dtype}. Build a LUT with "
                            f"`python -m profiler.build_lut --dtype {args.dtype}` and validate that one.")
@@ -244,9 +234,7 @@ def _main(args: argparse.Namespace) -> int:
     if references and quiet is not None:
         as_measured = summarize([r["predicted_us"] for r in rows], [r["as_measured_us"] for r in rows])
         print(f"measured on the reference's quiet scale (times the LUT's quiet {quiet:.1f} µs over the reference "
-              f"measured with each, which ran {min(references):.1f}–{max(references):.1f} µs, to the power "
-              f"{validation.slope:.2f}, the slope the variants' rounds show; the LUT's entries at "
-              f"{lut_slope:.2f}); as measured: "
+              f"measured with each, which ran {min(references):.1f}–{max(references):.1f} µs); as measured: "
               f"{100 * as_measured['within_5pct']:.0f}% within ±5%, {100 * as_measured['within_10pct']:.0f}% within ±10%, "
               f"mean error {as_measured['mean_pct_err']:+.1f}%")
     moved_out = None
@@ -261,7 +249,6 @@ def _main(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({**summary, "as_measured": as_measured, "device_move": move, "moved_out": moved_out,
-                       "slope": validation.slope, "lut_slope": lut_slope,
                        "sentinels": validation.sentinels,
                        "lut": args.lut, "device": args.device, "model": args.model,
                        "monitor": monitor.summary() if monitor is not None else None, "variants": rows}, f, indent=1)

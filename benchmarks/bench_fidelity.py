@@ -118,7 +118,7 @@ def main() -> int:
                 context = estimator.context
                 print(f"{name:>12}: cache {context.cache_bytes / 2**20:.2f} MiB, {context.fetch_ns_per_byte:.4f} ns/byte; "
                       f"invocation {float(table.meta['invoke_overhead_us']):.3f} µs; entries moved "
-                      f"{table.reference_slope:.2f}× the reference between passes (the quiet scale's slope)")
+                      f"{table.reference_slope()}× the reference between passes")
     quiet = estimates["quiet"]
     for name in ("monitored", "unmonitored"):
         errors = [abs(e / q - 1) for e, q in zip(estimates[name], quiet)]

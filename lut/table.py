@@ -13,8 +13,8 @@ Layout (schema version 1)::
 `reference_us` is the conditions monitor's reference model measured right after the entry
 (NULL where none was: LUTs made before the monitor, or without it); `meta.reference_us` is
 its quiet value. Entries are stored as measured and read on that quiet scale
-(`on_quiet_scale`), at the slope the LUT's own measurements show (`reference_slope`: each
-entry is measured in several passes, and `measurements` keeps every one with its reference).
+(`on_quiet_scale`); `measurements` keeps every pass of every entry with its reference, and
+`reference_slope` says how far the entries moved with it between passes.
 `measured_by` names the device that measured the entry: the LUT's device,
 or one phone of a phone farm (`profiler.farm`; NULL in LUTs of before it). `passes` counts the
 measurements, taken in separate passes over the LUT, whose lowest the row holds (NULL, one, in
@@ -95,21 +95,23 @@ class MeasurementFailure:
     error: str
 
 
-def on_quiet_scale(us: float, reference_us: float | None, quiet_us: float | None, slope: float = 1.0) -> float:
+def on_quiet_scale(us: float, reference_us: float | None, quiet_us: float | None) -> float:
     """A latency measured while the reference model ran at `reference_us`, as it would measure
-    with the reference at its quiet value: times (quiet / reference) ** `slope` (as measured
-    where either is unknown). `slope` is how far what is scaled moves, relatively, with the
-    reference (`reference_slope`, measured on the same data); 1 where that is unknown.
+    with the reference at its quiet value: scaled by quiet / reference (as measured where either
+    is unknown).
 
-    Why a measured slope: within the monitor's tolerance (+8% on the host) single ops moved
-    0.0–0.35× the reference's relative change on this project's AMD VM (whole MobileNets 0.7×
-    over all its moves); on its Intel Xeon VM, over all moves, 0.5–1.5×
-    (`benchmarks/bench_reference_tracking.py`, docs/profiler-figures.md). A fixed slope of 1
-    put a LUT built in an AMD slow phase 3.6% off one built in a fast phase whose entries, as
-    measured, agreed within 0.1%."""
+    The monitor keeps what was measured within its tolerance of the quiet value (+8% on the
+    host). How far ops follow the reference there depends on the machine: 0.0–0.35× its
+    relative change on this project's AMD VM, 0.5–1.5× over all moves on its Intel Xeon VM
+    (`benchmarks/bench_reference_tracking.py`); a LUT keeps every pass with its reference, and
+    `LatencyTable.reference_slope` says what its own passes show. The scale stays at 1: a slope
+    fitted on one run's small moves says nothing of a large offset (validating on a device 3×
+    slower, reference and all, fitted 0 and would have counted it 3× slow). Whole models
+    measured against a LUT (`adapter.validate_lut`) count on the same scale
+    (docs/profiler-figures.md)."""
     if reference_us is None or quiet_us is None or reference_us <= 0:
         return us
-    return us * float((quiet_us / reference_us) ** slope)
+    return us * quiet_us / reference_us
 
 
 MIN_SLOPE_SPREAD = 0.01  # the references' spread (log, root mean square within groups) a slope is fitted on
@@ -278,15 +280,15 @@ class LatencyTable:
     def latencies_us(self, *, as_measured: bool = False, **where: object) -> dict[LayerSpec, float]:
         """Median latency of every 'ok' entry whose spec columns equal `where` (e.g. op='conv2d'),
         on the reference's quiet scale: an entry measured while the reference ran at r µs counts
-        as median · (quiet / r) ** slope (`on_quiet_scale`, `reference_slope`); entries without a
-        reference, and all of them `as_measured`, count as measured."""
+        as median · quiet / r (`on_quiet_scale`); entries without a reference, and all of them
+        `as_measured`, count as measured."""
         clauses = " AND ".join(f"{column} = ?" for column in where)
         for column in where:
             if column not in _SPEC_COLUMNS:
                 raise LutError(f"Cannot select entries by {column!r}; columns: {', '.join(_SPEC_COLUMNS)}.")
         sql = "SELECT key, median_us, reference_us FROM entries WHERE status = 'ok'" + (f" AND {clauses}" if clauses else "")
-        quiet, slope = (None, 1.0) if as_measured else (self.quiet_us, self.reference_slope)
-        return {LayerSpec.from_key(k): on_quiet_scale(us, reference, quiet, slope)
+        quiet = None if as_measured else self.quiet_us
+        return {LayerSpec.from_key(k): on_quiet_scale(us, reference, quiet)
                 for k, us, reference in self._db.execute(sql, [_column_value(v) for v in where.values()])}
 
     @property
@@ -296,16 +298,11 @@ class LatencyTable:
         quiet = self.meta.get("reference_us")
         return None if quiet is None else float(quiet)
 
-    @property
-    def reference_slope(self) -> float:
-        """How far this LUT's entries move with the reference model (`fitted_slope`), 1 where
-        their passes cannot tell, as in LUTs of before them."""
-        slope = self.fitted_slope()
-        return 1.0 if slope is None else slope
-
-    def fitted_slope(self) -> float | None:
-        """`reference_slope` over the passes of each entry (`measurements`), None where the
-        references moved too little between them to tell."""
+    def reference_slope(self) -> float | None:
+        """How far this LUT's entries moved with the reference between their passes (the
+        module's `reference_slope` over `measurements`), None where the references moved too
+        little to tell, or the LUT has no passes with references. Reported, not applied
+        (`on_quiet_scale`)."""
         rows: dict[str, list[tuple[float, float]]] = {}
         try:
             for key, us, reference in self._db.execute(
@@ -370,9 +367,9 @@ class LatencyTable:
     def record_pass(self, spec: LayerSpec, result: Measurement | MeasurementFailure, reference_us: float | None = None,
                     measured_by: str | None = None) -> None:
         """Store another pass's measurement of an entry: the row keeps the lower of it and the
-        stored one, as measured (load only ever adds time; how far the reference tells what a
-        slower pass lost is `reference_slope`'s to say), and counts one pass more; `measurements`
-        keeps both. A failure leaves a measured entry as it is (a later pass measures it again);
+        stored one, as measured (load only ever adds time, and how far the reference tells what a
+        slower pass lost depends on the machine: `on_quiet_scale`), and counts one pass more;
+        `measurements` keeps both. A failure leaves a measured entry as it is (a later pass measures it again);
         an entry with no measurement yet is stored as `record` does."""
         self._check_writable()
         row = self._db.execute("SELECT median_us, COALESCE(passes, 1) FROM entries "

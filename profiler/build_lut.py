@@ -83,7 +83,7 @@ class BuildSummary:
     remeasured: int = 0  # entries measured again: their reference drifted off the quiet value lowered since
     confirmed: int = 0  # entries measured in another pass (`PASSES`), of which `lowered` came out lower
     lowered: int = 0
-    slope: float | None = None  # how far the entries moved with the reference (`LatencyTable.fitted_slope`)
+    slope: float | None = None  # how far the entries moved with the reference (`LatencyTable.reference_slope`)
     failed: int = 0
     generate_s: float = 0.0
     measure_s: float = 0.0
@@ -102,8 +102,8 @@ class BuildSummary:
         confirmed = (f", {self.confirmed} measured in a second pass ({self.lowered} of them lower)" if self.confirmed
                      else "")
         if self.monitor:
-            conditions += ("; the reference moved too little between passes to tell how far entries move with it (1×)"
-                           if self.slope is None else f"; entries moved {self.slope:.2f}× the reference between passes")
+            conditions += ("; the reference moved too little between passes to tell how far entries move with it"
+                           if self.slope is None else f"; entries moved {self.slope:.2f}× the reference between passes (counted at 1×)")
         return (
             f"{self.planned} entries planned: {self.measured} measured{again}, {self.reused} reused, "
             f"{self.failed} failed{confirmed} in {self.total_s:.1f} s ({rate:.0f} entries/min; "
@@ -168,11 +168,10 @@ class InvokeOverhead:
 
 
 def measure_invoke_overhead(device: Device, monitor: ConditionsMonitor | None = None,
-                            repeats: int = OVERHEAD_REPEATS, slope: float = 1.0) -> tuple[InvokeOverhead, float | None]:
+                            repeats: int = OVERHEAD_REPEATS) -> tuple[InvokeOverhead, float | None]:
     """One pass of `device`'s invocation overhead, and the slowest reference measured with it
     (None without `monitor`): the trivial op alone and chained, each the median of `repeats`
-    interleaved measurements taken through `monitor` and on its quiet scale at `slope` (the
-    LUT's `reference_slope`), as the entries are."""
+    interleaved measurements taken through `monitor` and on its quiet scale, as the entries are."""
     single, chain = SingleOpFactory().build(OVERHEAD_SPEC), _trivial_chain(CHAIN_OPS)
     items = [item for i in range(repeats) for item in ((f"single{i}", single), (f"chain{i}", chain))]
     results = list(_measured(device, monitor, items))
@@ -181,7 +180,7 @@ def measure_invoke_overhead(device: Device, monitor: ConditionsMonitor | None = 
         raise ProfilerError(f"{device.name} could not run the trivial model {OVERHEAD_SPEC.key} (alone or "
                             f"{CHAIN_OPS} in a row): {failure}")
     quiet = None if monitor is None else monitor.quiet_us
-    scaled = {name: on_quiet_scale(r.median_us, reference, quiet, slope)  # type: ignore[union-attr]
+    scaled = {name: on_quiet_scale(r.median_us, reference, quiet)  # type: ignore[union-attr]
               for name, r, reference in results}
     alone = statistics.median(us for name, us in scaled.items() if name.startswith("single"))
     chained = statistics.median(us for name, us in scaled.items() if name.startswith("chain"))
@@ -284,7 +283,7 @@ def build_lut(
             summary.monitor = device.monitor_summary()
             table.set_meta({"monitor": summary.monitor})
     table.set_meta({"fingerprint": device.fingerprint()})
-    summary.slope = table.fitted_slope()
+    summary.slope = table.reference_slope()
     if summary.measured >= RATE_SAMPLE:
         table.set_meta({RATE_META_KEY: summary.total_s / summary.measured})
     return summary
@@ -311,7 +310,7 @@ def _measure_overhead(table: LatencyTable, device: Device, monitor: ConditionsMo
     parts = None if drifted or OVERHEAD_PARTS_KEY not in meta else InvokeOverhead(**json.loads(meta[OVERHEAD_PARTS_KEY]))
     if not drifted and "invoke_overhead_us" in meta and (parts is None or parts.passes >= passes):
         return
-    measured, reference = measure_invoke_overhead(device, monitor, slope=table.reference_slope)
+    measured, reference = measure_invoke_overhead(device, monitor)
     parts = measured if parts is None else parts.lower(measured)
     references = [float(r) for r in (None if drifted else stored, reference) if r is not None]
     table.set_meta({"invoke_overhead_us": parts.us, OVERHEAD_PARTS_KEY: dataclasses.asdict(parts),

@@ -67,18 +67,19 @@ def test_another_pass_keeps_the_lower_measurement_as_measured_and_counts_itself(
         assert table.latencies_us()[SPEC.replace(cout=8)] == 7.0 and SPEC.replace(cout=8).key in table.unconfirmed(2)
 
 
-def test_entries_count_on_the_quiet_scale_at_the_slope_their_passes_show(tmp_path):
+def test_the_lut_keeps_every_pass_and_says_how_far_its_entries_moved_with_the_reference(tmp_path):
     """Entries whose second pass ran with the reference 10% slower came out 5% slower: the LUT's
-    slope is 0.5, and an entry measured at a reference 21% over quiet counts ×(1/1.21)**0.5 = ×1/1.1."""
+    passes show a slope of 0.5; the entries still count at quiet / reference (`on_quiet_scale`)."""
     with LatencyTable.create(tmp_path / "lut.sqlite", {**META, "reference_us": 80.0}) as table:
-        assert table.reference_slope == 1.0  # no passes yet: the scale of LUTs of before them
+        assert table.reference_slope() is None  # no passes yet
         for cout in (8, 16, 24, 32):
             table.record(SPEC.replace(cout=cout), _measurement(100.0), reference_us=80.0 * 1.21)
             table.record_pass(SPEC.replace(cout=cout), _measurement(100.0 * 1.1 ** 0.5), reference_us=80.0 * 1.21 * 1.1)
-        assert table.reference_slope == pytest.approx(0.5)
+        assert table.reference_slope() == pytest.approx(0.5)
         assert table.lookup(SPEC).median_us == 100.0  # the lower pass, as measured
-        assert table.latencies_us()[SPEC] == pytest.approx(100.0 / 1.1)
+        assert table.latencies_us()[SPEC] == pytest.approx(100.0 / 1.21)
         assert table.latencies_us(as_measured=True)[SPEC] == 100.0
+        assert table._db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 8
 
 
 def test_reference_slope_is_pooled_within_models_clipped_and_unknown_without_spread():
@@ -89,8 +90,7 @@ def test_reference_slope_is_pooled_within_models_clipped_and_unknown_without_spr
     assert reference_slope([[(100.0, 10.0), (110.0, 14.0)], [(100.0, 5.0), (110.0, 7.0)]]) == 1.0
     assert reference_slope([[(100.0, 10.0), (100.5, 11.0)], [(100.0, 5.0), (100.2, 6.0)]]) is None  # the reference barely moved
     assert reference_slope([[(100.0, 10.0)], [(120.0, 12.0)]]) is None  # one measurement a model tells nothing
-    assert on_quiet_scale(110.0, 121.0, 100.0, 0.5) == pytest.approx(100.0)
-    assert on_quiet_scale(110.0, 121.0, 100.0, 0.0) == 110.0
+    assert on_quiet_scale(121.0, 110.0, 100.0) == pytest.approx(110.0)
 
 
 def test_dataframe_and_csv_have_one_row_per_spec(tmp_path):
