@@ -70,6 +70,10 @@ def _build(path: str, args, *extra: str) -> float:
     return time.perf_counter() - start
 
 
+def _times(slope: float | None) -> str:
+    return "an unknown share of" if slope is None else f"{slope:.2f}×"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -118,7 +122,7 @@ def main() -> int:
                 context = estimator.context
                 print(f"{name:>12}: cache {context.cache_bytes / 2**20:.2f} MiB, {context.fetch_ns_per_byte:.4f} ns/byte; "
                       f"invocation {float(table.meta['invoke_overhead_us']):.3f} µs; entries moved "
-                      f"{table.reference_slope()}× the reference between passes")
+                      f"{_times(table.reference_slope())} the reference between passes")
     quiet = estimates["quiet"]
     for name in ("monitored", "unmonitored"):
         errors = [abs(e / q - 1) for e, q in zip(estimates[name], quiet)]

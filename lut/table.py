@@ -369,8 +369,8 @@ class LatencyTable:
         """Store another pass's measurement of an entry: the row keeps the lower of it and the
         stored one, as measured (load only ever adds time, and how far the reference tells what a
         slower pass lost depends on the machine: `on_quiet_scale`), and counts one pass more;
-        `measurements` keeps both. A failure leaves a measured entry as it is (a later pass measures it again);
-        an entry with no measurement yet is stored as `record` does."""
+        `measurements` keeps both. A failure leaves a measured entry as it is (a later pass
+        measures it again); an entry with no measurement yet is stored as `record` does."""
         self._check_writable()
         row = self._db.execute("SELECT median_us, COALESCE(passes, 1) FROM entries "
                                "WHERE key = ? AND status = 'ok'", (spec.key,)).fetchone()
@@ -379,10 +379,11 @@ class LatencyTable:
                 self.record(spec, result, reference_us, measured_by)
             return
         stored_us, passes = row
-        if result.median_us < stored_us:
-            self.record(spec, result, reference_us, measured_by)
+        lower = result.median_us < stored_us
+        if lower:
+            self.record(spec, result, reference_us, measured_by)  # into `measurements` too
         with self._db:
-            if result.median_us >= stored_us:
+            if not lower:
                 self._keep_measurements([(spec.key, result.median_us, reference_us, _now())])
             self._db.execute("UPDATE entries SET passes = ? WHERE key = ?", (passes + 1, spec.key))
 
