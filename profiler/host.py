@@ -2,41 +2,77 @@
 from __future__ import annotations
 
 import os
+import pickle
 import platform
-import time
+import subprocess
+import sys
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
-import numpy as np
-
-from lut.litert import LiteRTMissingError, interpreter_class, litert_version
+from lut.litert import litert_version
 from lut.table import Measurement, MeasurementFailure
 from profiler.errors import ProfilerError
 from profiler.monitor import HostLoad
-from profiler.timing import TimingPolicy, time_interpreter
+from profiler.timing import TimingPolicy
 
-__all__ = ["HostDevice", "load_interpreter", "open_host"]
+__all__ = ["HostDevice", "open_host"]
+
+# the folder that holds the `profiler` package, for the measuring process's imports
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_interpreter(model: bytes, threads: int) -> Any:
-    """A LiteRT interpreter for `model` (XNNPACK on, as in the LiteRT default), tensors allocated
-    and inputs set to seeded random values."""
+class _WorkerGone(Exception):
+    """The measuring process ended (a model crashed LiteRT, or it was killed)."""
+
+
+class _Worker:
+    """One measuring process (`profiler.host_worker`): a model's bytes in, its result out."""
+
+    def __init__(self, threads: int, policy: TimingPolicy):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = subprocess.Popen([sys.executable, "-m", "profiler.host_worker"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.close = weakref.finalize(self, _stop, self._proc)
+        try:
+            kind, value = self._ask((threads, policy))
+        except _WorkerGone as e:
+            self.close()
+            raise ProfilerError(f"The host's measuring process (python -m profiler.host_worker) did not start: {e}. "
+                                "Reinstall phonefit (make install) and run the same command again.") from None
+        if kind == "error":
+            self.close()
+            raise ProfilerError(f"Measuring on the host needs LiteRT: pip install ai-edge-litert (or tflite-runtime). {value}")
+        self.pid: int = value
+
+    def _ask(self, request: object) -> Any:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            pickle.dump(request, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.flush()
+            return pickle.load(self._proc.stdout)
+        except (BrokenPipeError, EOFError):
+            code = self._proc.wait()
+            raise _WorkerGone(f"signal {-code}" if code < 0 else f"exit code {code}") from None
+
+    def measure(self, model: bytes) -> Measurement | MeasurementFailure:
+        result: Measurement | MeasurementFailure = self._ask(model)
+        return result
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            if stream is not None:
+                stream.close()  # end of stdin ends the process
+        except BrokenPipeError:  # it ended already
+            pass
     try:
-        interpreter = interpreter_class()(model_content=model, num_threads=threads)
-    except LiteRTMissingError as e:
-        raise ProfilerError(f"Measuring on the host needs LiteRT: pip install ai-edge-litert (or tflite-runtime). {e}") from e
-    interpreter.allocate_tensors()
-    rng = np.random.default_rng(0)
-    for detail in interpreter.get_input_details():
-        shape, dtype = detail["shape"], detail["dtype"]
-        if np.issubdtype(dtype, np.floating):
-            data = rng.standard_normal(shape).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            data = rng.integers(info.min, info.max, size=shape, dtype=dtype)
-        interpreter.set_tensor(detail["index"], data)
-    return interpreter
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _cpu_model() -> str:
@@ -60,10 +96,13 @@ def _version(distribution: str) -> str:
 class HostDevice:
     """This machine's CPU through LiteRT's Python interpreter (XNNPACK delegate, as shipped).
 
-    With one thread the op runs on the calling thread, so it is timed with that thread's
-    CPU clock: what the invocation costs, without the time other processes take the core
-    away (a shared 2-core machine otherwise doubles some wall-clock samples at random).
-    With several threads the work spreads over a thread pool, and wall time is the latency.
+    Models are measured in a process of their own (`profiler.host_worker`: LiteRT only, started
+    on the first measurement, again after a model crashed it, stopped by `close()`), not in the
+    process that converts them with TensorFlow. With one thread the op runs on the measuring
+    thread, so it is timed with that thread's CPU clock: what the invocation costs, without the
+    time other processes take the core away (a shared 2-core machine otherwise doubles some
+    wall-clock samples at random). With several threads the work spreads over a thread pool,
+    and wall time is the latency.
     """
 
     # The conditions monitor looks at the reference every quarter of a second of measuring (at
@@ -75,7 +114,8 @@ class HostDevice:
 
     def __init__(self, name: str = "host", threads: int = 1, policy: TimingPolicy = TimingPolicy()):
         self.name, self.backend, self.threads, self.policy = name, "cpu", threads, policy
-        self._clock, self._timer = (time.thread_time_ns, "thread-cpu") if threads == 1 else (time.perf_counter_ns, "wall")
+        self._timer = "thread-cpu" if threads == 1 else "wall"
+        self._worker: _Worker | None = None
 
     def conditions(self) -> dict[str, object]:
         return {"device": self.name, "backend": "cpu", "threads": self.threads, "delegate": "xnnpack",
@@ -94,21 +134,23 @@ class HostDevice:
 
     def measure(self, models: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure]]:
         for model_id, model in models:
+            self._worker = self._worker or _Worker(self.threads, self.policy)
             try:
-                interpreter = load_interpreter(model, self.threads)
-            except ProfilerError:
-                raise
-            except (ValueError, RuntimeError) as e:
-                yield model_id, MeasurementFailure(f"LiteRT could not load the model: {e}")
-                continue
-            yield model_id, time_interpreter(interpreter, self.policy, self._clock)
+                result = self._worker.measure(model)
+            except _WorkerGone as e:
+                self.close()
+                result = MeasurementFailure(f"LiteRT crashed on the model: its measuring process ended ({e})")
+            yield model_id, result
 
     def load_probe(self) -> HostLoad:
-        """What the conditions monitor reads to see other processes on this machine."""
-        return HostLoad()
+        """What the conditions monitor reads to see other processes on this machine (its own
+        measuring process is not another)."""
+        return HostLoad(own=lambda: [self._worker.pid] if self._worker else [])
 
     def close(self) -> None:
-        pass
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
 
 def open_host(name: str, config: Mapping[str, object], backend: str, threads: int | None, *,

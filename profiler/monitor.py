@@ -136,12 +136,13 @@ class ResolvedPolicy:
 class HostLoad:
     """How much CPU other processes use on this machine, read from /proc.
 
-    `others_cores()` is the CPU time every process but this one (and the hypervisor, as
-    steal time) took since the last call, in cores; `runnable()` the tasks ready to run now.
+    `others_cores()` is the CPU time every process but this one and those `own()` names (the
+    host's measuring process), and the hypervisor as steal time, took since the last call, in
+    cores; `runnable()` the tasks ready to run now.
     """
 
-    def __init__(self, proc: str = "/proc"):
-        self._proc = proc
+    def __init__(self, proc: str = "/proc", own: Callable[[], Iterable[int]] = tuple):
+        self._proc, self._own = proc, own
         self._ticks = os.sysconf("SC_CLK_TCK")
         self._last = self._read()
 
@@ -150,9 +151,8 @@ class HostLoad:
             fields = [int(v) for v in f.readline().split()[1:]]
         # user nice system idle iowait irq softirq steal (guest time is inside user)
         busy = sum(fields[:3]) + sum(fields[5:8])
-        with open(f"{self._proc}/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        mine = int(own[11]) + int(own[12])  # utime, stime of every thread of this process
+        # utime, stime of every thread of this process and of those it names as its own
+        mine = sum(sum(_cpu_ticks(f"{self._proc}/{pid}/stat")) for pid in ("self", *self._own()))
         return time.monotonic(), busy / self._ticks, mine / self._ticks
 
     def others_cores(self) -> float:
@@ -168,6 +168,16 @@ class HostLoad:
         """Tasks running or ready to run, this process's measuring thread included."""
         with open(f"{self._proc}/loadavg") as f:
             return int(f.read().split()[3].split("/")[0])
+
+
+def _cpu_ticks(stat: str) -> list[int]:
+    """utime and stime in a /proc stat file (none if the process is gone)."""
+    try:
+        with open(stat) as f:
+            values = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # the process ended between listing and reading
+        return []
+    return [int(v) for v in values[11:13]]
 
 
 @functools.lru_cache(maxsize=1)

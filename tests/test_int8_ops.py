@@ -7,7 +7,7 @@ import pytest
 from lut.keras_specs import specs_of_keras
 from lut.spec import LayerSpec, LutError
 from lut.tflite_ops import op_details, read_model, specs_of_tflite
-from profiler.host import load_interpreter
+from profiler.host_worker import load_interpreter
 from profiler.single_op import SingleOpFactory, naive_single_op_model
 from profiler.single_op.recipes import RECIPES, spec_rng
 from tests.test_layers import SPECS, _without_keep_dims

@@ -7,7 +7,7 @@ import pytest
 from lut.spec import LayerSpec
 from lut.tflite_ops import op_details, read_model, specs_of_tflite
 from profiler.errors import ProfilerError
-from profiler.host import load_interpreter
+from profiler.host_worker import load_interpreter
 from profiler.single_op import SingleOpFactory, keras_layers_for, naive_single_op_model
 from tests.test_tflite_ops import converted_mobilenets
 
