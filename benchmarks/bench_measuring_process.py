@@ -48,8 +48,10 @@ def _in_worker(device: HostDevice, model: bytes) -> float:
     return result.median_us
 
 
-def _look(measure) -> float:  # type: ignore[no-untyped-def]
-    return statistics.median(measure() for _ in range(LOOKS))
+def _look(device: HostDevice | None, reference: bytes) -> float:
+    """The reference's median of `LOOKS` timings: in this process (no device), else in the device's."""
+    return statistics.median(_in_process(reference) if device is None else _in_worker(device, reference)
+                             for _ in range(LOOKS))
 
 
 def main() -> int:
@@ -72,10 +74,10 @@ def main() -> int:
     print(f"measured each in this process and in the measuring process ({time.monotonic() - start:.0f} s in all)")
     looks: dict[str, list[float]] = {"this process (naive)": [], "the measuring process": [], "a fresh measuring process": []}
     for _ in range(args.rounds):
-        looks["this process (naive)"].append(_look(lambda: _in_process(reference)))
-        looks["the measuring process"].append(_look(lambda: _in_worker(worker, reference)))
+        looks["this process (naive)"].append(_look(None, reference))
+        looks["the measuring process"].append(_look(worker, reference))
         fresh = HostDevice(policy=POLICY)
-        looks["a fresh measuring process"].append(_look(lambda: _in_worker(fresh, reference)))
+        looks["a fresh measuring process"].append(_look(fresh, reference))
         fresh.close()
     worker.close()
     base = statistics.median(looks["a fresh measuring process"])

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 from lut.models import build_model  # noqa: E402
 from lut.spec import LayerSpec  # noqa: E402
-from profiler.convert import keras_to_tflite  # noqa: E402
 from profiler.context import _branch_model  # noqa: E402
+from profiler.convert import keras_to_tflite  # noqa: E402
 from profiler.host import HostDevice  # noqa: E402
 from profiler.monitor import MonitorPolicy, reference_model  # noqa: E402
 from profiler.single_op import SingleOpFactory  # noqa: E402

@@ -97,7 +97,7 @@ class HostDevice:
     """This machine's CPU through LiteRT's Python interpreter (XNNPACK delegate, as shipped).
 
     Models are measured in a process of their own (`profiler.host_worker`: LiteRT only, started
-    on the first measurement, again after a model crashed it, stopped by `close()`), not in the
+    on the first measurement and again whenever it ended, stopped by `close()`), not in the
     process that converts them with TensorFlow. With one thread the op runs on the measuring
     thread, so it is timed with that thread's CPU clock: what the invocation costs, without the
     time other processes take the core away (a shared 2-core machine otherwise doubles some
@@ -134,13 +134,20 @@ class HostDevice:
 
     def measure(self, models: Sequence[tuple[str, bytes]]) -> Iterator[tuple[str, Measurement | MeasurementFailure]]:
         for model_id, model in models:
+            yield model_id, self._measure(model)
+
+    def _measure(self, model: bytes) -> Measurement | MeasurementFailure:
+        """In the measuring process; once more in a new one if it ended: a model that ends it
+        twice crashes LiteRT (a process killed from outside is not the model's failure)."""
+        ended: list[str] = []
+        while len(ended) < 2:
             self._worker = self._worker or _Worker(self.threads, self.policy)
             try:
-                result = self._worker.measure(model)
+                return self._worker.measure(model)
             except _WorkerGone as e:
                 self.close()
-                result = MeasurementFailure(f"LiteRT crashed on the model: its measuring process ended ({e})")
-            yield model_id, result
+                ended.append(str(e))
+        return MeasurementFailure(f"LiteRT crashed on the model: its measuring process ended twice ({', '.join(ended)})")
 
     def load_probe(self) -> HostLoad:
         """What the conditions monitor reads to see other processes on this machine (its own

@@ -6,7 +6,8 @@ models are converted elsewhere: TensorFlow never loads here. On an Intel Xeon VM
 that had converted hundreds of models with TensorFlow read the reference model 2–8% slower
 than a fresh process measured right after it, while a LiteRT-only process that measured 2304
 models read it as it started (docs/profiler-figures.md); on a phone `benchmark_model` is its
-own process too. A model that crashes LiteRT ends this process, not the build.
+own process too. A model that crashes LiteRT ends this process, not the build. It ignores
+Ctrl-C, which the process that started it handles.
 
 The protocol is pickled frames on a private copy of stdout (file descriptor 1 itself goes to
 stderr, where LiteRT's native logging belongs). The first frame on stdin is (threads,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import time
 from typing import Any, BinaryIO
@@ -80,6 +82,9 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole foreground process group: the process that started this one
+    # handles it and closes stdin, so that no model is taken for one that crashed LiteRT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # native code that prints to stdout must not corrupt the replies
     serve(sys.stdin.buffer, replies)

@@ -87,3 +87,35 @@ def test_ctrl_c_during_a_phone_batch_commits_the_finished_entries_and_the_rerun_
     assert measured_again == (planned - len(saved) + planned + checks + 1 + 2 * OVERHEAD_REPEATS * overhead_passes
                               + 2 * _REPEATS * len(FETCH_BRANCHES))
     assert f"{planned - len(saved)} measured, {len(saved)} reused" in rerun.stdout
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_to_a_host_builds_process_group_saves_what_was_measured_and_fails_no_entry(tmp_path):
+    """Ctrl-C in a terminal reaches the host's measuring process too: it must not die first and
+    have the model it was timing recorded as one that crashed LiteRT."""
+    import sqlite3
+
+    model = _small_model(tmp_path / "small.keras")
+    out = tmp_path / "host.sqlite"
+    command = [sys.executable, "-m", "profiler.build_lut", "--device", "host", "--model", str(model),
+               "--step", "1", "--out", str(out), "--no-progress", *LENIENT_FLAGS]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a terminal's foreground job
+
+    def entries() -> int:
+        try:
+            with sqlite3.connect(f"file:{out}?mode=ro", uri=True) as db:
+                return int(db.execute("select count(*) from entries").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    _wait_for(lambda: entries() >= 20 or process.poll() is not None, 200, "20 entries")
+    assert process.poll() is None, process.communicate()
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith("interrupted; every entry measured so far is saved; run the same command to resume")
+    with LatencyTable.open(out) as table:
+        saved = table.to_dataframe()
+    assert len(saved) >= 20 and (saved["status"] == "ok").all(), saved[saved["status"] != "ok"]

@@ -40,16 +40,17 @@ def test_models_are_measured_in_a_process_that_loads_litert_and_not_tensorflow(o
     assert not [name for name in libraries if "tensorflow" in name], "the measuring process loaded TensorFlow"
 
 
-def test_a_measuring_process_that_dies_fails_its_model_and_the_next_model_is_measured(op_model):
+def test_a_measuring_process_killed_from_outside_is_replaced_and_the_model_measured(op_model):
     device = HostDevice(policy=FAST)
     try:
         list(device.measure([("first", op_model)]))
-        os.kill(device._worker.pid, signal.SIGKILL)
-        results = dict(device.measure([("killed", op_model), ("after", op_model), ("garbage", b"not a model")]))
+        killed = device._worker.pid
+        os.kill(killed, signal.SIGKILL)
+        results = dict(device.measure([("killed", op_model), ("garbage", b"not a model"), ("after", op_model)]))
+        assert device._worker.pid != killed
     finally:
         device.close()
-    assert isinstance(results["killed"], MeasurementFailure) and "signal 9" in results["killed"].error
-    assert isinstance(results["after"], Measurement)
+    assert isinstance(results["killed"], Measurement) and isinstance(results["after"], Measurement)
     assert isinstance(results["garbage"], MeasurementFailure) and "could not load" in results["garbage"].error
 
 
