@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lut.cli import quiet_litert_notice
 from lut.litert import LiteRTMissingError, interpreter_class
 from lut.table import Measurement, MeasurementFailure
 from profiler.timing import TimingPolicy, time_interpreter
@@ -85,6 +86,7 @@ def main() -> None:
     # Ctrl-C reaches the whole foreground process group: the process that started this one
     # handles it and closes stdin, so that no model is taken for one that crashed LiteRT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_litert_notice()  # LiteRT's once-per-process "Created … XNNPACK delegate" line
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # native code that prints to stdout must not corrupt the replies
     serve(sys.stdin.buffer, replies)

@@ -73,13 +73,21 @@ def test_chunks_measured_while_another_process_competes_are_measured_again_once_
     device, factory = HostDevice(policy=FAST), SingleOpFactory()
     policy = MonitorPolicy(tolerance_pct=1000.0, busy_cores=_background_load() + 0.25, every=4, wait_s=20.0,
                            poll_s=0.2, max_tries=4)
-    messages = []
-    monitor = ConditionsMonitor(device, policy, load=device.load_probe(), log=messages.append)
-    processes = _competitor()
-    threading.Timer(3.0, _stop, [processes]).start()
+    processes, messages = [], []
+
+    def log(message: str) -> None:  # the competitor stops once the monitor has said it waits for it
+        messages.append(message)
+        if "is busy" in message:
+            threading.Timer(0.5, _stop, [processes]).start()
+
+    monitor = ConditionsMonitor(device, policy, load=device.load_probe(), log=log)
+    processes += _competitor()
+    fallback = threading.Timer(60.0, _stop, [processes])  # were it never said
+    fallback.start()
     try:
         results = list(monitor.measure((spec.key, factory.build(spec)) for spec in SPECS))
     finally:
+        fallback.cancel()
         _stop(processes)
     assert [key for key, _, _ in results] == [spec.key for spec in SPECS]  # every entry once, in order
     assert all(isinstance(r, Measurement) and reference > 0 for _, r, reference in results)
